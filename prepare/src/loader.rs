@@ -394,3 +394,194 @@ pub fn expected_eval(data: &Dataset) -> Result<EvalSpec> {
     }
     Ok(digest.finish())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::Preset;
+    use crate::manifest::{ManifestDraft, TokenizerInfo, write_shard};
+
+    pub const BOS: u32 = 0;
+
+    /// Random documents: document `i` starts with the marker `first_id + i` (unique), then
+    /// 0..max_len random tokens above 50_000, so every segment of a row names its document.
+    pub fn random_docs(rng: &mut Rng, n: usize, first_id: u32, max_len: usize) -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|i| {
+                let mut doc = vec![first_id + i as u32];
+                // At least half of `max_len`, so a row holds a bounded number of documents.
+                let len = max_len / 2 + rng.below(max_len - max_len / 2);
+                doc.extend((0..len).map(|_| 50_000 + rng.below(15_000) as u32));
+                doc
+            })
+            .collect()
+    }
+
+    /// A prepared dataset in `cache` from token documents; token `t` is `1 + t % 3` bytes long,
+    /// BOS 0.
+    pub fn dataset(
+        cache: &std::path::Path,
+        preset: Preset,
+        train: &[Vec<Vec<u32>>],
+        val: &[Vec<Vec<u32>>],
+    ) -> Dataset {
+        let shards = |name: &str, docs: &[Vec<Vec<u32>>]| -> Vec<_> {
+            docs.iter()
+                .enumerate()
+                .map(|(i, d)| write_shard(cache, &format!("tokens/{name}_{i:05}.bin"), d).unwrap())
+                .collect()
+        };
+        let token_bytes: Vec<u32> = (0..preset.vocab_size as u32)
+            .map(|t| if t == BOS { 0 } else { 1 + t % 3 })
+            .collect();
+        ManifestDraft {
+            source: "test".into(),
+            fingerprint: "test".into(),
+            preset: preset.clone(),
+            tokenizer: TokenizerInfo {
+                file: "tokenizer/none.json".into(),
+                token_bytes_file: "tokenizer/token_bytes.bin".into(),
+                vocab_used: preset.vocab_size,
+                bos_id: BOS,
+            },
+            raw_files: vec![],
+            train: shards("train", train),
+            val: shards("val", val),
+        }
+        .finish(cache, &token_bytes)
+        .unwrap()
+    }
+
+    pub fn preset(seq_len: usize, eval_rows: usize) -> Preset {
+        Preset {
+            name: "test".into(),
+            seq_len,
+            eval_tokens: seq_len * eval_rows,
+            vocab_size: 65_536,
+            time_budget_s: 1,
+        }
+    }
+
+    /// Splits a row at each BOS into document segments (without the BOS).
+    fn segments(row: &[u32]) -> Vec<&[u32]> {
+        assert_eq!(row[0], BOS, "every row starts with BOS");
+        row.split(|&t| t == BOS).skip(1).collect()
+    }
+
+    #[test]
+    fn packing_is_exact_complete_and_deterministic() {
+        let mut rng = Rng::new(3);
+        for trial in 0..8 {
+            let dir = tempfile::tempdir().unwrap();
+            let seq_len = 16 + rng.below(300);
+            let max_len = 1 + rng.below(3 * seq_len);
+            let n_shards = 1 + rng.below(3);
+            let train: Vec<_> = (0..n_shards)
+                .map(|s| {
+                    let n = 2000 + rng.below(2000);
+                    random_docs(&mut rng, n, 1 + 10_000 * s as u32, max_len)
+                })
+                .collect();
+            let n_docs: usize = train.iter().map(Vec::len).sum();
+            let data = dataset(dir.path(), preset(seq_len, 2), &train, &[vec![vec![9]]]);
+            let seed = Some(trial);
+            let mut loader = Loader::new(&data, Split::Train, 4, seq_len, seed).unwrap();
+            // Stay inside the first epoch: a row takes at most this many documents.
+            let docs_per_row = (seq_len + 1) / (max_len / 2 + 1) + 1;
+            let rows = (n_docs - DOC_BUFFER) / docs_per_row / 2;
+            let mut seen = std::collections::HashMap::new();
+            let mut batches = Vec::new();
+            for _ in 0..rows.div_ceil(4).max(1) {
+                let batch = loader.next_host_batch().unwrap();
+                assert_eq!(batch.epoch, 1);
+                for r in 0..batch.rows {
+                    let x = &batch.inputs[r * seq_len..(r + 1) * seq_len];
+                    let y = &batch.targets[r * seq_len..(r + 1) * seq_len];
+                    assert_eq!(
+                        x[1..],
+                        y[..seq_len - 1],
+                        "targets are inputs shifted by one"
+                    );
+                    let mut row = x.to_vec();
+                    row.push(y[seq_len - 1]);
+                    let segs = segments(&row);
+                    for (i, seg) in segs.iter().enumerate() {
+                        let last = i == segs.len() - 1;
+                        let Some(&marker) = seg.first() else {
+                            // Only BOS fitted: a document cropped to nothing.
+                            assert!(last);
+                            continue;
+                        };
+                        let shard = (marker - 1) as usize / 10_000;
+                        let doc = &train[shard][(marker - 1) as usize % 10_000];
+                        if seg.len() < doc.len() {
+                            assert!(last, "only the segment that fills the row may be cropped");
+                            assert_eq!(*seg, &doc[..seg.len()]);
+                        } else {
+                            assert_eq!(*seg, &doc[..], "whole documents appear in order");
+                        }
+                        *seen.entry(marker).or_insert(0) += 1;
+                    }
+                }
+                batches.push(batch.inputs);
+            }
+            assert!(
+                seen.values().all(|&n| n == 1),
+                "a document appears once per epoch"
+            );
+            // The same seed gives the same batches; another seed does not.
+            let mut again = Loader::new(&data, Split::Train, 4, seq_len, seed).unwrap();
+            let mut other = Loader::new(&data, Split::Train, 4, seq_len, Some(999)).unwrap();
+            let mut differs = false;
+            for b in &batches {
+                assert_eq!(&again.next_host_batch().unwrap().inputs, b);
+                differs |= &other.next_host_batch().unwrap().inputs != b;
+            }
+            assert!(differs, "the seed shuffles the order");
+        }
+    }
+
+    #[test]
+    fn cycles_epochs_and_never_mixes_splits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(5);
+        let train = vec![random_docs(&mut rng, 50, 1, 40)];
+        let val = vec![random_docs(&mut rng, 50, 30_000, 40)];
+        let data = dataset(dir.path(), preset(32, 4), &train, &val);
+        let mut loader = Loader::new(&data, Split::Train, 8, 32, Some(1))
+            .unwrap()
+            .prefetch(2);
+        let mut last_epoch = 1;
+        for _ in 0..200 {
+            let batch = loader.next_host_batch().unwrap();
+            assert!(batch.inputs.iter().all(|&t| !(30_000..30_050).contains(&t)));
+            last_epoch = batch.epoch;
+        }
+        assert!(last_epoch > 3, "the loader cycles epochs ({last_epoch})");
+        let mut val_loader = Loader::new(&data, Split::Val, 8, 32, None).unwrap();
+        let batch = val_loader.next_host_batch().unwrap();
+        assert!(batch.inputs.iter().all(|&t| t == BOS || t >= 30_000));
+    }
+
+    #[test]
+    fn eval_rows_do_not_depend_on_batch_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(8);
+        let docs = vec![random_docs(&mut rng, 300, 1, 100)];
+        let data = dataset(dir.path(), preset(64, 10), &docs, &docs);
+        let collect = |bs: usize| -> Vec<u32> {
+            EvalBatches::new(&data, bs)
+                .unwrap()
+                .flat_map(|b| b.unwrap().targets)
+                .collect()
+        };
+        let one = collect(1);
+        assert_eq!(one.len(), 640);
+        assert_eq!(collect(3), one);
+        assert_eq!(collect(64), one);
+        assert_eq!(data.manifest.eval.tokens, 640);
+        let mut digest = TargetDigest::default();
+        digest.update(&one);
+        assert_eq!(digest.finish(), data.manifest.eval);
+    }
+}
