@@ -46,10 +46,21 @@ impl Default for DownloadOptions {
     }
 }
 
-/// A failure worth retrying (network, 5xx, 429, truncation) or not (404 and other 4xx).
+/// A failure worth retrying (network, 5xx, 429, truncation) or not (404 and other 4xx, a
+/// full disk).
 enum Failure {
     Retry(String),
     Fatal(String),
+    DiskFull,
+}
+
+/// A local write error: a full disk ends the download, anything else is retried.
+fn write_failure(e: std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        Failure::DiskFull
+    } else {
+        Failure::Retry(e.to_string())
+    }
 }
 
 /// Downloads the shards `indices` into `dir`, skipping those present. Returns their paths in
@@ -126,14 +137,12 @@ fn download_one(
         let (last, fatal) = match failure {
             Failure::Fatal(why) => (why, true),
             Failure::Retry(why) => (why, false),
+            Failure::DiskFull => {
+                return Err(Error::DiskFull {
+                    path: dest.to_path_buf(),
+                });
+            }
         };
-        if let Some(dir) = dest.parent()
-            && last.contains("No space left")
-        {
-            return Err(Error::DiskFull {
-                path: dir.to_path_buf(),
-            });
-        }
         if fatal || attempt >= opts.max_attempts {
             return Err(Error::Download {
                 url,
@@ -173,7 +182,7 @@ fn fetch(
         });
     }
     let expected = response.content_length();
-    let mut file = std::fs::File::create(partial).map_err(|e| retry(&e))?;
+    let mut file = std::fs::File::create(partial).map_err(write_failure)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
     loop {
@@ -181,7 +190,7 @@ fn fetch(
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n]).map_err(|e| retry(&e))?;
+        file.write_all(&buf[..n]).map_err(write_failure)?;
         written += n as u64;
     }
     if let Some(expected) = expected
@@ -191,7 +200,7 @@ fn fetch(
             "body ended after {written} of {expected} bytes"
         )));
     }
-    file.sync_all().map_err(|e| retry(&e))?;
+    file.sync_all().map_err(write_failure)?;
     drop(file);
     check_parquet_framing(partial).map_err(Failure::Retry)
 }
