@@ -1,109 +1,921 @@
-//! The research target: the one file the agent edits.
+//! The research target: a GPT trained for a fixed time budget, in one file.
 //!
-//! PLACEHOLDER until the GPT baseline lands: a bigram model (next token from the current one)
-//! that exercises the whole train contract: prepared data, the packing loader, the budget
-//! clock, the fixed evaluator and the run report.
+//! This is the ONE file the agent edits: model, optimizer, hyperparameters, loop, all of it.
+//! What it may not change lives in `prepare` (data, loader, evaluator, report): the harness
+//! trusts only the figures `prepare` computes.
+//!
+//! The design follows karpathy/autoresearch's train.py (nanochat-style): RMSNorm without
+//! weights, rotary embeddings, QK-norm, ReLU² MLP, value embeddings with an input-dependent gate
+//! on alternating layers, per-layer residual and x0 lambdas, sliding-window attention, untied
+//! lm_head, logit soft-cap; Muon (polar express, NorMuon, cautious weight decay) for the block
+//! matrices and AdamW for the rest; schedules driven by the training-time budget.
+//!
+//! Only differentiable candle ops are used: candle's fused rms_norm, softmax_last_dim and rope
+//! have no backward pass and would silently drop gradients.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use anyhow::{Context, Result, bail};
+use candle_core::{D, DType, Device, Tensor, Var};
 use prepare::eval::per_token_cross_entropy;
+use prepare::loader::Rng;
 use prepare::{BudgetClock, Dataset, Loader, RunReport, Split, Summary, env};
 
-// Hyperparameters.
-const BATCH_SIZE: usize = 16;
-const LEARNING_RATE: f64 = 0.05;
-const EVAL_BATCH_SIZE: usize = 16;
+// ---------------------------------------------------------------------------------------------
+// Hyperparameters: one block per preset. Edit these.
+// ---------------------------------------------------------------------------------------------
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+#[derive(Clone, Debug)]
+struct Hyper {
+    /// Transformer layers.
+    depth: usize,
+    /// model_dim = depth * ASPECT_RATIO, rounded up to a multiple of HEAD_DIM.
+    aspect_ratio: usize,
+    head_dim: usize,
+    /// Per-layer attention windows, cycled: L = full context, S = half. The last layer is L.
+    window_pattern: &'static str,
+    /// Tokens per optimizer step (gradient accumulation makes up the difference).
+    total_batch_size: usize,
+    /// Rows per forward/backward pass.
+    device_batch_size: usize,
+    embedding_lr: f64,
+    unembedding_lr: f64,
+    matrix_lr: f64,
+    scalar_lr: f64,
+    /// Cautious weight decay of the Muon matrices, decayed linearly to 0 over the budget.
+    weight_decay: f64,
+    adam_betas: (f64, f64),
+    warmup_ratio: f64,
+    warmdown_ratio: f64,
+    final_lr_frac: f64,
+}
+
+/// The original's values for one H100. The device batch is smaller than the original's 128:
+/// attention here is materialised (no flash kernel yet), and its T×T buffers must fit 80 GB.
+const H100: Hyper = Hyper {
+    depth: 8,
+    aspect_ratio: 64,
+    head_dim: 128,
+    window_pattern: "SSSL",
+    total_batch_size: 1 << 19,
+    device_batch_size: 16,
+    embedding_lr: 0.6,
+    unembedding_lr: 0.004,
+    matrix_lr: 0.04,
+    scalar_lr: 0.5,
+    weight_decay: 0.2,
+    adam_betas: (0.8, 0.95),
+    warmup_ratio: 0.0,
+    warmdown_ratio: 0.5,
+    final_lr_frac: 0.0,
+};
+
+/// CPU scale: learns the builtin corpus in tens of seconds on two cores.
+const TINY: Hyper = Hyper {
+    depth: 4,
+    aspect_ratio: 32,
+    head_dim: 32,
+    window_pattern: "SSSL",
+    total_batch_size: 8 * 256,
+    device_batch_size: 8,
+    embedding_lr: 0.6,
+    unembedding_lr: 0.004,
+    matrix_lr: 0.04,
+    scalar_lr: 0.5,
+    weight_decay: 0.2,
+    adam_betas: (0.8, 0.95),
+    warmup_ratio: 0.0,
+    warmdown_ratio: 0.5,
+    final_lr_frac: 0.0,
+};
+
+const SOFTCAP: f64 = 15.0;
+const VE_GATE_CHANNELS: usize = 32;
+const ROPE_BASE: f64 = 10_000.0;
+const NORM_EPS: f64 = 1e-6;
+const H100_BF16_PEAK_FLOPS: f64 = 989.5e12;
+/// Polar-express coefficients (a, b, c) of the five orthogonalisation iterations.
+const POLAR_EXPRESS: [(f64, f64, f64); 5] = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+];
+
+// ---------------------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Config {
+    vocab: usize,
+    seq_len: usize,
+    n_layer: usize,
+    n_head: usize,
+    head_dim: usize,
+    dim: usize,
+    /// Keys each layer's queries see back to (inclusive of itself: window + 1 positions).
+    windows: Vec<usize>,
+}
+
+impl Config {
+    fn new(hp: &Hyper, vocab: usize, seq_len: usize) -> Result<Self> {
+        let dim = (hp.depth * hp.aspect_ratio).div_ceil(hp.head_dim) * hp.head_dim;
+        let pattern: Vec<char> = hp.window_pattern.to_uppercase().chars().collect();
+        if pattern.is_empty() || pattern.iter().any(|c| !"SL".contains(*c)) {
+            bail!("WINDOW_PATTERN must be made of S and L");
+        }
+        let mut windows: Vec<usize> = (0..hp.depth)
+            .map(|i| match pattern[i % pattern.len()] {
+                'S' => seq_len / 2,
+                _ => seq_len,
+            })
+            .collect();
+        *windows.last_mut().unwrap() = seq_len;
+        Ok(Config {
+            vocab,
+            seq_len,
+            n_layer: hp.depth,
+            n_head: dim / hp.head_dim,
+            head_dim: hp.head_dim,
+            dim,
+            windows,
+        })
+    }
+
+    /// Value embeddings on alternating layers, the last always included.
+    fn has_ve(&self, layer: usize) -> bool {
+        layer % 2 == (self.n_layer - 1) % 2
+    }
+}
+
+struct Block {
+    c_q: Var,
+    c_k: Var,
+    c_v: Var,
+    c_proj: Var,
+    c_fc: Var,
+    mlp_proj: Var,
+    ve_gate: Option<Var>,
+    value_embed: Option<Var>,
+}
+
+struct Gpt {
+    cfg: Config,
+    wte: Var,
+    blocks: Vec<Block>,
+    lm_head: Var,
+    resid_lambdas: Var,
+    x0_lambdas: Var,
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive attention masks (0 or -inf), one per distinct window.
+    masks: BTreeMap<usize, Tensor>,
+    /// bf16 on CUDA (f32 master weights, bf16 matmuls: the autocast equivalent), f32 on CPU.
+    compute: DType,
+}
+
+/// Host-side initialisers, seeded, so a run is the same on every device.
+struct Init<'a> {
+    rng: &'a mut Rng,
+    device: &'a Device,
+}
+
+impl Init<'_> {
+    fn var(&mut self, shape: (usize, usize), f: impl Fn(&mut Rng) -> f32) -> Result<Var> {
+        let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| f(self.rng)).collect();
+        Ok(Var::from_tensor(&Tensor::from_vec(
+            data,
+            shape,
+            self.device,
+        )?)?)
+    }
+    fn uniform(&mut self, shape: (usize, usize), bound: f32) -> Result<Var> {
+        self.var(shape, |r| (uniform01(r) * 2.0 - 1.0) * bound)
+    }
+    fn normal(&mut self, shape: (usize, usize), std: f32) -> Result<Var> {
+        self.var(shape, |r| normal(r) * std)
+    }
+    fn constant(&mut self, shape: (usize, usize), value: f32) -> Result<Var> {
+        self.var(shape, |_| value)
+    }
+}
+
+fn uniform01(rng: &mut Rng) -> f32 {
+    (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+}
+
+fn normal(rng: &mut Rng) -> f32 {
+    // Box-Muller.
+    let u1 = uniform01(rng).max(1e-7);
+    let u2 = uniform01(rng);
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+impl Gpt {
+    fn new(cfg: Config, device: &Device, seed: u64) -> Result<Self> {
+        let mut rng = Rng::new(seed);
+        let mut init = Init {
+            rng: &mut rng,
+            device,
+        };
+        let (d, v) = (cfg.dim, cfg.vocab);
+        let s = 3f32.sqrt() / (d as f32).sqrt();
+        let kv_dim = cfg.n_head * cfg.head_dim;
+        let wte = init.normal((v, d), 1.0)?;
+        let mut blocks = Vec::new();
+        for layer in 0..cfg.n_layer {
+            let ve = cfg.has_ve(layer);
+            blocks.push(Block {
+                c_q: init.uniform((kv_dim, d), s)?,
+                c_k: init.uniform((kv_dim, d), s)?,
+                c_v: init.uniform((kv_dim, d), s)?,
+                c_proj: init.constant((d, kv_dim), 0.0)?,
+                c_fc: init.uniform((4 * d, d), s)?,
+                mlp_proj: init.constant((d, 4 * d), 0.0)?,
+                // sigmoid(0) * 2 = 1: the gate starts neutral.
+                ve_gate: ve
+                    .then(|| init.constant((cfg.n_head, VE_GATE_CHANNELS), 0.0))
+                    .transpose()?,
+                value_embed: ve.then(|| init.uniform((v, kv_dim), s)).transpose()?,
+            });
+        }
+        let lm_head = init.normal((v, d), 0.001)?;
+        let resid_lambdas = init.constant((1, cfg.n_layer), 1.0)?;
+        let x0_lambdas = init.constant((1, cfg.n_layer), 0.1)?;
+
+        let compute = if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let (cos, sin) = rotary_tables(cfg.seq_len, cfg.head_dim, device, compute)?;
+        let mut masks = BTreeMap::new();
+        for &w in &cfg.windows {
+            masks.insert(w, window_mask(cfg.seq_len, w, device)?);
+        }
+        Ok(Gpt {
+            cfg,
+            wte,
+            blocks,
+            lm_head,
+            resid_lambdas,
+            x0_lambdas,
+            cos,
+            sin,
+            masks,
+            compute,
+        })
+    }
+
+    /// Cross-entropy of every target, `[B, T]` f32.
+    fn per_token_loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        let flat = idx.flatten_all()?;
+        let embed = |table: &Var| -> Result<Tensor> {
+            let e = table.as_tensor().index_select(&flat, 0)?;
+            Ok(e.reshape((b, t, ()))?.to_dtype(self.compute)?)
+        };
+        let mut x = norm(&embed(&self.wte)?)?;
+        let x0 = x.clone();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let resid = self.resid_lambdas.as_tensor().narrow(1, i, 1)?;
+            let x0_l = self.x0_lambdas.as_tensor().narrow(1, i, 1)?;
+            x = (x.broadcast_mul(&resid.to_dtype(self.compute)?)?
+                + x0.broadcast_mul(&x0_l.to_dtype(self.compute)?)?)?;
+            let ve = block.value_embed.as_ref().map(embed).transpose()?;
+            x = (&x + self.attention(block, &norm(&x)?, ve.as_ref(), i)?)?;
+            x = (&x + self.mlp(block, &norm(&x)?)?)?;
+        }
+        let x = norm(&x)?;
+        let logits = self.linear(&x, &self.lm_head)?.to_dtype(DType::F32)?;
+        let logits = ((logits / SOFTCAP)?.tanh()? * SOFTCAP)?;
+        Ok(per_token_cross_entropy(&logits, targets)?)
+    }
+
+    fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(self.per_token_loss(idx, targets)?.mean_all()?)
+    }
+
+    /// `x @ wᵀ` in the compute dtype, for `x [.., in]` and `w [out, in]`.
+    fn linear(&self, x: &Tensor, w: &Var) -> Result<Tensor> {
+        let w = w.as_tensor().to_dtype(self.compute)?;
+        let dims = x.dims().to_vec();
+        let inner = *dims.last().unwrap();
+        let rows = x.elem_count() / inner;
+        let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = w.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+
+    fn attention(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        ve: Option<&Tensor>,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, hd) = (self.cfg.n_head, self.cfg.head_dim);
+        let q = self.linear(x, &block.c_q)?.reshape((b, t, h, hd))?;
+        let k = self.linear(x, &block.c_k)?.reshape((b, t, h, hd))?;
+        let mut v = self.linear(x, &block.c_v)?.reshape((b, t, h, hd))?;
+        if let (Some(ve), Some(gate_w)) = (ve, &block.ve_gate) {
+            // Value residual: mix in the value embedding through an input-dependent gate per head.
+            let gate = sigmoid(&self.linear(&x.narrow(2, 0, VE_GATE_CHANNELS)?, gate_w)?)?;
+            let gate = (gate * 2.0)?.unsqueeze(3)?;
+            v = (v + ve.reshape((b, t, h, hd))?.broadcast_mul(&gate)?)?;
+        }
+        let q = norm(&self.rotary(&q, t)?)?;
+        let k = norm(&self.rotary(&k, t)?)?;
+        let mask = &self.masks[&self.cfg.windows[layer]];
+        let y = attend(&q, &k, &v, &mask.narrow(0, 0, t)?.narrow(1, 0, t)?)?;
+        self.linear(&y.reshape((b, t, h * hd))?, &block.c_proj)
+    }
+
+    fn rotary(&self, x: &Tensor, t: usize) -> Result<Tensor> {
+        let half = self.cfg.head_dim / 2;
+        let cos = self.cos.narrow(1, 0, t)?;
+        let sin = self.sin.narrow(1, 0, t)?;
+        let x1 = x.narrow(3, 0, half)?;
+        let x2 = x.narrow(3, half, half)?;
+        let y1 = (x1.broadcast_mul(&cos)? + x2.broadcast_mul(&sin)?)?;
+        let y2 = (x2.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[y1, y2], 3)?)
+    }
+
+    fn mlp(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
+        let h = self.linear(x, &block.c_fc)?.relu()?.sqr()?;
+        self.linear(&h, &block.mlp_proj)
+    }
+
+    /// Every trainable tensor, named, with the optimizer group it belongs to.
+    fn params(&self) -> Vec<(String, &Var, Group)> {
+        let mut out = vec![
+            ("wte".to_string(), &self.wte, Group::Embedding),
+            ("lm_head".into(), &self.lm_head, Group::Unembedding),
+            ("resid_lambdas".into(), &self.resid_lambdas, Group::Resid),
+            ("x0_lambdas".into(), &self.x0_lambdas, Group::X0),
+        ];
+        for (i, b) in self.blocks.iter().enumerate() {
+            for (name, var) in [
+                ("c_q", &b.c_q),
+                ("c_k", &b.c_k),
+                ("c_v", &b.c_v),
+                ("c_proj", &b.c_proj),
+                ("c_fc", &b.c_fc),
+                ("mlp_proj", &b.mlp_proj),
+            ] {
+                out.push((format!("h.{i}.{name}"), var, Group::Matrix));
+            }
+            if let Some(g) = &b.ve_gate {
+                out.push((format!("h.{i}.ve_gate"), g, Group::Matrix));
+            }
+            if let Some(e) = &b.value_embed {
+                out.push((format!("value_embeds.{i}"), e, Group::Embedding));
+            }
+        }
+        out
+    }
+
+    fn num_params(&self) -> usize {
+        self.params().iter().map(|(_, v, _)| v.elem_count()).sum()
+    }
+
+    /// Training FLOPs per token as the original counts them: 6 per weight outside the
+    /// embeddings and scalars, plus attention over each layer's effective window.
+    fn flops_per_token(&self) -> f64 {
+        let excluded: usize = self
+            .params()
+            .iter()
+            .filter(|(_, _, g)| matches!(g, Group::Embedding | Group::Resid | Group::X0))
+            .map(|(_, v, _)| v.elem_count())
+            .sum();
+        let c = &self.cfg;
+        let attn: usize = c
+            .windows
+            .iter()
+            .map(|&w| 12 * c.n_head * c.head_dim * w.min(c.seq_len))
+            .sum();
+        (6 * (self.num_params() - excluded) + attn) as f64
+    }
+}
+
+/// RMSNorm without weights, computed in f32, from differentiable ops.
+fn norm(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS)?.sqrt()?;
+    Ok(x.broadcast_div(&rms)?.to_dtype(dtype)?)
+}
+
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
+/// Softmax over the last axis from differentiable ops; the max is a constant shift.
+fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Materialised attention: `q, k, v [B, T, H, hd]`, `mask [T, T]` additive → `[B, T, H, hd]`.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let k = k.transpose(1, 2)?.contiguous()?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let p = softmax(&scores.broadcast_add(mask)?)?.to_dtype(dtype)?;
+    Ok(p.matmul(&v)?.transpose(1, 2)?)
+}
+
+/// Query i sees key j when j <= i and i - j <= window (FlashAttention's `(window, 0)`).
+fn window_mask(t: usize, window: usize, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..t * t)
+        .map(|n| {
+            let (i, j) = (n / t, n % t);
+            if j <= i && i - j <= window {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (t, t), device)?)
+}
+
+/// cos and sin of the rotary angles, `[1, T, 1, hd/2]`.
+fn rotary_tables(t: usize, hd: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let half = hd / 2;
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for pos in 0..t {
+        for i in 0..half {
+            let inv_freq = 1.0 / ROPE_BASE.powf((2 * i) as f64 / hd as f64);
+            let angle = pos as f64 * inv_freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let shape = (1, t, 1, half);
+    Ok((
+        Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimizer: Muon for block matrices (stacked by shape), AdamW for the rest
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Group {
+    Matrix,
+    Embedding,
+    Unembedding,
+    Resid,
+    X0,
+}
+
+struct AdamState {
+    var: Var,
+    lr: f64,
+    betas: (f64, f64),
+    m: Tensor,
+    v: Tensor,
+}
+
+struct MuonGroup {
+    vars: Vec<Var>,
+    /// `[N, rows, cols]`.
+    momentum: Tensor,
+    /// `[N, rows, 1]` or `[N, 1, cols]`: NorMuon's second moment, per output (or input) row.
+    second: Tensor,
+    /// Axis NorMuon reduces over.
+    red_dim: usize,
+    lr_scale: f64,
+}
+
+struct MuonAdamW {
+    adam: Vec<AdamState>,
+    muon: Vec<MuonGroup>,
+    matrix_lr: f64,
+    step: i32,
+}
+
+/// Knobs the schedules set before each step.
+struct StepSettings {
+    lr_multiplier: f64,
+    muon_momentum: f64,
+    weight_decay: f64,
+}
+
+impl MuonAdamW {
+    fn new(model: &Gpt, hp: &Hyper) -> Result<Self> {
+        // AdamW rates were tuned at width 768; scale by 1/sqrt(dim/768).
+        let scale = (model.cfg.dim as f64 / 768.0).powf(-0.5);
+        let mut adam = Vec::new();
+        let mut by_shape: BTreeMap<(usize, usize), Vec<Var>> = BTreeMap::new();
+        for (_, var, group) in model.params() {
+            let (lr, betas) = match group {
+                Group::Matrix => {
+                    by_shape.entry(var.dims2()?).or_default().push(var.clone());
+                    continue;
+                }
+                Group::Embedding => (hp.embedding_lr * scale, hp.adam_betas),
+                Group::Unembedding => (hp.unembedding_lr * scale, hp.adam_betas),
+                Group::Resid => (hp.scalar_lr * 0.01, hp.adam_betas),
+                Group::X0 => (hp.scalar_lr, (0.96, 0.95)),
+            };
+            adam.push(AdamState {
+                var: var.clone(),
+                lr,
+                betas,
+                m: var.zeros_like()?,
+                v: var.zeros_like()?,
+            });
+        }
+        let mut muon = Vec::new();
+        for ((rows, cols), vars) in by_shape {
+            let n = vars.len();
+            let device = vars[0].device().clone();
+            let (second_shape, red_dim) = if rows >= cols {
+                ((n, rows, 1), 2)
+            } else {
+                ((n, 1, cols), 1)
+            };
+            muon.push(MuonGroup {
+                momentum: Tensor::zeros((n, rows, cols), DType::F32, &device)?,
+                second: Tensor::zeros(second_shape, DType::F32, &device)?,
+                red_dim,
+                lr_scale: (rows as f64 / cols as f64).max(1.0).sqrt(),
+                vars,
+            });
+        }
+        Ok(MuonAdamW {
+            adam,
+            muon,
+            matrix_lr: hp.matrix_lr,
+            step: 0,
+        })
+    }
+
+    /// One update from `grads` (aligned with `Gpt::params`' vars, looked up by var).
+    fn step(&mut self, grads: &Grads, s: &StepSettings) -> Result<()> {
+        self.step += 1;
+        for a in &mut self.adam {
+            let g = grads.get(&a.var)?;
+            let (b1, b2) = a.betas;
+            a.m = ((&a.m * b1)? + (g * (1.0 - b1))?)?;
+            a.v = ((&a.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let bias1 = 1.0 - b1.powi(self.step);
+            let bias2 = 1.0 - b2.powi(self.step);
+            let denom = ((&a.v / bias2)?.sqrt()? + 1e-10)?;
+            let update = (a.m.div(&denom)? * (a.lr * s.lr_multiplier / bias1))?;
+            a.var.set(&(a.var.as_tensor() - update)?)?;
+        }
+        for group in &mut self.muon {
+            let g = Tensor::stack(
+                &group
+                    .vars
+                    .iter()
+                    .map(|v| grads.get(v).cloned())
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            )?;
+            let p = Tensor::stack(
+                &group.vars.iter().map(|v| v.as_tensor()).collect::<Vec<_>>(),
+                0,
+            )?;
+            let mu = s.muon_momentum;
+            // Nesterov momentum.
+            group.momentum = ((&group.momentum * mu)? + (&g * (1.0 - mu))?)?;
+            let g = ((&g * (1.0 - mu))? + (&group.momentum * mu)?)?;
+            let g = polar_express(&g)?;
+            let g = normuon(&g, &mut group.second, group.red_dim, 0.95)?;
+            // Cautious weight decay: decay only where the update agrees in sign with the weight.
+            let lr = self.matrix_lr * group.lr_scale * s.lr_multiplier;
+            let agree = (&g * &p)?.ge(0.0)?.to_dtype(DType::F32)?;
+            let decay = ((&p * &agree)? * (lr * s.weight_decay))?;
+            let p = ((&p - (&g * lr)?)? - decay)?;
+            for (i, var) in group.vars.iter().enumerate() {
+                var.set(&p.get(i)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Orthogonalises each matrix of `g [N, r, c]` with the polar-express iteration: singular
+/// values go to about 1, directions stay. In bf16 on the GPU, f32 on the CPU.
+fn polar_express(g: &Tensor) -> Result<Tensor> {
+    let dtype = if g.device().is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let (_, r, c) = g.dims3()?;
+    let norm = g.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
+    let mut x = g
+        .broadcast_div(&((norm * 1.02)? + 1e-6)?)?
+        .to_dtype(dtype)?;
+    for (a, b, cc) in POLAR_EXPRESS {
+        if r > c {
+            let xt = x.transpose(1, 2)?;
+            let m = xt.matmul(&x)?;
+            let bm = ((&m * b)? + (m.matmul(&m)? * cc)?)?;
+            x = ((&x * a)? + x.matmul(&bm)?)?;
+        } else {
+            let xt = x.transpose(1, 2)?;
+            let m = x.matmul(&xt)?;
+            let bm = ((&m * b)? + (m.matmul(&m)? * cc)?)?;
+            x = ((&x * a)? + bm.matmul(&x)?)?;
+        }
+    }
+    Ok(x.to_dtype(DType::F32)?)
+}
+
+/// NorMuon: rescales each row (or column) of the orthogonalised update by a running second
+/// moment, keeping the update's overall norm.
+fn normuon(g: &Tensor, second: &mut Tensor, red_dim: usize, beta2: f64) -> Result<Tensor> {
+    let red_size = g.dim(red_dim)? as f64;
+    let v_mean = g.sqr()?.mean_keepdim(red_dim)?;
+    let v_norm = ((v_mean.sum_keepdim((1, 2))? * red_size)?).sqrt()?;
+    *second = ((&*second * beta2)? + (&v_mean * (1.0 - beta2))?)?;
+    let step_size = second.clamp(1e-10, f64::MAX)?.sqrt()?.recip()?;
+    let scaled = ((&v_mean * red_size)? * step_size.sqr()?)?;
+    let v_norm_new = scaled.sum_keepdim((1, 2))?.sqrt()?.clamp(1e-10, f64::MAX)?;
+    let scale = step_size.broadcast_mul(&v_norm.div(&v_norm_new)?)?;
+    Ok(g.broadcast_mul(&scale)?)
+}
+
+/// Gradients summed over micro-batches, by var.
+struct Grads(Vec<(Var, Tensor)>);
+
+impl Grads {
+    fn get(&self, var: &Var) -> Result<&Tensor> {
+        self.0
+            .iter()
+            .find(|(v, _)| v.id() == var.id())
+            .map(|(_, g)| g)
+            .context("a parameter received no gradient")
+    }
+}
+
+/// Forward and backward over `accum` micro-batches; returns the mean loss and the gradients.
+fn forward_backward(
+    model: &Gpt,
+    batches: &mut dyn FnMut() -> Result<(Tensor, Tensor)>,
+    accum: usize,
+) -> Result<(f32, Grads)> {
+    let params: Vec<Var> = model
+        .params()
+        .into_iter()
+        .map(|(_, v, _)| v.clone())
+        .collect();
+    let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut total = 0f32;
+    for _ in 0..accum {
+        let (x, y) = batches()?;
+        let loss = (model.loss(&x, &y)? / accum as f64)?;
+        let store = loss.backward()?;
+        total += loss.to_scalar::<f32>()?;
+        for (sum, var) in sums.iter_mut().zip(&params) {
+            let g = match store.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => var.zeros_like()?,
+            };
+            *sum = Some(match sum.take() {
+                Some(s) => (s + g)?,
+                None => g,
+            });
+        }
+    }
+    let grads = params
+        .into_iter()
+        .zip(sums)
+        .map(|(v, g)| (v, g.expect("accum >= 1")))
+        .collect();
+    Ok((total, Grads(grads)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schedules, driven by the fraction of the time budget spent
+// ---------------------------------------------------------------------------------------------
+
+fn lr_multiplier(hp: &Hyper, progress: f64) -> f64 {
+    if progress < hp.warmup_ratio {
+        progress / hp.warmup_ratio
+    } else if progress < 1.0 - hp.warmdown_ratio {
+        1.0
+    } else {
+        let cooldown = (1.0 - progress) / hp.warmdown_ratio;
+        cooldown + (1.0 - cooldown) * hp.final_lr_frac
+    }
+}
+
+fn muon_momentum(step: u64) -> f64 {
+    let frac = (step as f64 / 300.0).min(1.0);
+    (1.0 - frac) * 0.85 + frac * 0.95
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training
+// ---------------------------------------------------------------------------------------------
+
+/// How training ended when it did not finish.
+#[derive(Debug)]
+enum Failure {
+    /// NaN or exploding loss: fast-fail instead of burning the budget.
+    Diverged { step: u64, loss: f32 },
+}
+
+struct Trained {
+    model: Gpt,
+    clock: BudgetClock,
+    tokens: u64,
+}
+
+fn train(
+    hp: &Hyper,
+    data: &Dataset,
+    device: &Device,
+    budget: Duration,
+    seed: u64,
+) -> Result<std::result::Result<Trained, Failure>> {
+    let preset = data.preset();
+    let cfg = Config::new(hp, data.vocab_size(), preset.seq_len)?;
+    let model = Gpt::new(cfg, device, seed)?;
+    let tokens_per_pass = hp.device_batch_size * preset.seq_len;
+    if hp.total_batch_size % tokens_per_pass != 0 {
+        bail!(
+            "TOTAL_BATCH_SIZE ({}) must be a multiple of DEVICE_BATCH_SIZE × seq len ({tokens_per_pass})",
+            hp.total_batch_size
+        );
+    }
+    let accum = hp.total_batch_size / tokens_per_pass;
+    println!(
+        "model: depth {}, dim {}, heads {}×{}, windows {:?}, {:.2}M parameters, {:.3e} FLOPs/token",
+        model.cfg.n_layer,
+        model.cfg.dim,
+        model.cfg.n_head,
+        model.cfg.head_dim,
+        model.cfg.windows,
+        model.num_params() as f64 / 1e6,
+        model.flops_per_token()
+    );
+    println!(
+        "batch: {} tokens/step = {accum} × {} rows × {} tokens; budget {:.0}s",
+        hp.total_batch_size,
+        hp.device_batch_size,
+        preset.seq_len,
+        budget.as_secs_f64()
+    );
+    let mut opt = MuonAdamW::new(&model, hp)?;
+    let mut loader = Loader::new(
+        data,
+        Split::Train,
+        hp.device_batch_size,
+        preset.seq_len,
+        Some(seed),
+    )?
+    .prefetch(4);
+    let mut clock = BudgetClock::new(budget);
+    let epoch = std::cell::Cell::new(1);
+    let mut next = || -> Result<(Tensor, Tensor)> {
+        let batch = loader.next_host_batch()?;
+        epoch.set(batch.epoch);
+        Ok(batch.to_tensors(device)?)
+    };
+    let mut smooth = 0f64;
+    let mut last_print = Instant::now() - Duration::from_secs(10);
+    let flops = model.flops_per_token();
+    while !clock.exhausted() {
+        clock.begin_step();
+        let progress = clock.progress();
+        let settings = StepSettings {
+            lr_multiplier: lr_multiplier(hp, progress),
+            muon_momentum: muon_momentum(clock.steps()),
+            weight_decay: hp.weight_decay * (1.0 - progress),
+        };
+        let (loss, grads) = forward_backward(&model, &mut next, accum)?;
+        if !loss.is_finite() || loss > 100.0 {
+            return Ok(Err(Failure::Diverged {
+                step: clock.steps(),
+                loss,
+            }));
+        }
+        opt.step(&grads, &settings)?;
+        device.synchronize()?;
+        let dt = clock.end_step().as_secs_f64();
+        let step = clock.steps();
+        smooth = 0.9 * smooth + 0.1 * loss as f64;
+        if last_print.elapsed() >= Duration::from_secs(1) || clock.exhausted() {
+            last_print = Instant::now();
+            let tok_s = hp.total_batch_size as f64 / dt;
+            let mfu = if device.is_cuda() {
+                100.0 * flops * tok_s / H100_BF16_PEAK_FLOPS
+            } else {
+                0.0
+            };
+            println!(
+                "step {:05} ({:.1}%) | loss: {:.6} | lrm: {:.2} | dt: {:.0}ms | tok/sec: {:.0} | mfu: {mfu:.1}% | epoch: {} | remaining: {:.0}s",
+                step - 1,
+                100.0 * progress,
+                smooth / (1.0 - 0.9f64.powi(step as i32)),
+                settings.lr_multiplier,
+                dt * 1e3,
+                tok_s,
+                epoch.get(),
+                clock.remaining().as_secs_f64()
+            );
+        }
+    }
+    let tokens = clock.steps() * hp.total_batch_size as u64;
+    Ok(Ok(Trained {
+        model,
+        clock,
+        tokens,
+    }))
 }
 
 fn main() -> Result<()> {
     let start = Instant::now();
     let data = Dataset::from_env()?;
     let preset = data.preset().clone();
+    let hp = match preset.name.as_str() {
+        "h100" => H100,
+        "tiny" => TINY,
+        other => bail!("no hyperparameters for preset `{other}`"),
+    };
     let device = match std::env::var(env::DEVICE).as_deref() {
-        Ok("cuda") => Device::new_cuda(0)
-            .context("AUTORESEARCH_DEVICE=cuda needs a build with --features cuda")?,
-        _ => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0).context(
+            "AUTORESEARCH_DEVICE=cuda: build with `--features cuda` on a machine with CUDA",
+        )?,
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => bail!("AUTORESEARCH_DEVICE must be cuda or cpu, not `{other}`"),
     };
-    let budget = Duration::from_secs_f64(env_or(env::TIME_BUDGET, preset.time_budget_s as f64));
-    let seed: u64 = env_or(env::SEED, 42);
-    let vocab = data.vocab_size();
+    let budget = std::env::var(env::TIME_BUDGET)
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(
+            Duration::from_secs(preset.time_budget_s),
+            Duration::from_secs_f64,
+        );
+    let seed = std::env::var(env::SEED)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(42);
 
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let logits_table = vb.get_with_hints((vocab, vocab), "bigram", candle_nn::Init::Const(0.0))?;
-    let forward = |x: &Tensor| -> candle_core::Result<Tensor> {
-        let (b, t) = x.dims2()?;
-        logits_table
-            .index_select(&x.flatten_all()?, 0)?
-            .reshape((b, t, vocab))
-    };
-    let mut opt = AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr: LEARNING_RATE,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
-
-    let mut loader =
-        Loader::new(&data, Split::Train, BATCH_SIZE, preset.seq_len, Some(seed))?.prefetch(4);
-    let mut clock = BudgetClock::new(budget);
-    let mut tokens = 0u64;
-    while !clock.exhausted() {
-        clock.begin_step();
-        let (x, y) = loader.next_batch(&device)?;
-        let loss = per_token_cross_entropy(&forward(&x)?, &y)?.mean_all()?;
-        opt.backward_step(&loss)?;
-        let loss = loss.to_scalar::<f32>()?;
-        let dt = clock.end_step();
-        tokens += (BATCH_SIZE * preset.seq_len) as u64;
-        if !loss.is_finite() || loss > 100.0 {
-            println!("FAIL: loss {loss} at step {}", clock.steps());
+    let trained = match train(&hp, &data, &device, budget, seed)? {
+        Ok(t) => t,
+        Err(Failure::Diverged { step, loss }) => {
+            println!("FAIL: loss {loss} at step {step}");
             std::process::exit(1);
         }
-        if clock.steps().is_multiple_of(50) {
-            println!(
-                "step {:05} ({:5.1}%) | loss {loss:.4} | dt {:.0}ms | remaining {:.0}s",
-                clock.steps(),
-                100.0 * clock.progress(),
-                dt.as_secs_f64() * 1e3,
-                clock.remaining().as_secs_f64()
-            );
-        }
-    }
-
-    let result = prepare::evaluate_bpb(&data, &device, EVAL_BATCH_SIZE, |x, y| {
-        per_token_cross_entropy(&forward(x)?, y)
+    };
+    let Trained {
+        model,
+        clock,
+        tokens,
+    } = trained;
+    let result = prepare::evaluate_bpb(&data, &device, hp.device_batch_size, |x, y| {
+        model
+            .per_token_loss(x, y)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     })?;
+    let counted = clock
+        .steps()
+        .saturating_sub(prepare::clock::WARMUP_STEPS + 1);
+    let training = clock.training_time().as_secs_f64();
+    let mfu = if device.is_cuda() && training > 0.0 {
+        100.0 * model.flops_per_token() * (counted * hp.total_batch_size as u64) as f64
+            / training
+            / H100_BF16_PEAK_FLOPS
+    } else {
+        0.0
+    };
     RunReport {
         summary: Summary {
             val_bpb: result.val_bpb,
-            training_seconds: clock.training_time().as_secs_f64(),
+            training_seconds: training,
             total_seconds: start.elapsed().as_secs_f64(),
             peak_vram_mb: 0.0,
-            mfu_percent: 0.0,
+            mfu_percent: mfu,
             total_tokens_m: tokens as f64 / 1e6,
             num_steps: clock.steps(),
-            num_params_m: (vocab * vocab) as f64 / 1e6,
-            depth: 0,
+            num_params_m: model.num_params() as f64 / 1e6,
+            depth: hp.depth as u64,
         },
         eval: result.spec,
         preset: preset.name,
-        device: if device.is_cuda() {
-            "cuda".into()
-        } else {
-            "cpu".into()
-        },
+        device: if device.is_cuda() { "cuda" } else { "cpu" }.into(),
     }
     .emit()?;
     Ok(())
