@@ -73,7 +73,7 @@ impl Tokenizer {
             .iter()
             .map(|s| AddedToken::from(*s, true))
             .collect();
-        inner.add_special_tokens(&specials);
+        inner.add_special_tokens(specials).map_err(tok_err)?;
         Self::from_inner(inner)
     }
 

@@ -740,6 +740,22 @@ struct Trained {
     model: Gpt,
     clock: BudgetClock,
     tokens: u64,
+    peak_vram_mb: f64,
+}
+
+/// Device memory in use, in MiB, as the driver sees it (the allocator's pool included).
+#[cfg(feature = "cuda")]
+fn vram_used_mb(device: &Device) -> f64 {
+    use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+    match (device.is_cuda(), mem_get_info()) {
+        (true, Ok((free, total))) => (total - free) as f64 / (1024.0 * 1024.0),
+        _ => 0.0,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn vram_used_mb(_: &Device) -> f64 {
+    0.0
 }
 
 fn train(
@@ -796,6 +812,7 @@ fn train(
     let mut smooth = 0f64;
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let flops = model.flops_per_token();
+    let mut peak_vram_mb = 0f64;
     while !clock.exhausted() {
         clock.begin_step();
         let progress = clock.progress();
@@ -814,6 +831,7 @@ fn train(
         opt.step(&grads, &settings)?;
         device.synchronize()?;
         let dt = clock.end_step().as_secs_f64();
+        peak_vram_mb = peak_vram_mb.max(vram_used_mb(device));
         let step = clock.steps();
         smooth = 0.9 * smooth + 0.1 * loss as f64;
         if last_print.elapsed() >= Duration::from_secs(1) || clock.exhausted() {
@@ -842,6 +860,7 @@ fn train(
         model,
         clock,
         tokens,
+        peak_vram_mb,
     }))
 }
 
@@ -884,6 +903,7 @@ fn main() -> Result<()> {
         model,
         clock,
         tokens,
+        peak_vram_mb,
     } = trained;
     let result = prepare::evaluate_bpb(&data, &device, hp.device_batch_size, |x, y| {
         model
@@ -906,7 +926,7 @@ fn main() -> Result<()> {
             val_bpb: result.val_bpb,
             training_seconds: training,
             total_seconds: start.elapsed().as_secs_f64(),
-            peak_vram_mb: 0.0,
+            peak_vram_mb,
             mfu_percent: mfu,
             total_tokens_m: tokens as f64 / 1e6,
             num_steps: clock.steps(),
