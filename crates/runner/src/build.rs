@@ -1,0 +1,193 @@
+//! `cargo build --release -p train` into the experiments' own target directory, with compile
+//! errors returned as structured diagnostics (warnings left out).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Serialize;
+
+use crate::{Device, RunnerError, io_err};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Diagnostic {
+    /// Relative to the repository, as cargo reports it.
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    /// rustc's own rendering, with the source excerpt.
+    pub rendered: String,
+}
+
+pub enum BuildOutput {
+    Built(PathBuf),
+    Failed(Vec<Diagnostic>),
+}
+
+/// Environment variables that never reach a build or a run: credentials of any kind.
+pub(crate) fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_uppercase();
+    [
+        "KEY",
+        "TOKEN",
+        "SECRET",
+        "PASSWORD",
+        "PASSWD",
+        "CREDENTIAL",
+        "AUTH",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+        || k.ends_with("_PROXY")
+}
+
+/// Makes cargo see the checkout's own sources as newer than what `target_dir` holds.
+///
+/// Cargo judges freshness by modification time, and its paths for workspace members are
+/// relative to the workspace root, so two checkouts sharing a target dir look alike: an older
+/// file in a second checkout would pass for built. The train file is always touched (its crate
+/// rebuilds in about a second); `prepare` too when the last build came from another checkout.
+fn mark_sources_newer(repo: &Path, target_dir: &Path) -> Result<(), RunnerError> {
+    let marker = target_dir.join("last-checkout");
+    let here = repo.canonicalize().unwrap_or_else(|_| repo.to_path_buf());
+    let last = std::fs::read_to_string(&marker).ok();
+    let mut files = vec![repo.join(crate::TRAIN_FILE)];
+    if last.as_deref() != Some(here.to_string_lossy().as_ref()) {
+        let mut stack = vec![repo.join("prepare"), repo.join("train")];
+        while let Some(dir) = stack.pop() {
+            let entries =
+                std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?;
+            for entry in entries {
+                let path = entry.map_err(io_err("listing sources"))?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    files.push(path);
+                }
+            }
+        }
+    }
+    let now = std::time::SystemTime::now();
+    for file in files {
+        if let Ok(f) = std::fs::File::options().append(true).open(&file) {
+            f.set_modified(now)
+                .map_err(io_err(format!("touching {}", file.display())))?;
+        }
+    }
+    std::fs::create_dir_all(target_dir).map_err(io_err("creating the target dir"))?;
+    std::fs::write(&marker, here.to_string_lossy().as_bytes())
+        .map_err(io_err("writing the checkout marker"))
+}
+
+pub fn build_train(
+    repo: &Path,
+    target_dir: &Path,
+    device: Device,
+) -> Result<BuildOutput, RunnerError> {
+    mark_sources_newer(repo, target_dir)?;
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "train",
+        "--message-format=json",
+    ]);
+    if device == Device::Cuda {
+        cmd.args(["--features", "cuda"]);
+        if which("nvcc").is_none() {
+            return Err(RunnerError::NoCuda);
+        }
+    }
+    for (key, _) in std::env::vars_os() {
+        if is_secret(&key.to_string_lossy()) {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(repo)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => RunnerError::NoCargo,
+        _ => io_err("starting cargo")(e),
+    })?;
+    // cargo's own messages (Compiling…, and why it failed when rustc never ran).
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            text += &line;
+            text.push('\n');
+        }
+        text
+    });
+    let mut diagnostics = Vec::new();
+    let mut executable = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.map_err(io_err("reading cargo's output"))?;
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        match msg["reason"].as_str() {
+            Some("compiler-message") => {
+                if let Some(d) = diagnostic(&msg["message"]) {
+                    diagnostics.push(d);
+                }
+            }
+            Some("compiler-artifact") if msg["target"]["name"] == "train" => {
+                if let Some(exe) = msg["executable"].as_str() {
+                    executable = Some(PathBuf::from(exe));
+                }
+            }
+            _ => {}
+        }
+    }
+    let status = child.wait().map_err(io_err("waiting for cargo"))?;
+    let cargo_stderr = stderr.join().unwrap_or_default();
+    match (status.success(), executable) {
+        (true, Some(exe)) => Ok(BuildOutput::Built(exe)),
+        _ if !diagnostics.is_empty() => Ok(BuildOutput::Failed(diagnostics)),
+        _ => {
+            // No rustc error to show: cargo failed on its own (lock file, registry, toolchain).
+            let tail: Vec<&str> = cargo_stderr.lines().rev().take(20).collect();
+            let text = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+            Ok(BuildOutput::Failed(vec![Diagnostic {
+                file: String::new(),
+                line: 0,
+                column: 0,
+                message: "cargo build failed".into(),
+                rendered: text,
+            }]))
+        }
+    }
+}
+
+/// An error-level rustc diagnostic with its primary span.
+fn diagnostic(message: &serde_json::Value) -> Option<Diagnostic> {
+    if message["level"] != "error" {
+        return None;
+    }
+    let spans = message["spans"].as_array()?;
+    let span = spans
+        .iter()
+        .find(|s| s["is_primary"] == true)
+        .or(spans.first())?;
+    Some(Diagnostic {
+        file: span["file_name"].as_str()?.to_string(),
+        line: span["line_start"].as_u64()? as usize,
+        column: span["column_start"].as_u64().unwrap_or(0) as usize,
+        message: message["message"].as_str()?.to_string(),
+        rendered: message["rendered"].as_str().unwrap_or_default().to_string(),
+    })
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
