@@ -150,3 +150,22 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
     );
     assert!(!root.path().join("cache/manifest.json").exists());
 }
+
+#[test]
+fn train_without_prepared_data_says_to_prepare() {
+    let root = tempfile::tempdir().unwrap();
+    // Run from inside this checkout, with an empty cache.
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(autoresearch_tests::autoresearch_bin())
+        .args(["train", "--device", "cpu", "--cache"])
+        .arg(root.path().join("empty-cache"))
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("run `autoresearch prepare` first"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod prepare_cmd;
+mod train_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Make the data: download or generate documents, train the tokenizer, encode both splits.
     Prepare(prepare_cmd::PrepareArgs),
+    /// Build train/ and run it once on the prepared data, under the harness's clock and checks.
+    Train(train_cmd::TrainArgs),
 }
 
 /// The data cache: `--cache`, else `$AUTORESEARCH_CACHE`, else `~/.cache/autoresearch`.
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Prepare(args) => prepare_cmd::run(args),
+        Command::Train(args) => train_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
