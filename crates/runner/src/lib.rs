@@ -185,10 +185,9 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
     std::fs::create_dir_all(&exp.run_dir).map_err(io_err("creating the run directory"))?;
     let t = Instant::now();
     // Checkouts share the target dir, and so the path cargo leaves the binary at: build and take
-    // a private copy of it under one lock.
-    static BUILD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // a private copy of it under a file lock (other harness processes included).
     let built = {
-        let _guard = BUILD_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = lock_file(&exp.target_dir.join("runner.lock"))?;
         match build_train(&exp.repo, &exp.target_dir, exp.device)? {
             BuildOutput::Built(exe) => {
                 let private = exp.run_dir.join("train-bin");
@@ -281,6 +280,23 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
             run_seconds,
         )),
     }
+}
+
+/// An exclusive `flock` on `path`, held until the returned file is dropped.
+fn lock_file(path: &Path) -> Result<std::fs::File, RunnerError> {
+    use std::os::fd::AsRawFd;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err("creating the target dir"))?;
+    }
+    let file =
+        std::fs::File::create(path).map_err(io_err(format!("opening {}", path.display())))?;
+    // SAFETY: a plain syscall on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io_err("locking the target dir")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
 }
 
 fn describe(status: &std::process::ExitStatus) -> String {

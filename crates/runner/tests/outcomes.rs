@@ -264,3 +264,71 @@ fn secrets_do_not_reach_the_run_and_floods_stay_capped() {
         .expect("an omission marker");
     assert!(omitted > 2_000_000_000, "{omitted}");
 }
+
+/// Not a test on its own: the harness process that `killing_the_harness_kills_the_run` starts
+/// (this test binary again) and kills.
+#[test]
+fn harness_for_the_kill_test() {
+    if std::env::var_os("RUNNER_TEST_HARNESS").is_none() {
+        return;
+    }
+    let s = Scenario::new(
+        program("    loop { std::thread::sleep(std::time::Duration::from_millis(100)) }"),
+        300.0,
+    );
+    let _ = runner::run(&s.exp, &mut |_| {});
+}
+
+/// `(ppid, name)` of a process from /proc, `None` once it is gone or a zombie.
+fn proc_stat(pid: u32) -> Option<(u32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+    let mut fields = rest.split(' ');
+    let state = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    (state != "Z").then(|| (ppid, name.to_string()))
+}
+
+#[test]
+fn killing_the_harness_kills_the_run() {
+    let mut harness = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "harness_for_the_kill_test",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RUNNER_TEST_HARNESS", "1")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hp = harness.id();
+    let start = std::time::Instant::now();
+    let run_pid = loop {
+        let found = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|&pid| {
+                proc_stat(pid).is_some_and(|(ppid, name)| ppid == hp && name == "train-bin")
+            });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the harness never started a run"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(hp as i32, libc::SIGKILL) };
+    harness.wait().unwrap();
+    let t = std::time::Instant::now();
+    while proc_stat(run_pid).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the run {run_pid} outlived its harness"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
