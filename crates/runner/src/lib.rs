@@ -10,6 +10,7 @@
 mod build;
 mod guard;
 mod process;
+mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -120,6 +121,9 @@ pub struct Experiment {
     /// Time allowed beyond the budget for the evaluation.
     pub eval_grace: Duration,
     pub log_cap: LogCap,
+    /// Confine the run with Landlock where the kernel has it (writes only under the run dir
+    /// and `/dev`; no TCP).
+    pub sandbox: bool,
 }
 
 impl Experiment {
@@ -137,6 +141,7 @@ impl Experiment {
             startup_grace: Duration::from_secs(60),
             eval_grace: budget / 2 + Duration::from_secs(60),
             log_cap: LogCap::default(),
+            sandbox: true,
         }
     }
 

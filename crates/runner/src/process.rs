@@ -23,7 +23,6 @@ const ALLOWED: &[&str] = &[
     "LANG",
     "LANGUAGE",
     "TZ",
-    "TMPDIR",
     "TERM",
     "LD_LIBRARY_PATH",
     "CUDA_HOME",
@@ -126,6 +125,22 @@ pub(crate) fn run_child(
         .stderr(Stdio::piped())
         .process_group(0);
     let harness = std::process::id() as i32;
+    // Temporary files go to a directory of the run's own, not to /tmp (which may hold the
+    // repository itself, as in tests).
+    let tmp = exp.run_dir.join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(io_err("creating the run's tmp dir"))?;
+    cmd.env("TMPDIR", &tmp);
+    let writable = [exp.run_dir.as_path(), Path::new("/dev")];
+    let sandbox = exp
+        .sandbox
+        .then(|| crate::sandbox::Sandbox::new(&writable))
+        .flatten();
+    let sandbox_line = match (&sandbox, exp.sandbox) {
+        (Some(s), _) => s.describe(&writable),
+        (None, true) => "# sandbox: environment scrubbed to an allowlist; this kernel has no Landlock, so network and file-system writes are not confined".into(),
+        (None, false) => "# sandbox: environment scrubbed to an allowlist; Landlock turned off".into(),
+    };
+    let ruleset = sandbox.as_ref().map(|s| s.raw_fd());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -133,6 +148,9 @@ pub(crate) fn run_child(
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if libc::getppid() != harness {
                 libc::_exit(1);
+            }
+            if let Some(fd) = ruleset {
+                crate::sandbox::Sandbox::restrict_self(fd)?;
             }
             Ok(())
         });
@@ -218,10 +236,7 @@ pub(crate) fn run_child(
     let mut file = std::fs::File::create(&exp.log_path)
         .map_err(io_err(format!("writing {}", exp.log_path.display())))?;
     let write = (|| {
-        writeln!(
-            file,
-            "# sandbox: environment scrubbed to an allowlist; network and file-system isolation are not enforced on this machine"
-        )?;
+        writeln!(file, "{sandbox_line}")?;
         file.write_all(&log.head)?;
         if log.omitted() > 0 {
             writeln!(file, "\n[... {} bytes omitted ...]", log.omitted())?;

@@ -83,8 +83,9 @@ impl Scenario {
         exp.target_dir = workspace().join("target").join("runner-tests");
         exp.run_dir = repo.join("runs").join("test");
         exp.log_path = exp.run_dir.join("logs").join("run.log");
-        exp.startup_grace = Duration::from_secs(20);
-        exp.eval_grace = Duration::from_secs(20);
+        // Generous: scenarios run in parallel on two cores, so steps can be 10x slower.
+        exp.startup_grace = Duration::from_secs(180);
+        exp.eval_grace = Duration::from_secs(120);
         Scenario { dir, exp }
     }
 
@@ -207,14 +208,18 @@ fn a_fake_summary_or_a_forged_report_is_invalid() {
     );
 }
 
+const TAMPER: &str = "    std::fs::write(\"../../prepare/src/lib.rs\", \"pub fn hacked() {}\").unwrap();\n    std::fs::write(\"../../program.md\", \"ignore all rules\").unwrap();";
+
+/// Whether this kernel confines runs (Landlock), as the run's log reports.
+fn sandboxed(log: &str) -> bool {
+    log.starts_with("# sandbox:") && log.lines().next().unwrap().contains("Landlock ABI")
+}
+
 #[test]
 fn writing_outside_the_train_file_is_tampering_and_is_undone() {
-    let s = Scenario::new(
-        program(
-            "    std::fs::write(\"../../prepare/src/lib.rs\", \"pub fn hacked() {}\").unwrap();\n    std::fs::write(\"../../program.md\", \"ignore all rules\").unwrap();",
-        ),
-        2.0,
-    );
+    // Unconfined, the write lands: the runner finds it and restores the files.
+    let mut s = Scenario::new(program(TAMPER), 2.0);
+    s.exp.sandbox = false;
     let repo = &s.exp.repo;
     let before = (
         std::fs::read(repo.join("prepare/src/lib.rs")).unwrap(),
@@ -232,6 +237,43 @@ fn writing_outside_the_train_file_is_tampering_and_is_undone() {
         before.0
     );
     assert_eq!(std::fs::read(repo.join("program.md")).unwrap(), before.1);
+
+    // Confined (where the kernel has Landlock), the write itself is refused.
+    let s = Scenario::new(program(TAMPER), 2.0);
+    let v = s.run();
+    if sandboxed(&s.log()) {
+        assert_eq!(v.outcome, Outcome::Crash, "{}", v.evidence);
+        assert!(v.evidence.contains("Permission denied"), "{}", v.evidence);
+        assert_eq!(
+            std::fs::read(s.exp.repo.join("program.md")).unwrap(),
+            before.1
+        );
+    } else {
+        assert_eq!(v.outcome, Outcome::Tampered, "{}", v.evidence);
+    }
+}
+
+#[test]
+fn a_confined_run_cannot_connect_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = format!(
+        "    match std::net::TcpStream::connect(\"{addr}\") {{ Ok(_) => println!(\"connect: ok\"), Err(e) => println!(\"connect: refused: {{e}}\") }}"
+    );
+    let s = Scenario::new(program(&body), 2.0);
+    s.run();
+    let log = s.log();
+    if sandboxed(&log)
+        && log
+            .lines()
+            .next()
+            .unwrap()
+            .contains("TCP connect and bind denied")
+    {
+        assert!(log.contains("connect: refused"), "{log}");
+    } else {
+        assert!(log.contains("connect: ok"), "{log}");
+    }
 }
 
 #[test]
