@@ -22,6 +22,10 @@ pub struct TrainArgs {
     cache: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Run without Landlock confinement (writes anywhere, network allowed). The environment is
+    /// still scrubbed and the tracked files still guarded.
+    #[arg(long)]
+    no_sandbox: bool,
 }
 
 /// The repository holding the train file: the current directory or one above it.
@@ -58,6 +62,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .map_or(0, |d| d.as_secs());
     let mut exp = Experiment::new(&repo, &cache, device, budget);
     exp.seed = args.seed;
+    exp.sandbox = !args.no_sandbox;
     exp.run_dir = repo.join("runs").join("train");
     exp.log_path = exp.run_dir.join("logs").join(format!("{stamp}.log"));
     println!(
