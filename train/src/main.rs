@@ -71,23 +71,15 @@ const H100: Hyper = Hyper {
     final_lr_frac: 0.0,
 };
 
-/// CPU scale: learns the builtin corpus in tens of seconds on two cores.
+/// CPU scale: learns the builtin corpus in tens of seconds on two cores. Rates and schedules
+/// are the H100 block's.
 const TINY: Hyper = Hyper {
     depth: 4,
     aspect_ratio: 32,
     head_dim: 32,
-    window_pattern: "SSSL",
     total_batch_size: 8 * 256,
     device_batch_size: 8,
-    embedding_lr: 0.6,
-    unembedding_lr: 0.004,
-    matrix_lr: 0.04,
-    scalar_lr: 0.5,
-    weight_decay: 0.2,
-    adam_betas: (0.8, 0.95),
-    warmup_ratio: 0.0,
-    warmdown_ratio: 0.5,
-    final_lr_frac: 0.0,
+    ..H100
 };
 
 const SOFTCAP: f64 = 15.0;

@@ -176,14 +176,14 @@ pub const CLOCK_TOLERANCE_S: f64 = 0.5;
 pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, RunnerError> {
     let manifest = Manifest::load(&exp.cache)?;
     let snapshot = Snapshot::take(&exp.repo)?;
-    let verdict = |outcome, evidence: String, build_seconds, run_seconds| Verdict {
+    let verdict = |outcome, evidence: String| Verdict {
         outcome,
         report: None,
         evidence,
         diagnostics: Vec::new(),
         log_path: exp.log_path.clone(),
-        build_seconds,
-        run_seconds,
+        build_seconds: 0.0,
+        run_seconds: 0.0,
         pgid: None,
     };
 
@@ -213,7 +213,8 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
                 .join("\n");
             return Ok(Verdict {
                 diagnostics,
-                ..verdict(Outcome::CompileError, evidence, build_seconds, 0.0)
+                build_seconds,
+                ..verdict(Outcome::CompileError, evidence)
             });
         }
     };
@@ -225,12 +226,14 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         }
         _ => {}
     }
-    let child = process::run_child(exp, &exe, &report_path, on_line)?;
-    let run_seconds = child.wall.as_secs_f64();
-    let verdict = |outcome, evidence, build_seconds, run_seconds| Verdict {
+    let child = process::run_child(exp, &manifest.preset.name, &exe, &report_path, on_line)?;
+    let verdict = |outcome, evidence| Verdict {
+        build_seconds,
+        run_seconds: child.wall.as_secs_f64(),
         pgid: Some(child.pgid),
-        ..verdict(outcome, evidence, build_seconds, run_seconds)
+        ..verdict(outcome, evidence)
     };
+    let tail = last_lines(&child.tail, 40);
 
     // Whatever else happened, files outside the train file must be as they were.
     let restored = snapshot.restore_changes()?;
@@ -239,50 +242,28 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
             "changed files outside {TRAIN_FILE} (restored): {}",
             restored.join(", ")
         );
-        return Ok(verdict(
-            Outcome::Tampered,
-            evidence,
-            build_seconds,
-            run_seconds,
-        ));
+        return Ok(verdict(Outcome::Tampered, evidence));
     }
     if child.timed_out {
         let evidence = format!(
-            "killed after {:.0}s (budget {:.0}s + grace); last output:\n{}",
-            run_seconds,
+            "killed after {:.0}s (budget {:.0}s + grace); last output:\n{tail}",
+            child.wall.as_secs_f64(),
             exp.budget.as_secs_f64(),
-            last_lines(&child.tail, 40)
         );
-        return Ok(verdict(
-            Outcome::Timeout,
-            evidence,
-            build_seconds,
-            run_seconds,
-        ));
+        return Ok(verdict(Outcome::Timeout, evidence));
     }
     if !child.status.success() {
-        let evidence = format!(
-            "{}; last output:\n{}",
-            describe(&child.status),
-            last_lines(&child.tail, 40)
-        );
-        return Ok(verdict(
-            Outcome::Crash,
-            evidence,
-            build_seconds,
-            run_seconds,
-        ));
+        let evidence = format!("{}; last output:\n{tail}", describe(&child.status));
+        return Ok(verdict(Outcome::Crash, evidence));
     }
     match check_report(&report_path, &manifest, &child, exp) {
         Ok(report) => Ok(Verdict {
             report: Some(report),
-            ..verdict(Outcome::Ok, String::new(), build_seconds, run_seconds)
+            ..verdict(Outcome::Ok, String::new())
         }),
         Err(why) => Ok(verdict(
             Outcome::InvalidReport,
-            format!("{why}; last output:\n{}", last_lines(&child.tail, 40)),
-            build_seconds,
-            run_seconds,
+            format!("{why}; last output:\n{tail}"),
         )),
     }
 }

@@ -99,6 +99,7 @@ pub struct ChildRun {
 
 pub(crate) fn run_child(
     exp: &Experiment,
+    preset: &str,
     exe: &Path,
     report: &Path,
     on_line: &mut dyn FnMut(&str),
@@ -111,10 +112,7 @@ pub(crate) fn run_child(
         }
     }
     cmd.env(env::CACHE, &exp.cache)
-        .env(
-            env::PRESET,
-            prepare::Manifest::load(&exp.cache)?.preset.name,
-        )
+        .env(env::PRESET, preset)
         .env(env::DEVICE, exp.device.as_str())
         .env(env::TIME_BUDGET, format!("{}", exp.budget.as_secs_f64()))
         .env(env::REPORT, report)
