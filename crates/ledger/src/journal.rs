@@ -1,0 +1,115 @@
+//! `journal.jsonl`: the session's full record, one JSON event per line, appended and synced
+//! before git moves. It is the source of truth: results.tsv, notes and refs are redone from it
+//! on resume.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LedgerError, io_err};
+
+/// The session's settings, written once when it starts, so resume and replay use the same.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionMeta {
+    pub tag: String,
+    /// The commit the session branched from.
+    pub base: String,
+    pub preset: String,
+    pub device: String,
+    pub budget_s: f64,
+    pub seed: u64,
+    /// The proposer: `sweep`, or the LLM's provider/model.
+    pub agent: String,
+    pub started_unix: u64,
+}
+
+/// An experiment committed and about to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Begin {
+    pub index: usize,
+    pub hash: String,
+    pub parent: String,
+    pub description: String,
+    pub rationale: String,
+    pub started_unix: u64,
+}
+
+/// What an experiment came to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Finish {
+    /// The runner's outcome: ok, compile_error, crash, timeout, invalid_report, tampered,
+    /// or interrupted (Ctrl-C).
+    pub outcome: String,
+    pub val_bpb: Option<f64>,
+    pub memory_gb: f64,
+    /// The run's summary block as JSON (absent unless the run reported).
+    pub summary: Option<serde_json::Value>,
+    pub build_seconds: f64,
+    pub run_seconds: f64,
+    /// The run's log, relative to the repository.
+    pub log: Option<String>,
+    /// Why it failed, in a few lines (empty when ok).
+    pub evidence: String,
+    /// The proposer's spend on this experiment (LLM agents only).
+    pub tokens_in: Option<u64>,
+    pub tokens_out: Option<u64>,
+    pub cost_usd: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct End {
+    pub index: usize,
+    pub hash: String,
+    pub status: crate::Status,
+    pub finished_unix: u64,
+    #[serde(flatten)]
+    pub finish: Finish,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Session(SessionMeta),
+    Begin(Begin),
+    End(End),
+}
+
+/// Appends one event and syncs it to disk before returning.
+pub fn append(path: &Path, event: &Event) -> Result<(), LedgerError> {
+    let mut line = serde_json::to_string(event).expect("events serialise");
+    line.push('\n');
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    file.write_all(line.as_bytes())
+        .and_then(|()| file.sync_data())
+        .map_err(io_err(format!("appending to {}", path.display())))
+}
+
+/// Reads every event. A torn last line (a kill mid-write) is ignored: its event never happened.
+pub fn read(path: &Path) -> Result<Vec<Event>, LedgerError> {
+    let text =
+        std::fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut events = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(event) => events.push(event),
+            Err(_) if n + 1 == lines.len() && !text.ends_with('\n') => break,
+            Err(e) => {
+                return Err(LedgerError::Journal(format!(
+                    "{}:{}: {e}",
+                    path.display(),
+                    n + 1
+                )));
+            }
+        }
+    }
+    Ok(events)
+}

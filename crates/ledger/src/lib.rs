@@ -1,0 +1,660 @@
+//! The experiment ledger, on git.
+//!
+//! A session `TAG` works on branch `autoresearch/TAG`. Each experiment is committed before it
+//! runs (its hash names its code), its metrics attach afterwards as a note under
+//! `refs/notes/autoresearch`, and a discarded or crashed experiment's commit stays reachable under
+//! `refs/autoresearch/TAG/discarded/HASH` while the branch moves back. `runs/TAG/journal.jsonl`
+//! is written and synced before git moves, so a kill at any instant resumes to a consistent
+//! state; `runs/TAG/results.tsv` is redone from it.
+
+pub mod journal;
+pub mod keep;
+pub mod results;
+mod worktree;
+
+use std::path::{Path, PathBuf};
+
+use git2::{Oid, Repository, Signature, build::TreeUpdateBuilder};
+use serde::{Deserialize, Serialize};
+
+pub use journal::{Begin, End, Event, Finish, SessionMeta};
+pub use keep::{KeepRule, StrictImprovement};
+pub use results::ResultRow;
+pub use worktree::Worktree;
+
+/// The one file experiments change.
+pub const TRAIN_FILE: &str = "train/src/main.rs";
+pub const NOTES_REF: &str = "refs/notes/autoresearch";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("git: {0}")]
+    Git(#[from] git2::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the working tree has uncommitted changes: {}\ncommit or stash them (`git stash -u`) first: a session commits each experiment and must not sweep your edits into them",
+        .0.join(", ")
+    )]
+    Dirty(Vec<String>),
+    #[error(
+        "session `{0}` already exists (branch autoresearch/{0}): add --resume to go on with it, or pick another --tag"
+    )]
+    SessionExists(String),
+    #[error("no session `{tag}` in {root}: `autoresearch run --tag {tag}` starts one{known}")]
+    NoSession {
+        tag: String,
+        root: String,
+        known: String,
+    },
+    #[error("`{0}` is not a usable tag: use letters, digits, `.`, `_` and `-` (e.g. nov23)")]
+    BadTag(String),
+    #[error("no experiment matches `{0}`: `autoresearch results` lists every experiment's hash")]
+    UnknownHash(String),
+    #[error("`{0}` matches several experiments: give more of the hash")]
+    AmbiguousHash(String),
+    #[error("journal: {0}")]
+    Journal(String),
+    #[error("results: {0}")]
+    Results(String),
+    #[error("{0}")]
+    State(String),
+}
+
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LedgerError {
+    let what = what.into();
+    move |source| LedgerError::Io { what, source }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Keep,
+    Discard,
+    Crash,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Keep => "keep",
+            Status::Discard => "discard",
+            Status::Crash => "crash",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "keep" => Some(Status::Keep),
+            "discard" => Some(Status::Discard),
+            "crash" => Some(Status::Crash),
+            _ => None,
+        }
+    }
+}
+
+/// One experiment: committed (`begin`), and finished unless it is the one in flight.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Record {
+    #[serde(flatten)]
+    pub begin: Begin,
+    pub end: Option<End>,
+}
+
+impl Record {
+    pub fn status(&self) -> Option<Status> {
+        self.end.as_ref().map(|e| e.status)
+    }
+
+    pub fn val_bpb(&self) -> Option<f64> {
+        self.end.as_ref().and_then(|e| e.finish.val_bpb)
+    }
+
+    pub fn short(&self) -> &str {
+        &self.begin.hash[..7.min(self.begin.hash.len())]
+    }
+
+    pub fn result_row(&self) -> Option<ResultRow> {
+        let end = self.end.as_ref()?;
+        Some(ResultRow {
+            commit: self.short().to_string(),
+            val_bpb: end.finish.val_bpb,
+            memory_gb: end.finish.memory_gb,
+            status: end.status,
+            description: self.begin.description.clone(),
+        })
+    }
+}
+
+/// A session as its journal tells it.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub meta: SessionMeta,
+    pub records: Vec<Record>,
+    pub dir: PathBuf,
+}
+
+impl Session {
+    pub fn load(root: &Path, tag: &str) -> Result<Session, LedgerError> {
+        let dir = session_dir(root, tag);
+        let path = dir.join("journal.jsonl");
+        if !path.is_file() {
+            let known = list_sessions(root);
+            return Err(LedgerError::NoSession {
+                tag: tag.to_string(),
+                root: root.display().to_string(),
+                known: if known.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (sessions here: {})", known.join(", "))
+                },
+            });
+        }
+        let mut meta = None;
+        let mut records: Vec<Record> = Vec::new();
+        for event in journal::read(&path)? {
+            match event {
+                Event::Session(m) => meta = Some(m),
+                Event::Begin(b) => records.push(Record {
+                    begin: b,
+                    end: None,
+                }),
+                Event::End(e) => match records.iter_mut().find(|r| r.begin.hash == e.hash) {
+                    Some(r) => r.end = Some(e),
+                    None => {
+                        return Err(LedgerError::Journal(format!(
+                            "{}: an end for {} that never began",
+                            path.display(),
+                            e.hash
+                        )));
+                    }
+                },
+            }
+        }
+        let meta = meta
+            .ok_or_else(|| LedgerError::Journal(format!("{}: no session line", path.display())))?;
+        Ok(Session { meta, records, dir })
+    }
+
+    /// The kept experiments, oldest first.
+    pub fn kept(&self) -> Vec<&Record> {
+        self.records
+            .iter()
+            .filter(|r| r.status() == Some(Status::Keep))
+            .collect()
+    }
+
+    pub fn best(&self) -> Option<&Record> {
+        self.kept()
+            .into_iter()
+            .filter(|r| r.val_bpb().is_some())
+            .min_by(|a, b| a.val_bpb().partial_cmp(&b.val_bpb()).expect("finite"))
+    }
+
+    /// The experiment committed but not finished (a kill mid-run), if any.
+    pub fn pending(&self) -> Option<&Record> {
+        self.records.last().filter(|r| r.end.is_none())
+    }
+
+    pub fn result_rows(&self) -> Vec<ResultRow> {
+        self.records.iter().filter_map(Record::result_row).collect()
+    }
+
+    pub fn find(&self, prefix: &str) -> Vec<&Record> {
+        let prefix = prefix.to_ascii_lowercase();
+        self.records
+            .iter()
+            .filter(|r| r.begin.hash.starts_with(&prefix))
+            .collect()
+    }
+}
+
+pub fn session_dir(root: &Path, tag: &str) -> PathBuf {
+    root.join("runs").join(tag)
+}
+
+/// Tags with a journal under `runs/`, most recently active last.
+pub fn list_sessions(root: &Path) -> Vec<String> {
+    let mut found: Vec<(std::time::SystemTime, String)> = std::fs::read_dir(root.join("runs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let modified = e
+                .path()
+                .join("journal.jsonl")
+                .metadata()
+                .ok()?
+                .modified()
+                .ok()?;
+            Some((modified, e.file_name().to_string_lossy().into_owned()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, tag)| tag).collect()
+}
+
+/// Finds an experiment by hash prefix across every session in `runs/`.
+pub fn find_experiment(root: &Path, prefix: &str) -> Result<(Session, Record), LedgerError> {
+    if prefix.len() < 4 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(LedgerError::UnknownHash(prefix.to_string()));
+    }
+    let mut hits = Vec::new();
+    for tag in list_sessions(root) {
+        let session = Session::load(root, &tag)?;
+        for r in session.find(prefix) {
+            hits.push((session.clone(), r.clone()));
+        }
+    }
+    match hits.len() {
+        0 => Err(LedgerError::UnknownHash(prefix.to_string())),
+        1 => Ok(hits.remove(0)),
+        _ => Err(LedgerError::AmbiguousHash(prefix.to_string())),
+    }
+}
+
+fn check_tag(tag: &str) -> Result<(), LedgerError> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 64
+        && !tag.starts_with(['.', '-'])
+        && !tag.ends_with(".lock")
+        && !tag.contains("..")
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::BadTag(tag.to_string()))
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The author of experiment commits: the user's git identity, or ours when none is set.
+fn signature(repo: &Repository) -> Result<Signature<'static>, LedgerError> {
+    match repo.signature() {
+        Ok(sig) => Ok(sig.to_owned()),
+        Err(_) => Ok(Signature::now("autoresearch", "autoresearch@localhost")?),
+    }
+}
+
+/// Paths that differ from HEAD (tracked changes and untracked files, ignored ones aside).
+pub fn dirty_paths(repo: &Repository) -> Result<Vec<String>, LedgerError> {
+    let mut opts = git2::StatusOptions::new();
+    opts.include_untracked(true)
+        .include_ignored(false)
+        .recurse_untracked_dirs(true);
+    Ok(repo
+        .statuses(Some(&mut opts))?
+        .iter()
+        .filter(|s| !s.status().is_ignored() && s.status() != git2::Status::CURRENT)
+        .filter_map(|s| s.path().map(str::to_string))
+        .collect())
+}
+
+/// A session open for writing: the branch is checked out and every change goes through here.
+pub struct Ledger {
+    repo: Repository,
+    root: PathBuf,
+    session: Session,
+}
+
+impl Ledger {
+    /// Starts session `meta.tag` on a new branch from HEAD. Refuses a dirty tree or a tag
+    /// already used, before touching anything.
+    pub fn start(root: &Path, mut meta: SessionMeta) -> Result<Ledger, LedgerError> {
+        check_tag(&meta.tag)?;
+        let repo = Repository::open(root)?;
+        let dirty = dirty_paths(&repo)?;
+        if !dirty.is_empty() {
+            return Err(LedgerError::Dirty(dirty));
+        }
+        let branch = branch_name(&meta.tag);
+        let dir = session_dir(root, &meta.tag);
+        if repo.find_reference(&format!("refs/heads/{branch}")).is_ok()
+            || dir.join("journal.jsonl").exists()
+        {
+            return Err(LedgerError::SessionExists(meta.tag.clone()));
+        }
+        let head = repo.head().and_then(|h| h.peel_to_commit()).map_err(|_| {
+            LedgerError::State("the repository has no commit yet: commit the project first".into())
+        })?;
+        std::fs::create_dir_all(dir.join("logs"))
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        meta.base = head.id().to_string();
+        meta.started_unix = now_unix();
+        journal::append(&dir.join("journal.jsonl"), &Event::Session(meta.clone()))?;
+        repo.branch(&branch, &head, false)?;
+        drop(head);
+        repo.set_head(&format!("refs/heads/{branch}"))?;
+        tracing::info!(
+            "session {} on branch {branch} from {}",
+            meta.tag,
+            &meta.base[..7]
+        );
+        Ok(Ledger {
+            repo,
+            root: root.to_path_buf(),
+            session: Session {
+                meta,
+                records: Vec::new(),
+                dir,
+            },
+        })
+    }
+
+    /// Reopens session `tag` after an interruption: redoes the git side of the last finished
+    /// experiment, puts the branch on the experiment in flight (if any: `pending()` tells the
+    /// caller to run it again), and the train file back to the branch's.
+    pub fn resume(root: &Path, tag: &str) -> Result<Ledger, LedgerError> {
+        check_tag(tag)?;
+        let journal_path = session_dir(root, tag).join("journal.jsonl");
+        if journal_path.is_file() {
+            repair_torn_tail(&journal_path)?;
+        }
+        let session = Session::load(root, tag)?;
+        let repo = Repository::open(root)?;
+        let branch = format!("refs/heads/{}", branch_name(tag));
+        if repo.find_reference(&branch).is_err() {
+            return Err(LedgerError::State(format!(
+                "runs/{tag} exists but branch {} does not: it was deleted; move runs/{tag} aside to start afresh",
+                branch_name(tag)
+            )));
+        }
+        // The train file may hold a proposal that never got committed; anything else is the user's.
+        let dirty: Vec<String> = dirty_paths(&repo)?
+            .into_iter()
+            .filter(|p| p != TRAIN_FILE)
+            .collect();
+        if !dirty.is_empty() {
+            return Err(LedgerError::Dirty(dirty));
+        }
+        repo.set_head(&branch)?;
+        let ledger = Ledger {
+            repo,
+            root: root.to_path_buf(),
+            session,
+        };
+        if let Some(last) = ledger
+            .session
+            .records
+            .iter()
+            .rev()
+            .find_map(|r| r.end.clone())
+        {
+            ledger.apply_end(&last)?;
+        }
+        if let Some(pending) = ledger.session.pending().cloned() {
+            let tip = ledger.tip()?;
+            let hash = Oid::from_str(&pending.begin.hash)?;
+            if tip != hash {
+                if tip.to_string() != pending.begin.parent {
+                    return Err(LedgerError::State(format!(
+                        "branch {} is at {tip}, neither experiment {} nor its parent: it was moved by hand",
+                        branch_name(tag),
+                        pending.begin.hash
+                    )));
+                }
+                ledger.set_branch(hash, "autoresearch: resume experiment")?;
+            }
+        }
+        ledger.restore_train_file()?;
+        ledger.write_results()?;
+        Ok(ledger)
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.session.dir
+    }
+
+    /// The branch tip: the last kept experiment, or the one in flight.
+    pub fn tip(&self) -> Result<Oid, LedgerError> {
+        let r = self.repo.find_reference(&format!(
+            "refs/heads/{}",
+            branch_name(&self.session.meta.tag)
+        ))?;
+        Ok(r.peel_to_commit()?.id())
+    }
+
+    /// The train file as committed at `hash`.
+    pub fn train_file_at(&self, hash: Oid) -> Result<Vec<u8>, LedgerError> {
+        file_at(&self.repo, hash, TRAIN_FILE)
+    }
+
+    /// The experiment whose train file is exactly `content`, if one was run in this session.
+    pub fn tried(&self, content: &[u8]) -> Result<Option<&Record>, LedgerError> {
+        let blob = Oid::hash_object(git2::ObjectType::Blob, content)?;
+        for r in &self.session.records {
+            let commit = self.repo.find_commit(Oid::from_str(&r.begin.hash)?)?;
+            if commit.tree()?.get_path(Path::new(TRAIN_FILE))?.id() == blob {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Commits the work tree's train file as the next experiment and moves the branch onto it.
+    /// The journal line is synced before the branch moves.
+    pub fn begin(&mut self, description: &str, rationale: &str) -> Result<Begin, LedgerError> {
+        if let Some(p) = self.session.pending() {
+            return Err(LedgerError::State(format!(
+                "experiment {} is still in flight: finish it first",
+                p.begin.hash
+            )));
+        }
+        let parent = self.repo.find_commit(self.tip()?)?;
+        let path = self.root.join(TRAIN_FILE);
+        let content =
+            std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        let blob = self.repo.blob(&content)?;
+        let mut update = TreeUpdateBuilder::new();
+        update.upsert(TRAIN_FILE, blob, git2::FileMode::Blob);
+        let tree = self
+            .repo
+            .find_tree(update.create_updated(&self.repo, &parent.tree()?)?)?;
+        let description = description.trim();
+        let message = if rationale.trim().is_empty() {
+            format!("{description}\n")
+        } else {
+            format!("{description}\n\n{}\n", rationale.trim())
+        };
+        let sig = signature(&self.repo)?;
+        let oid = self
+            .repo
+            .commit(None, &sig, &sig, &message, &tree, &[&parent])?;
+        let begin = Begin {
+            index: self.session.records.len(),
+            hash: oid.to_string(),
+            parent: parent.id().to_string(),
+            description: description.to_string(),
+            rationale: rationale.trim().to_string(),
+            started_unix: now_unix(),
+        };
+        journal::append(&self.journal_path(), &Event::Begin(begin.clone()))?;
+        self.session.records.push(Record {
+            begin: begin.clone(),
+            end: None,
+        });
+        self.set_branch(oid, &format!("autoresearch: experiment {}", begin.index))?;
+        Ok(begin)
+    }
+
+    /// Records how the experiment in flight ended and moves git accordingly: kept, the branch
+    /// stays; otherwise the commit goes under `refs/autoresearch/TAG/discarded/` and the branch
+    /// and train file go back to its parent.
+    pub fn finish(&mut self, finish: Finish, status: Status) -> Result<End, LedgerError> {
+        let Some(pending) = self.session.pending().cloned() else {
+            return Err(LedgerError::State("no experiment in flight".into()));
+        };
+        let status = if finish.outcome == "ok" {
+            status
+        } else {
+            Status::Crash
+        };
+        let end = End {
+            index: pending.begin.index,
+            hash: pending.begin.hash.clone(),
+            status,
+            finished_unix: now_unix(),
+            finish,
+        };
+        journal::append(&self.journal_path(), &Event::End(end.clone()))?;
+        self.session.records.last_mut().expect("pending exists").end = Some(end.clone());
+        self.apply_end(&end)?;
+        self.write_results()?;
+        Ok(end)
+    }
+
+    /// Puts the branch's train file back in the work tree (and the index), dropping any edit.
+    pub fn restore_train_file(&self) -> Result<(), LedgerError> {
+        let tip = self.repo.find_commit(self.tip()?)?;
+        let content = file_at(&self.repo, tip.id(), TRAIN_FILE)?;
+        let path = self.root.join(TRAIN_FILE);
+        if std::fs::read(&path).ok().as_deref() != Some(&content[..]) {
+            std::fs::write(&path, &content)
+                .map_err(io_err(format!("restoring {}", path.display())))?;
+        }
+        let mut index = self.repo.index()?;
+        index.read_tree(&tip.tree()?)?;
+        index.write()?;
+        Ok(())
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.session.dir.join("journal.jsonl")
+    }
+
+    fn set_branch(&self, oid: Oid, why: &str) -> Result<(), LedgerError> {
+        let name = format!("refs/heads/{}", branch_name(&self.session.meta.tag));
+        self.repo.reference(&name, oid, true, why)?;
+        self.restore_train_file()
+    }
+
+    /// The git side of a finished experiment; safe to repeat.
+    fn apply_end(&self, end: &End) -> Result<(), LedgerError> {
+        let oid = Oid::from_str(&end.hash)?;
+        let sig = signature(&self.repo)?;
+        self.repo.note(
+            &sig,
+            &sig,
+            Some(NOTES_REF),
+            oid,
+            &note_text(&self.session.meta.tag, end),
+            true,
+        )?;
+        if end.status != Status::Keep {
+            let name = format!(
+                "refs/autoresearch/{}/discarded/{}",
+                self.session.meta.tag, end.hash
+            );
+            self.repo
+                .reference(&name, oid, true, "autoresearch: discarded")?;
+            if self.tip()? == oid {
+                let parent = self.repo.find_commit(oid)?.parent_id(0)?;
+                self.set_branch(parent, "autoresearch: revert")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_results(&self) -> Result<(), LedgerError> {
+        results::write(
+            &self.session.dir.join("results.tsv"),
+            &self.session.result_rows(),
+        )
+    }
+}
+
+pub fn branch_name(tag: &str) -> String {
+    format!("autoresearch/{tag}")
+}
+
+/// The note attached to an experiment commit: `key: value` lines, for `git log --notes=autoresearch`.
+fn note_text(tag: &str, end: &End) -> String {
+    let f = &end.finish;
+    let mut text = format!(
+        "session: {tag}\nexperiment: {}\nstatus: {}\noutcome: {}\n",
+        end.index,
+        end.status.as_str(),
+        f.outcome
+    );
+    if let Some(v) = f.val_bpb {
+        text += &format!("val_bpb: {v:.6}\n");
+    }
+    text += &format!("memory_gb: {:.1}\n", f.memory_gb);
+    if let Some(serde_json::Value::Object(summary)) = &f.summary {
+        for key in [
+            "training_seconds",
+            "num_steps",
+            "total_tokens_M",
+            "mfu_percent",
+        ] {
+            if let Some(v) = summary.get(key) {
+                text += &format!("{key}: {v}\n");
+            }
+        }
+    }
+    if let Some(cost) = f.cost_usd {
+        text += &format!("cost_usd: {cost:.4}\n");
+    }
+    text
+}
+
+/// A file's bytes at a commit.
+pub fn file_at(repo: &Repository, commit: Oid, path: &str) -> Result<Vec<u8>, LedgerError> {
+    let tree = repo.find_commit(commit)?.tree()?;
+    let entry = tree.get_path(Path::new(path))?;
+    Ok(repo.find_blob(entry.id())?.content().to_vec())
+}
+
+/// The unified diff of an experiment's commit against its parent.
+pub fn diff_against_parent(root: &Path, hash: &str) -> Result<String, LedgerError> {
+    let repo = Repository::open(root)?;
+    let commit = repo.find_commit(Oid::from_str(hash)?)?;
+    let parent = commit.parent(0)?;
+    let diff = repo.diff_tree_to_tree(Some(&parent.tree()?), Some(&commit.tree()?), None)?;
+    let mut out = String::new();
+    diff.print(git2::DiffFormat::Patch, |_, _, line| {
+        if matches!(line.origin(), '+' | '-' | ' ') {
+            out.push(line.origin());
+        }
+        out.push_str(&String::from_utf8_lossy(line.content()));
+        true
+    })?;
+    Ok(out)
+}
+
+/// A journal whose last line was cut by a kill: drop the fragment so the next append starts
+/// on a line of its own.
+fn repair_torn_tail(path: &Path) -> Result<(), LedgerError> {
+    let bytes = std::fs::read(path).map_err(io_err(format!("reading {}", path.display())))?;
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    tracing::warn!("{}: dropping a torn last line", path.display());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    file.set_len(keep as u64)
+        .and_then(|()| file.sync_data())
+        .map_err(io_err(format!("repairing {}", path.display())))
+}
