@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod clock;
 mod prepare_cmd;
+mod review_cmd;
+mod run_cmd;
 mod train_cmd;
 
 #[derive(Parser)]
@@ -25,6 +28,22 @@ enum Command {
     Prepare(prepare_cmd::PrepareArgs),
     /// Build train/ and run it once on the prepared data, under the harness's clock and checks.
     Train(train_cmd::TrainArgs),
+    /// The research loop: a proposer changes train/src/main.rs, each change is trained and kept
+    /// or reverted as a git commit on branch autoresearch/TAG.
+    Run(run_cmd::RunArgs),
+    /// The whole loop on CPU with builtin data and the sweep proposer, in a temporary copy of
+    /// the repository (a few minutes, no API key).
+    Demo(run_cmd::DemoArgs),
+    /// The kept experiments of a session, with their gains, and its totals.
+    Log(review_cmd::LogArgs),
+    /// Every experiment of a session, or of any results.tsv.
+    Results(review_cmd::ResultsArgs),
+    /// One experiment by hash: outcome, figures, diff against its parent, log tail.
+    Show(review_cmd::ShowArgs),
+    /// Runs one experiment again by hash, in a temporary worktree, and reports the drift.
+    Replay(review_cmd::ReplayArgs),
+    /// Draws a session's (or a results.tsv's) progress as a PNG.
+    Plot(review_cmd::PlotArgs),
 }
 
 /// The data cache: `--cache`, else `$AUTORESEARCH_CACHE`, else `~/.cache/autoresearch`.
@@ -45,6 +64,13 @@ fn main() -> std::process::ExitCode {
     let result: Result<()> = match cli.command {
         Command::Prepare(args) => prepare_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
+        Command::Run(args) => run_cmd::run(args),
+        Command::Demo(args) => run_cmd::demo(args),
+        Command::Log(args) => review_cmd::log(args),
+        Command::Results(args) => review_cmd::results(args),
+        Command::Show(args) => review_cmd::show(args),
+        Command::Replay(args) => review_cmd::replay(args),
+        Command::Plot(args) => review_cmd::plot(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

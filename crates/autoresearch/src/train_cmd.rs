@@ -28,6 +28,38 @@ pub struct TrainArgs {
     no_sandbox: bool,
 }
 
+/// A bar for one experiment: building, then training progress and loss from the step lines.
+pub fn training_bar() -> ProgressBar {
+    let bar = ProgressBar::new(1000).with_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {percent:>3}% {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("building");
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Moves the bar on a line the train binary printed.
+pub fn show_training_line(bar: &ProgressBar, line: &str) {
+    // Step lines: "step 00012 (41.3%) | loss: 2.1 | …".
+    if let Some(rest) = line.strip_prefix("step ") {
+        if let Some(pct) = rest
+            .split('(')
+            .nth(1)
+            .and_then(|r| r.split('%').next())
+            .and_then(|p| p.parse::<f64>().ok())
+        {
+            bar.set_position((pct * 10.0) as u64);
+        }
+        let loss = rest.split(" | ").nth(1).unwrap_or_default();
+        bar.set_message(loss.to_string());
+    } else if line.starts_with("---") {
+        bar.set_position(1000);
+        bar.set_message("evaluating");
+    }
+}
+
 /// The repository holding the train file: the current directory or one above it.
 pub fn find_repo() -> Result<PathBuf> {
     let cwd = std::env::current_dir()?;
@@ -74,31 +106,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         exp.log_path.display()
     );
 
-    let bar = ProgressBar::new(1000).with_style(
-        ProgressStyle::with_template("{spinner} [{bar:30}] {percent:>3}% {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message("building");
-    bar.enable_steady_tick(Duration::from_millis(200));
-    let verdict = runner::run(&exp, &mut |line| {
-        // Step lines: "step 00012 (41.3%) | loss: 2.1 | …".
-        if let Some(rest) = line.strip_prefix("step ") {
-            if let Some(pct) = rest
-                .split('(')
-                .nth(1)
-                .and_then(|r| r.split('%').next())
-                .and_then(|p| p.parse::<f64>().ok())
-            {
-                bar.set_position((pct * 10.0) as u64);
-            }
-            let loss = rest.split(" | ").nth(1).unwrap_or_default();
-            bar.set_message(loss.to_string());
-        } else if line.starts_with("---") {
-            bar.set_position(1000);
-            bar.set_message("evaluating");
-        }
-    })?;
+    let bar = training_bar();
+    let verdict = runner::run(&exp, &mut |line| show_training_line(&bar, line))?;
     bar.finish_and_clear();
 
     println!(

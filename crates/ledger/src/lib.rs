@@ -658,3 +658,15 @@ fn repair_torn_tail(path: &Path) -> Result<(), LedgerError> {
         .and_then(|()| file.sync_data())
         .map_err(io_err(format!("repairing {}", path.display())))
 }
+
+/// Clones the repository at `src` (its HEAD) into `dest`, which must not exist or be empty.
+pub fn clone_local(src: &Path, dest: &Path) -> Result<(), LedgerError> {
+    if dest.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+        return Err(LedgerError::State(format!(
+            "{} is not empty: pick a new directory",
+            dest.display()
+        )));
+    }
+    git2::build::RepoBuilder::new().clone(&src.to_string_lossy(), dest)?;
+    Ok(())
+}

@@ -8,7 +8,7 @@ use crate::{LedgerError, Status, io_err};
 pub const HEADER: &str = "commit\tval_bpb\tmemory_gb\tstatus\tdescription";
 
 /// One row of a results file.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ResultRow {
     pub commit: String,
     /// `None` for crashes (written as 0.000000, as the original does).

@@ -41,8 +41,22 @@ pub enum RunnerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("interrupted")]
+    Interrupted,
     #[error("{0}")]
     Other(String),
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks the run in progress (and any later one) to stop: its process group is killed and
+/// [`run`] returns [`RunnerError::Interrupted`]. Async-signal-safe: a SIGINT handler may call it.
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunnerError {
@@ -203,6 +217,10 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         }
     };
     let build_seconds = t.elapsed().as_secs_f64();
+    // A Ctrl-C at the terminal reaches cargo too: its failure is the interruption, not the code's.
+    if interrupted() {
+        return Err(RunnerError::Interrupted);
+    }
     let exe = match built {
         BuildOutput::Built(exe) => exe,
         BuildOutput::Failed(diagnostics) => {
@@ -226,7 +244,14 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         }
         _ => {}
     }
-    let child = process::run_child(exp, &manifest.preset.name, &exe, &report_path, on_line)?;
+    let child = match process::run_child(exp, &manifest.preset.name, &exe, &report_path, on_line)
+    {
+        Err(RunnerError::Interrupted) => {
+            snapshot.restore_changes()?;
+            return Err(RunnerError::Interrupted);
+        }
+        child => child?,
+    };
     let verdict = |outcome, evidence| Verdict {
         build_seconds,
         run_seconds: child.wall.as_secs_f64(),
@@ -266,6 +291,19 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
             format!("{why}; last output:\n{tail}"),
         )),
     }
+}
+
+/// Builds the checkout's train file without running it: the compiler's errors, none if it builds.
+pub fn check(exp: &Experiment) -> Result<Vec<Diagnostic>, RunnerError> {
+    let _lock = lock_file(&exp.target_dir.join("runner.lock"))?;
+    let built = build_train(&exp.repo, &exp.target_dir, exp.device)?;
+    if interrupted() {
+        return Err(RunnerError::Interrupted);
+    }
+    Ok(match built {
+        BuildOutput::Built(_) => Vec::new(),
+        BuildOutput::Failed(diagnostics) => diagnostics,
+    })
 }
 
 /// An exclusive `flock` on `path`, held until the returned file is dropped.

@@ -210,6 +210,12 @@ pub(crate) fn run_child(
         if let Some(status) = child.try_wait().map_err(io_err("waiting for the run"))? {
             break status;
         }
+        if crate::interrupted() {
+            // SAFETY: plain syscall; a negative pid names the process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(RunnerError::Interrupted);
+        }
         if Instant::now() >= deadline {
             timed_out = true;
             // SAFETY: plain syscall; a negative pid names the process group.

@@ -1,0 +1,392 @@
+//! The morning review: `log`, `results`, `show`, `replay`, `plot`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use ledger::{Record, ResultRow, Session, Status};
+use serde_json::json;
+
+use crate::train_cmd::{find_repo, show_training_line, training_bar};
+
+/// The session to review: `--tag`, else the one most recently active.
+fn resolve_tag(repo: &Path, tag: Option<String>) -> Result<String> {
+    match tag {
+        Some(t) => Ok(t),
+        None => ledger::list_sessions(repo).pop().context(
+            "no session in runs/ yet: `autoresearch run --tag NAME` starts one, `autoresearch demo` shows the loop",
+        ),
+    }
+}
+
+#[derive(Args)]
+pub struct LogArgs {
+    /// Session [default: the latest].
+    #[arg(long)]
+    tag: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+struct Totals {
+    experiments: usize,
+    kept: usize,
+    discarded: usize,
+    crashed: usize,
+}
+
+fn totals(s: &Session) -> Totals {
+    let count = |st| s.records.iter().filter(|r| r.status() == Some(st)).count();
+    Totals {
+        experiments: s.records.len(),
+        kept: count(Status::Keep),
+        discarded: count(Status::Discard),
+        crashed: count(Status::Crash),
+    }
+}
+
+pub fn log(args: LogArgs) -> Result<()> {
+    let repo = find_repo()?;
+    let tag = resolve_tag(&repo, args.tag)?;
+    if args.json {
+        let s = Session::load(&repo, &tag)?;
+        let kept = s.kept();
+        let baseline = kept.first().and_then(|r| r.val_bpb());
+        let mut prev = None;
+        let chain: Vec<_> = kept
+            .iter()
+            .map(|r| {
+                let v = r.val_bpb();
+                let row = json!({
+                    "index": r.begin.index,
+                    "hash": r.begin.hash,
+                    "val_bpb": v,
+                    "delta_prev": v.zip(prev).map(|(a, b)| a - b),
+                    "delta_baseline": v.zip(baseline).map(|(a, b)| a - b),
+                    "description": r.begin.description,
+                    "finished_unix": r.end.as_ref().map(|e| e.finished_unix),
+                });
+                prev = v;
+                row
+            })
+            .collect();
+        let t = totals(&s);
+        let best = s.best();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "session": s.meta,
+                "kept": chain,
+                "totals": {
+                    "experiments": t.experiments, "kept": t.kept, "discarded": t.discarded,
+                    "crashed": t.crashed,
+                    "best_val_bpb": best.and_then(Record::val_bpb),
+                    "best_hash": best.map(|r| r.begin.hash.clone()),
+                    "cost_usd": cost(&s),
+                },
+            }))?
+        );
+        return Ok(());
+    }
+    print_log(&repo, &tag)
+}
+
+fn cost(s: &Session) -> Option<f64> {
+    let costs: Vec<f64> = s
+        .records
+        .iter()
+        .filter_map(|r| r.end.as_ref()?.finish.cost_usd)
+        .collect();
+    (!costs.is_empty()).then(|| costs.iter().sum())
+}
+
+/// The kept chain and the session's totals, as a table.
+pub fn print_log(repo: &Path, tag: &str) -> Result<()> {
+    let s = Session::load(repo, tag)?;
+    let m = &s.meta;
+    println!(
+        "Session {} ({}, preset {}, {}, {:.0}s budget): branch autoresearch/{}",
+        m.tag, m.agent, m.preset, m.device, m.budget_s, m.tag
+    );
+    println!(
+        "  {:>4}  {:<7}  {:>9}  {:>9}  {:>9}  {:>5}  description",
+        "#", "commit", "val_bpb", "Δprev", "Δbase", "time"
+    );
+    let kept = s.kept();
+    let baseline = kept.first().and_then(|r| r.val_bpb());
+    let mut prev: Option<f64> = None;
+    let delta = |a: Option<f64>, b: Option<f64>| match a.zip(b) {
+        Some((a, b)) => format!("{:+.6}", a - b),
+        None => "-".into(),
+    };
+    for r in &kept {
+        let v = r.val_bpb();
+        println!(
+            "  {:>4}  {:<7}  {:>9}  {:>9}  {:>9}  {:>5}  {}",
+            r.begin.index,
+            r.short(),
+            v.map_or("-".into(), |v| format!("{v:.6}")),
+            delta(v, prev),
+            delta(v, baseline),
+            r.end.as_ref().map_or("-".into(), |e| crate::clock::hh_mm(e.finished_unix)),
+            r.begin.description
+        );
+        prev = v;
+    }
+    let t = totals(&s);
+    let mut line = format!(
+        "{} experiments: {} kept, {} discarded, {} crashed",
+        t.experiments, t.kept, t.discarded, t.crashed
+    );
+    if let Some(best) = s.best() {
+        let v = best.val_bpb().expect("best has a value");
+        line += &format!("; best {v:.6} ({})", best.short());
+        if let Some(b) = baseline {
+            line += &format!(", {:+.2}% vs baseline", 100.0 * (v - b) / b);
+        }
+    }
+    if let Some(c) = cost(&s) {
+        line += &format!("; spent ${c:.2}");
+    }
+    if s.pending().is_some() {
+        line += "; one experiment was interrupted (`autoresearch run --resume` re-runs it)";
+    }
+    println!("{line}");
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ResultsArgs {
+    /// Session [default: the latest].
+    #[arg(long)]
+    tag: Option<String>,
+    /// Read a results.tsv instead (any, the original's included).
+    #[arg(long, conflicts_with = "tag")]
+    file: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn results(args: ResultsArgs) -> Result<()> {
+    if let Some(file) = args.file {
+        let rows = ledger::results::read(&file)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print_rows(&rows);
+        }
+        return Ok(());
+    }
+    let repo = find_repo()?;
+    let s = Session::load(&repo, &resolve_tag(&repo, args.tag)?)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s.records)?);
+        return Ok(());
+    }
+    println!(
+        "  {:>4}  {:<7}  {:>9}  {:>6}  {:<8}  {:<14}  description",
+        "#", "commit", "val_bpb", "mem_gb", "status", "outcome"
+    );
+    for r in &s.records {
+        let (status, outcome, mem) = match &r.end {
+            Some(e) => (e.status.as_str(), e.finish.outcome.as_str(), e.finish.memory_gb),
+            None => ("-", "in flight", 0.0),
+        };
+        println!(
+            "  {:>4}  {:<7}  {:>9}  {:>6.1}  {:<8}  {:<14}  {}",
+            r.begin.index,
+            r.short(),
+            r.val_bpb().map_or("-".into(), |v| format!("{v:.6}")),
+            mem,
+            status,
+            outcome,
+            r.begin.description
+        );
+    }
+    Ok(())
+}
+
+fn print_rows(rows: &[ResultRow]) {
+    println!("  {:>4}  {:<8}  {:>9}  {:>6}  {:<8}  description", "#", "commit", "val_bpb", "mem_gb", "status");
+    for (i, r) in rows.iter().enumerate() {
+        println!(
+            "  {:>4}  {:<8}  {:>9}  {:>6.1}  {:<8}  {}",
+            i,
+            r.commit,
+            r.val_bpb.map_or("-".into(), |v| format!("{v:.6}")),
+            r.memory_gb,
+            r.status.as_str(),
+            r.description
+        );
+    }
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// The experiment's commit hash (7 characters or more are enough).
+    hash: String,
+    #[arg(long)]
+    json: bool,
+}
+
+fn log_tail(repo: &Path, r: &Record, lines: usize) -> String {
+    r.end
+        .as_ref()
+        .and_then(|e| e.finish.log.as_ref())
+        .and_then(|log| std::fs::read_to_string(repo.join(log)).ok())
+        .map(|text| runner::last_lines(&text, lines))
+        .unwrap_or_default()
+}
+
+pub fn show(args: ShowArgs) -> Result<()> {
+    let repo = find_repo()?;
+    let (s, r) = ledger::find_experiment(&repo, &args.hash)?;
+    let diff = ledger::diff_against_parent(&repo, &r.begin.hash)?;
+    let tail = log_tail(&repo, &r, 20);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "session": s.meta.tag, "experiment": r, "diff": diff, "log_tail": tail,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("session {}\n{}", s.meta.tag, session::describe(&r));
+    if let Some(e) = &r.end {
+        if let Some(summary) = &e.finish.summary {
+            println!("summary: {summary}");
+        }
+        println!(
+            "build {:.1}s, run {:.1}s{}",
+            e.finish.build_seconds,
+            e.finish.run_seconds,
+            e.finish.log.as_ref().map_or(String::new(), |l| format!(", log {l}"))
+        );
+    }
+    println!("\ndiff against its parent {}:\n{diff}", &r.begin.parent[..7]);
+    if !tail.is_empty() {
+        println!("log tail:\n{tail}");
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// The experiment's commit hash.
+    hash: String,
+    /// Data cache [default: $AUTORESEARCH_CACHE or ~/.cache/autoresearch].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    #[arg(long)]
+    no_sandbox: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn replay(args: ReplayArgs) -> Result<()> {
+    let repo = find_repo()?;
+    let cache = crate::cache_dir(args.cache);
+    let bar = training_bar();
+    let replay = session::replay(
+        &repo,
+        &args.hash,
+        &cache,
+        &session::default_target_dir(&repo),
+        !args.no_sandbox,
+        &mut |line| show_training_line(&bar, line),
+    )?;
+    bar.finish_and_clear();
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.6}"));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "session": replay.tag,
+                "hash": replay.record.begin.hash,
+                "outcome": replay.verdict.outcome.as_str(),
+                "recorded_val_bpb": replay.recorded,
+                "replayed_val_bpb": replay.replayed(),
+                "drift": replay.drift(),
+                "log": replay.verdict.log_path,
+            }))?
+        );
+    } else {
+        println!(
+            "replay of {} ({}, session {}): {}",
+            replay.record.short(),
+            replay.record.begin.description,
+            replay.tag,
+            replay.verdict.outcome.as_str()
+        );
+        println!("  recorded val_bpb: {}", fmt(replay.recorded));
+        println!("  replayed val_bpb: {}", fmt(replay.replayed()));
+        if let Some(d) = replay.drift() {
+            let rel = replay.recorded.map_or(0.0, |r| 100.0 * d / r);
+            println!("  drift:            {d:+.6} ({rel:+.2}%)");
+        }
+        println!("  log: {}", replay.verdict.log_path.display());
+        if replay.verdict.outcome != runner::Outcome::Ok {
+            println!("{}", replay.verdict.evidence);
+        }
+    }
+    if replay.verdict.outcome != runner::Outcome::Ok {
+        bail!("the replay ended in {}", replay.verdict.outcome.as_str());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PlotArgs {
+    /// Session [default: the latest].
+    #[arg(long)]
+    tag: Option<String>,
+    /// Plot a results.tsv instead (any, the original's included).
+    #[arg(long, conflicts_with = "tag")]
+    file: Option<PathBuf>,
+    /// The PNG to write [default: runs/TAG/progress.png, or FILE's name with .png].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn points(rows: &[ResultRow]) -> Vec<plot::Point> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| plot::Point {
+            index: i,
+            val_bpb: r.val_bpb,
+            status: match r.status {
+                Status::Keep => plot::Status::Keep,
+                Status::Discard => plot::Status::Discard,
+                Status::Crash => plot::Status::Crash,
+            },
+            label: r.description.clone(),
+        })
+        .collect()
+}
+
+pub fn plot_session(repo: &Path, tag: &str, out: &Path) -> Result<()> {
+    let s = Session::load(repo, tag)?;
+    plot::render_png(&points(&s.result_rows()), &format!("autoresearch: session {tag}"), out)?;
+    Ok(())
+}
+
+pub fn plot(args: PlotArgs) -> Result<()> {
+    let out = if let Some(file) = &args.file {
+        let rows = ledger::results::read(file)?;
+        let out = args.out.clone().unwrap_or_else(|| file.with_extension("png"));
+        let name = file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        plot::render_png(&points(&rows), &format!("autoresearch: {name}"), &out)?;
+        out
+    } else {
+        let repo = find_repo()?;
+        let tag = resolve_tag(&repo, args.tag)?;
+        let out = args
+            .out
+            .unwrap_or_else(|| ledger::session_dir(&repo, &tag).join("progress.png"));
+        plot_session(&repo, &tag, &out)?;
+        out
+    };
+    println!("Wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! `autoresearch run` (the loop) and `autoresearch demo` (the loop on the embedded default, in a
+//! temporary copy of the repository).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::ProgressBar;
+use runner::Device;
+use session::{Progress, Settings, Stop};
+
+use crate::train_cmd::{find_repo, show_training_line, training_bar};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Session name: branch autoresearch/TAG, results in runs/TAG [default: today, e.g. nov23].
+    #[arg(long)]
+    tag: Option<String>,
+    /// Who proposes the experiments: `sweep` (one hyperparameter step at a time, no LLM).
+    #[arg(long, default_value = "sweep")]
+    agent: String,
+    /// Stop once the session holds this many experiments (the baseline counts).
+    #[arg(long)]
+    max_experiments: Option<usize>,
+    /// Start no experiment after this: a local time HH:MM, or a duration like 8h or 90m.
+    #[arg(long)]
+    until: Option<String>,
+    /// Training budget per experiment in seconds [default: the prepared preset's].
+    #[arg(long)]
+    budget: Option<f64>,
+    /// Go on with session TAG after Ctrl-C, a kill or a reboot [default TAG: the latest session].
+    #[arg(long)]
+    resume: bool,
+    /// cpu, cuda, or auto (cuda when `nvidia-smi` finds a GPU).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Data cache [default: $AUTORESEARCH_CACHE or ~/.cache/autoresearch].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Run experiments without Landlock confinement (the environment is still scrubbed and the
+    /// tracked files still guarded).
+    #[arg(long)]
+    no_sandbox: bool,
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::detect(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda,
+        other => bail!("--device must be cpu, cuda or auto, not `{other}`"),
+    })
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let repo = find_repo()?;
+    let tag = match (&args.tag, args.resume) {
+        (Some(tag), _) => tag.clone(),
+        (None, true) => ledger::list_sessions(&repo)
+            .pop()
+            .context("no session to resume in runs/: start one with `autoresearch run --tag NAME`")?,
+        (None, false) => crate::clock::today_tag(),
+    };
+    let settings = Settings {
+        target_dir: session::default_target_dir(&repo),
+        repo,
+        tag,
+        cache: crate::cache_dir(args.cache),
+        device: parse_device(&args.device)?,
+        budget: args.budget.map(Duration::from_secs_f64),
+        seed: args.seed,
+        sandbox: !args.no_sandbox,
+        max_experiments: args.max_experiments,
+        until: args.until.as_deref().map(crate::clock::parse_until).transpose()?,
+        resume: args.resume,
+    };
+    let mut proposer = proposer(&args.agent)?;
+    run_session(&settings, proposer.as_mut())?;
+    println!();
+    crate::review_cmd::print_log(&settings.repo, &settings.tag)?;
+    println!(
+        "\nNext: `autoresearch plot --tag {0}` draws the progress, `autoresearch show HASH` shows one experiment, `autoresearch run --tag {0} --resume` goes on.",
+        settings.tag
+    );
+    Ok(())
+}
+
+fn proposer(name: &str) -> Result<Box<dyn workbench::Proposer>> {
+    match name {
+        "sweep" => Ok(Box::new(workbench::sweep::Sweep)),
+        other => bail!("unknown --agent `{other}`: the agent available is `sweep`"),
+    }
+}
+
+/// Runs the loop with a line per experiment and a bar for the one in progress.
+fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> Result<Stop> {
+    session::install_interrupt_handler();
+    println!(
+        "Session {} ({}) in {}: branch autoresearch/{}, results in runs/{}/. Ctrl-C stops cleanly.",
+        settings.tag,
+        if settings.resume { "resumed" } else { "new" },
+        settings.repo.display(),
+        settings.tag,
+        settings.tag
+    );
+    let mut bar: Option<ProgressBar> = None;
+    let stop = session::run(settings, proposer, &mut |p| match p {
+        Progress::Started(begin) => {
+            println!("#{:<3} {}  {}", begin.index, &begin.hash[..7], begin.description);
+            bar = Some(training_bar());
+        }
+        Progress::Line(line) => {
+            if let Some(b) = &bar {
+                show_training_line(b, line);
+            }
+        }
+        Progress::Finished(record) => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            let end = record.end.as_ref().expect("finished");
+            let val = end
+                .finish
+                .val_bpb
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
+            println!(
+                "     -> {:<7} val_bpb {val}  ({}; build {:.0}s, run {:.0}s)",
+                end.status.as_str(),
+                end.finish.outcome,
+                end.finish.build_seconds,
+                end.finish.run_seconds
+            );
+            if end.finish.outcome != "ok" && end.finish.outcome != "interrupted" {
+                let first = end.finish.evidence.lines().next().unwrap_or_default();
+                println!("        {first}");
+            }
+        }
+        Progress::Abandoned(why) => println!("     -> abandoned: {why}"),
+    })?;
+    if let Some(b) = bar.take() {
+        b.finish_and_clear();
+    }
+    match &stop {
+        Stop::MaxExperiments => println!("Stopped: --max-experiments reached."),
+        Stop::Until => println!("Stopped: --until reached."),
+        Stop::Interrupted => println!(
+            "Interrupted: the train file is back to the kept state. `autoresearch run --tag {} --resume` goes on.",
+            settings.tag
+        ),
+        Stop::Exhausted(why) => println!("Stopped: {why}."),
+    }
+    Ok(stop)
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Experiments in the demo session (the baseline counts).
+    #[arg(long, default_value_t = 5)]
+    experiments: usize,
+    /// Training budget per experiment in seconds.
+    #[arg(long, default_value_t = 15.0)]
+    budget: f64,
+    /// Where the copy of the repository goes [default: a new directory under the temp dir].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// The whole loop on the embedded default: builtin data, tiny preset, CPU, the sweep proposer,
+/// in a copy of the repository so the user's tree is untouched.
+pub fn demo(args: DemoArgs) -> Result<()> {
+    let repo = find_repo()?;
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let dir = args
+        .dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("autoresearch-demo-{stamp}")));
+    println!("Copying the repository's HEAD to {} ...", dir.display());
+    ledger::clone_local(&repo, &dir)?;
+
+    // The demo's data lives apart from the user's, so a prepared h100 set is never replaced.
+    let cache = prepare::default_cache_dir().join("demo");
+    let opts = prepare::pipeline::PrepareOptions::new(
+        cache.clone(),
+        prepare::sources::Source::Builtin,
+        prepare::Preset::tiny(),
+    );
+    match prepare::pipeline::prepare(&opts)? {
+        prepare::pipeline::Outcome::UpToDate(_) => println!("Builtin data ready in {}.", cache.display()),
+        prepare::pipeline::Outcome::Prepared(..) => println!("Prepared the builtin data in {}.", cache.display()),
+    }
+    let settings = Settings {
+        // Experiments build into the original repository's target dir: candle compiles once.
+        target_dir: session::default_target_dir(&repo),
+        repo: dir.clone(),
+        tag: "demo".into(),
+        cache,
+        device: Device::Cpu,
+        budget: Some(Duration::from_secs_f64(args.budget)),
+        seed: 42,
+        sandbox: true,
+        max_experiments: Some(args.experiments),
+        until: None,
+        resume: false,
+    };
+    run_session(&settings, &mut workbench::sweep::Sweep)?;
+    println!();
+    crate::review_cmd::print_log(&dir, "demo")?;
+    let png = dir.join("runs/demo/progress.png");
+    crate::review_cmd::plot_session(&dir, "demo", &png)?;
+    println!("\nPlot: {}", png.display());
+    println!(
+        "The demo's repository is {}: `cd` there and try `autoresearch results`, `autoresearch show HASH`, `autoresearch replay HASH`.",
+        dir.display()
+    );
+    println!("Next, for real: `autoresearch prepare` (climbmix, h100) and `autoresearch run` on a GPU box.");
+    Ok(())
+}
+

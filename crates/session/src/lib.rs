@@ -1,0 +1,272 @@
+//! The research loop. A session runs the baseline, then asks its proposer for one experiment
+//! per episode; the proposer acts through the [`Workbench`](workbench::Workbench), the runner
+//! builds and runs, the keep rule decides, and the ledger records and moves git.
+
+mod bench;
+mod paths;
+mod replay;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use ledger::{Begin, Finish, KeepRule, Ledger, Record, SessionMeta, Status, StrictImprovement};
+use runner::{Device, Experiment, Outcome, RunnerError};
+use workbench::{Proposer, ProposerError};
+
+pub use bench::{Bench, describe};
+pub use paths::resolve_readable;
+pub use replay::{Replay, replay};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    #[error(transparent)]
+    Prepare(#[from] prepare::Error),
+    #[error("{0}")]
+    Proposer(String),
+    #[error("{0}")]
+    Settings(String),
+    #[error("{0}")]
+    Baseline(String),
+}
+
+/// Everything a session needs, from the CLI.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub repo: PathBuf,
+    pub tag: String,
+    pub cache: PathBuf,
+    pub device: Device,
+    /// Training budget; `None` = the prepared preset's.
+    pub budget: Option<Duration>,
+    pub seed: u64,
+    pub sandbox: bool,
+    /// Stop once the session holds this many experiments (the baseline included).
+    pub max_experiments: Option<usize>,
+    /// Start no experiment after this time.
+    pub until: Option<SystemTime>,
+    /// The experiments' cargo target dir (shared by every checkout).
+    pub target_dir: PathBuf,
+    pub resume: bool,
+}
+
+/// What the loop tells its caller as it goes.
+pub enum Progress<'a> {
+    Started(&'a Begin),
+    Line(&'a str),
+    Finished(&'a Record),
+    /// An episode ended without an experiment.
+    Abandoned(&'a str),
+}
+
+/// Why the session stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stop {
+    MaxExperiments,
+    Until,
+    Interrupted,
+    Exhausted(String),
+}
+
+/// A SIGINT handler that asks the run in progress to stop; a second Ctrl-C kills at once.
+pub fn install_interrupt_handler() {
+    extern "C" fn on_sigint(_: libc::c_int) {
+        runner::interrupt();
+    }
+    // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_RESETHAND;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
+    }
+}
+
+/// Starts (or resumes) the session and runs experiments until a stop condition.
+pub fn run(
+    settings: &Settings,
+    proposer: &mut dyn Proposer,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Stop, SessionError> {
+    let data = prepare::Dataset::open(&settings.cache)?;
+    let preset = data.preset();
+    let mut ledger = if settings.resume {
+        let ledger = Ledger::resume(&settings.repo, &settings.tag)?;
+        let meta = &ledger.session().meta;
+        if meta.preset != preset.name {
+            return Err(SessionError::Settings(format!(
+                "session {} ran on preset {}, but the prepared data is {}: `autoresearch prepare --preset {}` first",
+                meta.tag, meta.preset, preset.name, meta.preset
+            )));
+        }
+        ledger
+    } else {
+        let budget = settings
+            .budget
+            .unwrap_or(Duration::from_secs(preset.time_budget_s));
+        Ledger::start(
+            &settings.repo,
+            SessionMeta {
+                tag: settings.tag.clone(),
+                base: String::new(),
+                preset: preset.name.to_string(),
+                device: settings.device.as_str().into(),
+                budget_s: budget.as_secs_f64(),
+                seed: settings.seed,
+                agent: proposer.name(),
+                started_unix: 0,
+            },
+        )?
+    };
+    // A resumed session keeps its own budget, device and seed: its experiments stay comparable.
+    let meta = ledger.session().meta.clone();
+    let device = if meta.device == "cuda" { Device::Cuda } else { Device::Cpu };
+    let mut exp = Experiment::new(
+        &settings.repo,
+        &settings.cache,
+        device,
+        Duration::from_secs_f64(meta.budget_s),
+    );
+    exp.seed = meta.seed;
+    exp.sandbox = settings.sandbox;
+    exp.target_dir = settings.target_dir.clone();
+    exp.run_dir = ledger.dir().join("work");
+    let keep_rule = StrictImprovement;
+
+    let stop = loop {
+        if let Some(pending) = ledger.session().pending().cloned() {
+            // Killed mid-experiment: run the same commit again.
+            tracing::info!("re-running experiment {} ({}), interrupted last time", pending.begin.index, pending.short());
+            progress(Progress::Started(&pending.begin));
+            if run_pending(&mut ledger, &exp, &keep_rule, progress)? {
+                break Stop::Interrupted;
+            }
+            continue;
+        }
+        if runner::interrupted() {
+            break Stop::Interrupted;
+        }
+        if settings
+            .max_experiments
+            .is_some_and(|max| ledger.session().records.len() >= max)
+        {
+            break Stop::MaxExperiments;
+        }
+        if settings.until.is_some_and(|t| SystemTime::now() >= t) {
+            break Stop::Until;
+        }
+        if ledger.session().records.is_empty() {
+            ledger.restore_train_file()?;
+            let begin = ledger.begin("baseline", "the train file as the session found it")?;
+            progress(Progress::Started(&begin));
+            if run_pending(&mut ledger, &exp, &keep_rule, progress)? {
+                break Stop::Interrupted;
+            }
+            let baseline = ledger.session().records.last().expect("just ran");
+            if baseline.status() != Some(Status::Keep) {
+                let end = baseline.end.as_ref().expect("finished");
+                return Err(SessionError::Baseline(format!(
+                    "the baseline ({}) ended in {}: nothing can be compared with it. `autoresearch train` runs the train file alone to see why; fix it, commit, and start a new --tag.\n{}",
+                    baseline.short(),
+                    end.finish.outcome,
+                    end.finish.evidence
+                )));
+            }
+            continue;
+        }
+        let mut bench = Bench::new(&mut ledger, &exp, &keep_rule, progress);
+        let outcome = proposer.episode(&mut bench);
+        let ran = bench.ran();
+        drop(bench);
+        ledger.restore_train_file()?;
+        match outcome {
+            Ok(()) if ran => {}
+            Ok(()) => progress(Progress::Abandoned("the proposer ended its episode without running an experiment")),
+            Err(ProposerError::Exhausted(why)) => break Stop::Exhausted(why),
+            Err(ProposerError::Tool(workbench::ToolError::Interrupted)) => break Stop::Interrupted,
+            Err(e) => return Err(SessionError::Proposer(e.to_string())),
+        }
+        if runner::interrupted() {
+            break Stop::Interrupted;
+        }
+    };
+    ledger.restore_train_file()?;
+    Ok(stop)
+}
+
+/// Runs the experiment in flight and records it. True when it was interrupted.
+fn run_pending(
+    ledger: &mut Ledger,
+    exp: &Experiment,
+    keep_rule: &dyn KeepRule,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<bool, SessionError> {
+    let pending = ledger
+        .session()
+        .pending()
+        .cloned()
+        .expect("an experiment in flight");
+    let mut exp = exp.clone();
+    let log = ledger.dir().join("logs").join(format!("{}.log", pending.begin.hash));
+    exp.log_path = log.clone();
+    let rel_log = log
+        .strip_prefix(ledger.root())
+        .unwrap_or(&log)
+        .to_string_lossy()
+        .into_owned();
+    let (finish, interrupted) = match runner::run(&exp, &mut |line| progress(Progress::Line(line))) {
+        Ok(verdict) => {
+            let summary = verdict.report.as_ref().map(|r| &r.summary);
+            (
+                Finish {
+                    outcome: verdict.outcome.as_str().into(),
+                    val_bpb: summary.map(|s| s.val_bpb),
+                    memory_gb: summary.map_or(0.0, |s| s.peak_vram_mb / 1024.0),
+                    summary: summary.map(|s| serde_json::to_value(s).expect("serialisable")),
+                    build_seconds: verdict.build_seconds,
+                    run_seconds: verdict.run_seconds,
+                    log: Some(rel_log),
+                    evidence: verdict.evidence,
+                    ..Finish::default()
+                },
+                false,
+            )
+        }
+        Err(RunnerError::Interrupted) => (
+            Finish {
+                outcome: "interrupted".into(),
+                log: Some(rel_log),
+                evidence: "stopped by Ctrl-C".into(),
+                ..Finish::default()
+            },
+            true,
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let status = match finish.val_bpb {
+        Some(v) if finish.outcome == Outcome::Ok.as_str() => {
+            if keep_rule.keep(ledger.session(), v) { Status::Keep } else { Status::Discard }
+        }
+        _ => Status::Crash,
+    };
+    ledger.finish(finish, status)?;
+    let record = ledger.session().records.last().expect("just finished").clone();
+    progress(Progress::Finished(&record));
+    Ok(interrupted)
+}
+
+pub const TARGET_DIR_ENV: &str = "AUTORESEARCH_TARGET_DIR";
+
+/// Where experiments build: `$AUTORESEARCH_TARGET_DIR`, else the repository's
+/// `target/experiments` (apart from developers' builds, so neither waits on the other's lock).
+pub fn default_target_dir(repo: &Path) -> PathBuf {
+    match std::env::var_os(TARGET_DIR_ENV) {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => repo.join("target").join("experiments"),
+    }
+}
