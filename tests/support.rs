@@ -49,7 +49,10 @@ pub fn stderr(out: &Output) -> String {
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn git(repo: &Path, args: &[&str]) -> String {
@@ -71,7 +74,13 @@ pub fn git(repo: &Path, args: &[&str]) -> String {
 /// in one commit: the scenario a user starts a session from.
 pub fn project_copy(dest: &Path) {
     let listed = Command::new("git")
-        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
         .current_dir(workspace())
         .output()
         .expect("git ls-files");

@@ -26,14 +26,27 @@ impl Proposer for FreezeRates {
 
     fn episode(&mut self, bench: &mut dyn Workbench) -> Result<(), ProposerError> {
         // Reads: repository files yes, escapes and git internals no.
-        assert!(bench.read_file("prepare/src/lib.rs", Some((1, 3)))?.lines().count() == 3);
-        for bad in ["../outside", "/etc/passwd", ".git/config", "runs/x/journal.jsonl"] {
+        assert!(
+            bench
+                .read_file("prepare/src/lib.rs", Some((1, 3)))?
+                .lines()
+                .count()
+                == 3
+        );
+        for bad in [
+            "../outside",
+            "/etc/passwd",
+            ".git/config",
+            "runs/x/journal.jsonl",
+        ] {
             let e = bench.read_file(bad, None).unwrap_err();
             self.checks.push(format!("read {bad}: {e}"));
             assert!(matches!(e, ToolError::Refused(_)), "{bad}: {e}");
         }
         // An edit whose old text is absent says so and points at the nearest lines.
-        let e = bench.edit_train_file("    device_batch_size: 9,", "x").unwrap_err();
+        let e = bench
+            .edit_train_file("    device_batch_size: 9,", "x")
+            .unwrap_err();
         assert!(e.to_string().contains("device_batch_size: 8"), "{e}");
         // One that matches several times asks for more context.
         let e = bench.edit_train_file("const", "x").unwrap_err();
@@ -44,7 +57,11 @@ impl Proposer for FreezeRates {
         // A compile error is caught by the check, before any experiment.
         bench.edit_train_file(ANCHOR, &format!("{ANCHOR}\n    oops"))?;
         let check = bench.check()?;
-        assert!(!check.compiles && check.diagnostics.contains("main.rs"), "{}", check.diagnostics);
+        assert!(
+            !check.compiles && check.diagnostics.contains("main.rs"),
+            "{}",
+            check.diagnostics
+        );
         bench.write_train_file(&bench.train_file()?.replace("\n    oops", ""))?;
         assert!(bench.check()?.compiles);
         bench.edit_train_file(ANCHOR, FROZEN)?;
@@ -53,7 +70,10 @@ impl Proposer for FreezeRates {
         assert_eq!(report.outcome, "ok", "{}", report.evidence);
         assert_eq!(report.status, "discard");
         assert!(report.val_bpb.unwrap() > report.best_before.unwrap());
-        assert!(matches!(bench.run_experiment("again", ""), Err(ToolError::AlreadyRan)));
+        assert!(matches!(
+            bench.run_experiment("again", ""),
+            Err(ToolError::AlreadyRan)
+        ));
         assert!(bench.notes().contains("froze all rates"));
         Ok(())
     }
@@ -66,7 +86,16 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
     let cache = dir.path().join("cache");
     project_copy(&repo);
     let prep = Command::new(autoresearch_bin())
-        .args(["prepare", "--source", "builtin", "--preset", "tiny", "--builtin-mb", "1", "--cache"])
+        .args([
+            "prepare",
+            "--source",
+            "builtin",
+            "--preset",
+            "tiny",
+            "--builtin-mb",
+            "1",
+            "--cache",
+        ])
         .arg(&cache)
         .output()
         .unwrap();
@@ -113,20 +142,39 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
     let show = ar(&["show", discarded]);
     let text = stdout(&show);
     assert!(show.status.success(), "{}", stderr(&show));
-    assert!(text.contains("(discard)") && text.contains("+    matrix_lr: 0.0,"), "{text}");
+    assert!(
+        text.contains("(discard)") && text.contains("+    matrix_lr: 0.0,"),
+        "{text}"
+    );
 
     let head = git(&repo, &["rev-parse", "HEAD"]);
     let train = std::fs::read(repo.join("train/src/main.rs")).unwrap();
     let replay = ar(&["replay", discarded, "--json"]);
-    assert!(replay.status.success(), "{}\n{}", stdout(&replay), stderr(&replay));
+    assert!(
+        replay.status.success(),
+        "{}\n{}",
+        stdout(&replay),
+        stderr(&replay)
+    );
     let r: Value = serde_json::from_slice(&replay.stdout).unwrap();
     assert_eq!(r["outcome"], "ok");
     let drift = r["drift"].as_f64().expect("a drift figure");
     // With every rate at zero the weights never move: the replay must land on the same value.
     assert!(drift.abs() < 1e-4, "{r}");
-    assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head, "the user's HEAD is untouched");
-    assert_eq!(std::fs::read(repo.join("train/src/main.rs")).unwrap(), train);
+    assert_eq!(
+        git(&repo, &["rev-parse", "HEAD"]),
+        head,
+        "the user's HEAD is untouched"
+    );
+    assert_eq!(
+        std::fs::read(repo.join("train/src/main.rs")).unwrap(),
+        train
+    );
     assert_eq!(git(&repo, &["status", "--porcelain"]), "");
-    assert_eq!(git(&repo, &["worktree", "list"]).lines().count(), 1, "the replay worktree is gone");
+    assert_eq!(
+        git(&repo, &["worktree", "list"]).lines().count(),
+        1,
+        "the replay worktree is gone"
+    );
     assert!(!git(&repo, &["branch", "--list"]).contains("replay"));
 }

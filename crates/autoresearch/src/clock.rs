@@ -14,7 +14,9 @@ fn local(unix: i64) -> libc::tm {
 }
 
 fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Today as the original's tags read: `nov23`.
@@ -44,14 +46,18 @@ pub fn parse_until(s: &str) -> Result<SystemTime> {
         }
         let now = now_unix();
         let tm = local(now);
-        let since_midnight = i64::from(tm.tm_hour) * 3600 + i64::from(tm.tm_min) * 60 + i64::from(tm.tm_sec);
+        let since_midnight =
+            i64::from(tm.tm_hour) * 3600 + i64::from(tm.tm_min) * 60 + i64::from(tm.tm_sec);
         let mut wait = h * 3600 + m * 60 - since_midnight;
         if wait <= 0 {
             wait += 24 * 3600;
         }
         return Ok(SystemTime::now() + Duration::from_secs(wait as u64));
     }
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
     let Ok(n) = num.parse::<f64>() else {
         bail!("--until {s}: give a local time like 07:30 or a duration like 8h or 90m");
     };
@@ -70,9 +76,15 @@ mod tests {
 
     #[test]
     fn until_reads_durations_and_clock_times() {
-        let in_90m = parse_until("90m").unwrap().duration_since(SystemTime::now()).unwrap();
+        let in_90m = parse_until("90m")
+            .unwrap()
+            .duration_since(SystemTime::now())
+            .unwrap();
         assert!((in_90m.as_secs_f64() - 5400.0).abs() < 5.0);
-        let at = parse_until("07:30").unwrap().duration_since(SystemTime::now()).unwrap();
+        let at = parse_until("07:30")
+            .unwrap()
+            .duration_since(SystemTime::now())
+            .unwrap();
         assert!(at.as_secs() <= 24 * 3600);
         assert!(parse_until("25:00").is_err() && parse_until("soon").is_err());
         assert!(today_tag().len() >= 4);

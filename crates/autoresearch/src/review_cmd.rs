@@ -128,7 +128,9 @@ pub fn print_log(repo: &Path, tag: &str) -> Result<()> {
             v.map_or("-".into(), |v| format!("{v:.6}")),
             delta(v, prev),
             delta(v, baseline),
-            r.end.as_ref().map_or("-".into(), |e| crate::clock::hh_mm(e.finished_unix)),
+            r.end
+                .as_ref()
+                .map_or("-".into(), |e| crate::clock::hh_mm(e.finished_unix)),
             r.begin.description
         );
         prev = v;
@@ -189,7 +191,11 @@ pub fn results(args: ResultsArgs) -> Result<()> {
     );
     for r in &s.records {
         let (status, outcome, mem) = match &r.end {
-            Some(e) => (e.status.as_str(), e.finish.outcome.as_str(), e.finish.memory_gb),
+            Some(e) => (
+                e.status.as_str(),
+                e.finish.outcome.as_str(),
+                e.finish.memory_gb,
+            ),
             None => ("-", "in flight", 0.0),
         };
         println!(
@@ -207,7 +213,10 @@ pub fn results(args: ResultsArgs) -> Result<()> {
 }
 
 fn print_rows(rows: &[ResultRow]) {
-    println!("  {:>4}  {:<8}  {:>9}  {:>6}  {:<8}  description", "#", "commit", "val_bpb", "mem_gb", "status");
+    println!(
+        "  {:>4}  {:<8}  {:>9}  {:>6}  {:<8}  description",
+        "#", "commit", "val_bpb", "mem_gb", "status"
+    );
     for (i, r) in rows.iter().enumerate() {
         println!(
             "  {:>4}  {:<8}  {:>9}  {:>6.1}  {:<8}  {}",
@@ -261,10 +270,16 @@ pub fn show(args: ShowArgs) -> Result<()> {
             "build {:.1}s, run {:.1}s{}",
             e.finish.build_seconds,
             e.finish.run_seconds,
-            e.finish.log.as_ref().map_or(String::new(), |l| format!(", log {l}"))
+            e.finish
+                .log
+                .as_ref()
+                .map_or(String::new(), |l| format!(", log {l}"))
         );
     }
-    println!("\ndiff against its parent {}:\n{diff}", &r.begin.parent[..7]);
+    println!(
+        "\ndiff against its parent {}:\n{diff}",
+        &r.begin.parent[..7]
+    );
     if !tail.is_empty() {
         println!("log tail:\n{tail}");
     }
@@ -367,15 +382,24 @@ fn points(rows: &[ResultRow]) -> Vec<plot::Point> {
 
 pub fn plot_session(repo: &Path, tag: &str, out: &Path) -> Result<()> {
     let s = Session::load(repo, tag)?;
-    plot::render_png(&points(&s.result_rows()), &format!("autoresearch: session {tag}"), out)?;
+    plot::render_png(
+        &points(&s.result_rows()),
+        &format!("autoresearch: session {tag}"),
+        out,
+    )?;
     Ok(())
 }
 
 pub fn plot(args: PlotArgs) -> Result<()> {
     let out = if let Some(file) = &args.file {
         let rows = ledger::results::read(file)?;
-        let out = args.out.clone().unwrap_or_else(|| file.with_extension("png"));
-        let name = file.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| file.with_extension("png"));
+        let name = file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         plot::render_png(&points(&rows), &format!("autoresearch: {name}"), &out)?;
         out
     } else {

@@ -59,9 +59,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let repo = find_repo()?;
     let tag = match (&args.tag, args.resume) {
         (Some(tag), _) => tag.clone(),
-        (None, true) => ledger::list_sessions(&repo)
-            .pop()
-            .context("no session to resume in runs/: start one with `autoresearch run --tag NAME`")?,
+        (None, true) => ledger::list_sessions(&repo).pop().context(
+            "no session to resume in runs/: start one with `autoresearch run --tag NAME`",
+        )?,
         (None, false) => crate::clock::today_tag(),
     };
     let settings = Settings {
@@ -74,17 +74,25 @@ pub fn run(args: RunArgs) -> Result<()> {
         seed: args.seed,
         sandbox: !args.no_sandbox,
         max_experiments: args.max_experiments,
-        until: args.until.as_deref().map(crate::clock::parse_until).transpose()?,
+        until: args
+            .until
+            .as_deref()
+            .map(crate::clock::parse_until)
+            .transpose()?,
         resume: args.resume,
     };
     let mut proposer = proposer(&args.agent)?;
-    run_session(&settings, proposer.as_mut())?;
+    let stop = run_session(&settings, proposer.as_mut())?;
     println!();
     crate::review_cmd::print_log(&settings.repo, &settings.tag)?;
     println!(
         "\nNext: `autoresearch plot --tag {0}` draws the progress, `autoresearch show HASH` shows one experiment, `autoresearch run --tag {0} --resume` goes on.",
         settings.tag
     );
+    if stop == Stop::Interrupted {
+        // The shell's convention for a run stopped by SIGINT.
+        std::process::exit(130);
+    }
     Ok(())
 }
 
@@ -109,7 +117,12 @@ fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> R
     let mut bar: Option<ProgressBar> = None;
     let stop = session::run(settings, proposer, &mut |p| match p {
         Progress::Started(begin) => {
-            println!("#{:<3} {}  {}", begin.index, &begin.hash[..7], begin.description);
+            println!(
+                "#{:<3} {}  {}",
+                begin.index,
+                &begin.hash[..7],
+                begin.description
+            );
             bar = Some(training_bar());
         }
         Progress::Line(line) => {
@@ -189,8 +202,12 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         prepare::Preset::tiny(),
     );
     match prepare::pipeline::prepare(&opts)? {
-        prepare::pipeline::Outcome::UpToDate(_) => println!("Builtin data ready in {}.", cache.display()),
-        prepare::pipeline::Outcome::Prepared(..) => println!("Prepared the builtin data in {}.", cache.display()),
+        prepare::pipeline::Outcome::UpToDate(_) => {
+            println!("Builtin data ready in {}.", cache.display())
+        }
+        prepare::pipeline::Outcome::Prepared(..) => {
+            println!("Prepared the builtin data in {}.", cache.display())
+        }
     }
     let settings = Settings {
         // Experiments build into the original repository's target dir: candle compiles once.
@@ -216,7 +233,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         "The demo's repository is {}: `cd` there and try `autoresearch results`, `autoresearch show HASH`, `autoresearch replay HASH`.",
         dir.display()
     );
-    println!("Next, for real: `autoresearch prepare` (climbmix, h100) and `autoresearch run` on a GPU box.");
+    println!(
+        "Next, for real: `autoresearch prepare` (climbmix, h100) and `autoresearch run` on a GPU box."
+    );
     Ok(())
 }
-

@@ -6,7 +6,10 @@ use std::path::Path;
 
 use plot::{Point, Status, layout, render};
 
-const LOG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/results-h100-mar8.tsv");
+const LOG: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/results-h100-mar8.tsv"
+);
 
 /// Parses a results.tsv (commit, val_bpb, memory_gb, status, description). Crash rows
 /// carry val_bpb 0.000000 as a placeholder, which is "no result", not a perfect score.

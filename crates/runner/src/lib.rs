@@ -244,8 +244,7 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         }
         _ => {}
     }
-    let child = match process::run_child(exp, &manifest.preset.name, &exe, &report_path, on_line)
-    {
+    let child = match process::run_child(exp, &manifest.preset.name, &exe, &report_path, on_line) {
         Err(RunnerError::Interrupted) => {
             snapshot.restore_changes()?;
             return Err(RunnerError::Interrupted);

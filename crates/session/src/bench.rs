@@ -2,9 +2,7 @@
 
 use ledger::{KeepRule, Ledger, Record, TRAIN_FILE};
 use runner::{Experiment, RunnerError};
-use workbench::{
-    CheckReport, ExperimentReport, ResultLine, SessionInfo, ToolError, Workbench,
-};
+use workbench::{CheckReport, ExperimentReport, ResultLine, SessionInfo, ToolError, Workbench};
 
 use crate::{Progress, paths};
 
@@ -26,7 +24,13 @@ impl<'a> Bench<'a> {
         keep_rule: &'a dyn KeepRule,
         progress: &'a mut dyn FnMut(Progress),
     ) -> Self {
-        Bench { ledger, exp, keep_rule, progress, ran: false }
+        Bench {
+            ledger,
+            exp,
+            keep_rule,
+            progress,
+            ran: false,
+        }
     }
 
     /// Whether this episode's experiment has run.
@@ -147,7 +151,9 @@ impl Workbench for Bench<'_> {
             return Err(ToolError::AlreadyRan);
         }
         if description.trim().is_empty() {
-            return Err(ToolError::Invalid("give the experiment a short description".into()));
+            return Err(ToolError::Invalid(
+                "give the experiment a short description".into(),
+            ));
         }
         let content = std::fs::read(self.train_path()).map_err(fatal)?;
         if let Some(r) = self.ledger.tried(&content).map_err(fatal)? {
@@ -166,7 +172,13 @@ impl Workbench for Bench<'_> {
         if interrupted {
             return Err(ToolError::Interrupted);
         }
-        let record = self.ledger.session().records.last().expect("finished").clone();
+        let record = self
+            .ledger
+            .session()
+            .records
+            .last()
+            .expect("finished")
+            .clone();
         let end = record.end.as_ref().expect("finished");
         Ok(ExperimentReport {
             index: record.begin.index,
@@ -209,10 +221,19 @@ impl Workbench for Bench<'_> {
         let found = session.find(hash);
         let record = match found.as_slice() {
             [one] if hash.len() >= 4 => *one,
-            [] | [_] => return Err(ToolError::NotFound(format!("no experiment `{hash}` in this session"))),
-            _ => return Err(ToolError::Invalid(format!("`{hash}` matches several experiments"))),
+            [] | [_] => {
+                return Err(ToolError::NotFound(format!(
+                    "no experiment `{hash}` in this session"
+                )));
+            }
+            _ => {
+                return Err(ToolError::Invalid(format!(
+                    "`{hash}` matches several experiments"
+                )));
+            }
         };
-        let diff = ledger::diff_against_parent(self.ledger.root(), &record.begin.hash).map_err(fatal)?;
+        let diff =
+            ledger::diff_against_parent(self.ledger.root(), &record.begin.hash).map_err(fatal)?;
         Ok(format!("{}\n{diff}", describe(record)))
     }
 
@@ -257,7 +278,11 @@ pub fn describe(r: &Record) -> String {
 
 /// The lines of `text` most like the first line of `wanted`, numbered, for a failed edit.
 fn nearest_lines(text: &str, wanted: &str) -> String {
-    let probe = wanted.lines().find(|l| !l.trim().is_empty()).unwrap_or(wanted).trim();
+    let probe = wanted
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(wanted)
+        .trim();
     let mut scored: Vec<(usize, usize, &str)> = text
         .lines()
         .enumerate()
@@ -280,7 +305,9 @@ fn distance(a: &str, b: &str) -> usize {
         let mut prev = row[0];
         row[0] = i + 1;
         for (j, &cb) in b.iter().enumerate() {
-            let next = (prev + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            let next = (prev + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
             prev = row[j + 1];
             row[j + 1] = next;
         }
@@ -294,6 +321,9 @@ mod tests {
     fn nearest_lines_point_at_the_likely_target() {
         let text = "const A: f64 = 1.0;\nconst MATRIX_LR: f64 = 0.04;\nfn main() {}\n";
         let near = super::nearest_lines(text, "const MATRIX_LR: f64 = 0.05;");
-        assert!(near.lines().next().unwrap().contains("2 | const MATRIX_LR"), "{near}");
+        assert!(
+            near.lines().next().unwrap().contains("2 | const MATRIX_LR"),
+            "{near}"
+        );
     }
 }

@@ -125,7 +125,11 @@ pub fn run(
     };
     // A resumed session keeps its own budget, device and seed: its experiments stay comparable.
     let meta = ledger.session().meta.clone();
-    let device = if meta.device == "cuda" { Device::Cuda } else { Device::Cpu };
+    let device = if meta.device == "cuda" {
+        Device::Cuda
+    } else {
+        Device::Cpu
+    };
     let mut exp = Experiment::new(
         &settings.repo,
         &settings.cache,
@@ -141,7 +145,11 @@ pub fn run(
     let stop = loop {
         if let Some(pending) = ledger.session().pending().cloned() {
             // Killed mid-experiment: run the same commit again.
-            tracing::info!("re-running experiment {} ({}), interrupted last time", pending.begin.index, pending.short());
+            tracing::info!(
+                "re-running experiment {} ({}), interrupted last time",
+                pending.begin.index,
+                pending.short()
+            );
             progress(Progress::Started(&pending.begin));
             if run_pending(&mut ledger, &exp, &keep_rule, progress)? {
                 break Stop::Interrupted;
@@ -186,7 +194,9 @@ pub fn run(
         ledger.restore_train_file()?;
         match outcome {
             Ok(()) if ran => {}
-            Ok(()) => progress(Progress::Abandoned("the proposer ended its episode without running an experiment")),
+            Ok(()) => progress(Progress::Abandoned(
+                "the proposer ended its episode without running an experiment",
+            )),
             Err(ProposerError::Exhausted(why)) => break Stop::Exhausted(why),
             Err(ProposerError::Tool(workbench::ToolError::Interrupted)) => break Stop::Interrupted,
             Err(e) => return Err(SessionError::Proposer(e.to_string())),
@@ -212,14 +222,18 @@ fn run_pending(
         .cloned()
         .expect("an experiment in flight");
     let mut exp = exp.clone();
-    let log = ledger.dir().join("logs").join(format!("{}.log", pending.begin.hash));
+    let log = ledger
+        .dir()
+        .join("logs")
+        .join(format!("{}.log", pending.begin.hash));
     exp.log_path = log.clone();
     let rel_log = log
         .strip_prefix(ledger.root())
         .unwrap_or(&log)
         .to_string_lossy()
         .into_owned();
-    let (finish, interrupted) = match runner::run(&exp, &mut |line| progress(Progress::Line(line))) {
+    let (finish, interrupted) = match runner::run(&exp, &mut |line| progress(Progress::Line(line)))
+    {
         Ok(verdict) => {
             let summary = verdict.report.as_ref().map(|r| &r.summary);
             (
@@ -250,12 +264,21 @@ fn run_pending(
     };
     let status = match finish.val_bpb {
         Some(v) if finish.outcome == Outcome::Ok.as_str() => {
-            if keep_rule.keep(ledger.session(), v) { Status::Keep } else { Status::Discard }
+            if keep_rule.keep(ledger.session(), v) {
+                Status::Keep
+            } else {
+                Status::Discard
+            }
         }
         _ => Status::Crash,
     };
     ledger.finish(finish, status)?;
-    let record = ledger.session().records.last().expect("just finished").clone();
+    let record = ledger
+        .session()
+        .records
+        .last()
+        .expect("just finished")
+        .clone();
     progress(Progress::Finished(&record));
     Ok(interrupted)
 }

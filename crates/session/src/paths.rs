@@ -9,7 +9,12 @@ use workbench::ToolError;
 const HIDDEN_DIRS: &[&str] = &[".git", "target", "runs"];
 
 fn hidden(rel: &Path) -> Option<String> {
-    let first = rel.components().next()?.as_os_str().to_string_lossy().into_owned();
+    let first = rel
+        .components()
+        .next()?
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
     if HIDDEN_DIRS.contains(&first.as_str()) {
         return Some(format!("{first}/ is not readable by the agent"));
     }
@@ -88,6 +93,9 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
-        assert!(matches!(resolve_readable(&root, "nope.rs"), Err(ToolError::NotFound(_))));
+        assert!(matches!(
+            resolve_readable(&root, "nope.rs"),
+            Err(ToolError::NotFound(_))
+        ));
     }
 }

@@ -48,7 +48,11 @@ pub fn replay(
         )));
     }
     let worktree = Worktree::add(repo, &record.begin.hash)?;
-    let device = if meta.device == "cuda" { Device::Cuda } else { Device::Cpu };
+    let device = if meta.device == "cuda" {
+        Device::Cuda
+    } else {
+        Device::Cpu
+    };
     let mut exp = Experiment::new(
         worktree.path(),
         cache,
@@ -61,7 +65,10 @@ pub fn replay(
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    exp.run_dir = session.dir.join("replays").join(format!("{}-{stamp}", record.short()));
+    exp.run_dir = session
+        .dir
+        .join("replays")
+        .join(format!("{}-{stamp}", record.short()));
     exp.log_path = exp.run_dir.join("replay.log");
     let verdict = runner::run(&exp, on_line)?;
     drop(worktree);
