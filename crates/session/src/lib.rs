@@ -187,10 +187,10 @@ pub fn run(
             }
             continue;
         }
-        let mut bench = Bench::new(&mut ledger, &exp, &keep_rule, progress);
-        let outcome = proposer.episode(&mut bench);
-        let ran = bench.ran();
-        drop(bench);
+        let (outcome, ran) = {
+            let mut bench = Bench::new(&mut ledger, &exp, &keep_rule, progress);
+            (proposer.episode(&mut bench), bench.ran())
+        };
         ledger.restore_train_file()?;
         match outcome {
             Ok(()) if ran => {}

@@ -215,7 +215,7 @@ fn moves(name: &str, value: Value, source: &str) -> Vec<(Value, String)> {
     let fraction = lower.ends_with("_ratio") || lower.ends_with("_frac");
     let mut out: Vec<(Value, String)> = Vec::new();
     match value {
-        Value::Float(v) if v == 0.0 => {
+        Value::Float(0.0) => {
             if fraction {
                 out.push((Value::Float(0.1), "0.1".into()));
             }
@@ -236,7 +236,7 @@ fn moves(name: &str, value: Value, source: &str) -> Vec<(Value, String)> {
             let candidates = if counts {
                 vec![v + 1, v.saturating_sub(1)]
             } else {
-                vec![v * 2, if v % 2 == 0 { v / 2 } else { v }]
+                vec![v * 2, if v.is_multiple_of(2) { v / 2 } else { v }]
             };
             for x in candidates {
                 if x >= 1 && x != v {
@@ -266,12 +266,12 @@ fn int_literal(x: u64, source: &str) -> String {
     if source.contains("<<") && x.is_power_of_two() {
         return format!("1 << {}", x.trailing_zeros());
     }
-    if let Some((_, last)) = source.rsplit_once('*') {
-        if let Ok(b) = last.trim().parse::<u64>() {
-            if b > 0 && x % b == 0 {
-                return format!("{} * {b}", x / b);
-            }
-        }
+    if let Some((_, last)) = source.rsplit_once('*')
+        && let Ok(b) = last.trim().parse::<u64>()
+        && b > 0
+        && x.is_multiple_of(b)
+    {
+        return format!("{} * {b}", x / b);
     }
     x.to_string()
 }
