@@ -1,8 +1,12 @@
 //! Helpers for end-to-end tests: find the real `autoresearch` binary and run it in a sandboxed
 //! home and cache.
 
+pub mod fake_llm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use serde_json::Value;
 
 /// `target/<profile>/autoresearch`, built by `cargo test --workspace` (the binary's own
 /// integration tests make cargo build it).
@@ -97,4 +101,204 @@ pub fn project_copy(dest: &Path) {
     git(dest, &["init", "-q", "-b", "main"]);
     git(dest, &["add", "-A"]);
     git(dest, &["commit", "-q", "-m", "project"]);
+}
+
+pub struct Project {
+    _dir: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub cache: PathBuf,
+}
+
+/// A copy of the project with the builtin tiny data prepared beside it.
+pub fn project() -> Project {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    project_copy(&repo);
+    let p = Project {
+        _dir: dir,
+        repo,
+        cache,
+    };
+    let out = p.run(&[
+        "prepare",
+        "--source",
+        "builtin",
+        "--preset",
+        "tiny",
+        "--builtin-mb",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    p
+}
+
+impl Project {
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(autoresearch_bin());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AUTORESEARCH_") {
+                cmd.env_remove(key);
+            }
+        }
+        // Experiments share the runner tests' build of candle: compiled once per CI run.
+        cmd.env(
+            "AUTORESEARCH_TARGET_DIR",
+            workspace().join("target/runner-tests"),
+        )
+        .env("AUTORESEARCH_CACHE", &self.cache)
+        .env("NO_COLOR", "1")
+        .current_dir(&self.repo)
+        .args(args);
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("autoresearch runs")
+    }
+
+    pub fn session(&self, tag: &str, max: usize, resume: bool) -> Command {
+        let max = max.to_string();
+        let mut args = vec![
+            "run",
+            "--agent",
+            "sweep",
+            "--tag",
+            tag,
+            "--max-experiments",
+            &max,
+            "--budget",
+            "3",
+            "--device",
+            "cpu",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        self.command(&args)
+    }
+
+    pub fn journal(&self, tag: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.repo.join("runs").join(tag).join("journal.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// Checks, with the git CLI, that the repository and the files agree with the journal, and
+/// returns (hash, status) per experiment.
+pub fn check_consistent(p: &Project, tag: &str) -> Vec<(String, String)> {
+    let events = p.journal(tag);
+    assert_eq!(events[0]["event"], "session");
+    let base = events[0]["base"].as_str().unwrap().to_string();
+    let begins: Vec<&Value> = events.iter().filter(|e| e["event"] == "begin").collect();
+    let ends: Vec<&Value> = events.iter().filter(|e| e["event"] == "end").collect();
+    assert_eq!(
+        begins.len(),
+        ends.len(),
+        "every experiment finished exactly once"
+    );
+    let mut experiments = Vec::new();
+    for (i, (b, e)) in begins.iter().zip(&ends).enumerate() {
+        assert_eq!(
+            b["index"], i as u64,
+            "indices run 0.. without gaps or repeats"
+        );
+        assert_eq!(b["hash"], e["hash"]);
+        experiments.push((
+            b["hash"].as_str().unwrap().to_string(),
+            e["status"].as_str().unwrap().to_string(),
+        ));
+    }
+    let mut hashes: Vec<&String> = experiments.iter().map(|(h, _)| h).collect();
+    hashes.sort();
+    hashes.dedup();
+    assert_eq!(hashes.len(), experiments.len(), "no experiment twice");
+
+    let branch = format!("autoresearch/{tag}");
+    let on_branch: Vec<String> = git(
+        &p.repo,
+        &["rev-list", "--reverse", &format!("{base}..{branch}")],
+    )
+    .lines()
+    .map(str::to_string)
+    .collect();
+    let kept: Vec<String> = experiments
+        .iter()
+        .filter(|(_, s)| s == "keep")
+        .map(|(h, _)| h.clone())
+        .collect();
+    assert_eq!(
+        on_branch, kept,
+        "the branch holds exactly the kept experiments"
+    );
+    for (hash, status) in &experiments {
+        if status != "keep" {
+            let r = git(
+                &p.repo,
+                &[
+                    "rev-parse",
+                    &format!("refs/autoresearch/{tag}/discarded/{hash}"),
+                ],
+            );
+            assert_eq!(r.trim(), hash);
+        }
+        let note = git(&p.repo, &["notes", "--ref=autoresearch", "show", hash]);
+        assert!(
+            note.contains(&format!("status: {status}")),
+            "{hash}: {note}"
+        );
+    }
+    let tsv = std::fs::read_to_string(p.repo.join("runs").join(tag).join("results.tsv")).unwrap();
+    let rows: Vec<Vec<&str>> = tsv
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(rows.len(), experiments.len());
+    for ((row, (hash, status)), end) in rows.iter().zip(&experiments).zip(&ends) {
+        assert_eq!(row[0], &hash[..7]);
+        assert_eq!(row[3], status);
+        let val = end["val_bpb"].as_f64().unwrap_or(0.0);
+        assert_eq!(row[1], format!("{val:.6}"));
+    }
+    assert_eq!(
+        git(&p.repo, &["status", "--porcelain"]),
+        "",
+        "the tree is clean"
+    );
+    assert_eq!(
+        git(&p.repo, &["symbolic-ref", "HEAD"]).trim(),
+        format!("refs/heads/{branch}")
+    );
+    experiments
+}
+
+/// Children of `pid` whose command name starts with `name`.
+pub fn children(pid: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid: u32 = stat[close + 2..]
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        if ppid == pid && comm.starts_with(name) {
+            found.push(child);
+        }
+    }
+    found
 }

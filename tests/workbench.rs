@@ -111,6 +111,7 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
         sandbox: true,
         max_experiments: Some(2),
         until: None,
+        max_cost: None,
         target_dir: target.clone(),
         resume: false,
     };

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod agent_cmd;
 mod clock;
 mod prepare_cmd;
 mod review_cmd;

@@ -17,9 +17,12 @@ pub struct RunArgs {
     /// Session name: branch autoresearch/TAG, results in runs/TAG [default: today, e.g. nov23].
     #[arg(long)]
     tag: Option<String>,
-    /// Who proposes the experiments: `sweep` (one hyperparameter step at a time, no LLM).
-    #[arg(long, default_value = "sweep")]
+    /// Who proposes the experiments: `llm` (a model through --provider), or `sweep` (one
+    /// hyperparameter step at a time, no LLM, no key).
+    #[arg(long, default_value = "llm")]
     agent: String,
+    #[command(flatten)]
+    llm: crate::agent_cmd::LlmArgs,
     /// Stop once the session holds this many experiments (the baseline counts).
     #[arg(long)]
     max_experiments: Option<usize>,
@@ -79,9 +82,13 @@ pub fn run(args: RunArgs) -> Result<()> {
             .as_deref()
             .map(crate::clock::parse_until)
             .transpose()?,
+        max_cost: None,
         resume: args.resume,
     };
-    let mut proposer = proposer(&args.agent)?;
+    let config = crate::agent_cmd::Config::load(&settings.repo)?;
+    let mut settings = settings;
+    settings.max_cost = args.llm.max_cost.or(config.agent.max_cost);
+    let mut proposer = proposer(&args.agent, &args.llm, &config, &settings.repo)?;
     let stop = run_session(&settings, proposer.as_mut())?;
     println!();
     crate::review_cmd::print_log(&settings.repo, &settings.tag)?;
@@ -96,10 +103,16 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn proposer(name: &str) -> Result<Box<dyn workbench::Proposer>> {
+fn proposer(
+    name: &str,
+    llm: &crate::agent_cmd::LlmArgs,
+    config: &crate::agent_cmd::Config,
+    repo: &std::path::Path,
+) -> Result<Box<dyn workbench::Proposer>> {
     match name {
         "sweep" => Ok(Box::new(workbench::sweep::Sweep)),
-        other => bail!("unknown --agent `{other}`: the agent available is `sweep`"),
+        "llm" => Ok(Box::new(crate::agent_cmd::build(llm, config, repo)?)),
+        other => bail!("unknown --agent `{other}`: use `llm` (a model) or `sweep` (no LLM)"),
     }
 }
 
@@ -159,6 +172,7 @@ fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> R
     match &stop {
         Stop::MaxExperiments => println!("Stopped: --max-experiments reached."),
         Stop::Until => println!("Stopped: --until reached."),
+        Stop::MaxCost => println!("Stopped: --max-cost reached."),
         Stop::Interrupted => println!(
             "Interrupted: the train file is back to the kept state. `autoresearch run --tag {} --resume` goes on.",
             settings.tag
@@ -221,6 +235,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         sandbox: true,
         max_experiments: Some(args.experiments),
         until: None,
+        max_cost: None,
         resume: false,
     };
     run_session(&settings, &mut workbench::sweep::Sweep)?;

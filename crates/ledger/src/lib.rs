@@ -200,6 +200,14 @@ impl Session {
         self.records.last().filter(|r| r.end.is_none())
     }
 
+    /// What the proposer has spent over the session (USD; 0 when unpriced).
+    pub fn cost_usd(&self) -> f64 {
+        self.records
+            .iter()
+            .filter_map(|r| r.end.as_ref()?.finish.cost_usd)
+            .sum()
+    }
+
     pub fn result_rows(&self) -> Vec<ResultRow> {
         self.records.iter().filter_map(Record::result_row).collect()
     }

@@ -2,7 +2,9 @@
 
 use ledger::{KeepRule, Ledger, Record, TRAIN_FILE};
 use runner::{Experiment, RunnerError};
-use workbench::{CheckReport, ExperimentReport, ResultLine, SessionInfo, ToolError, Workbench};
+use workbench::{
+    CheckReport, ExperimentReport, ResultLine, SessionInfo, Spend, ToolError, Workbench,
+};
 
 use crate::{Progress, paths};
 
@@ -15,6 +17,8 @@ pub struct Bench<'a> {
     keep_rule: &'a dyn KeepRule,
     progress: &'a mut dyn FnMut(Progress),
     ran: bool,
+    /// The proposer's spend not yet recorded with an experiment.
+    spend: &'a mut Spend,
 }
 
 impl<'a> Bench<'a> {
@@ -23,6 +27,7 @@ impl<'a> Bench<'a> {
         exp: &'a Experiment,
         keep_rule: &'a dyn KeepRule,
         progress: &'a mut dyn FnMut(Progress),
+        spend: &'a mut Spend,
     ) -> Self {
         Bench {
             ledger,
@@ -30,6 +35,7 @@ impl<'a> Bench<'a> {
             keep_rule,
             progress,
             ran: false,
+            spend,
         }
     }
 
@@ -166,9 +172,15 @@ impl Workbench for Bench<'_> {
         let begin = self.ledger.begin(description, rationale).map_err(fatal)?;
         self.ran = true;
         (self.progress)(Progress::Started(&begin));
-        let interrupted =
-            crate::run_pending(self.ledger, self.exp, self.keep_rule, &mut *self.progress)
-                .map_err(fatal)?;
+        let spend = std::mem::take(self.spend);
+        let interrupted = crate::run_pending(
+            self.ledger,
+            self.exp,
+            self.keep_rule,
+            &mut *self.progress,
+            spend,
+        )
+        .map_err(fatal)?;
         if interrupted {
             return Err(ToolError::Interrupted);
         }
@@ -249,6 +261,14 @@ impl Workbench for Bench<'_> {
 
     fn notes(&self) -> String {
         std::fs::read_to_string(self.notes_path()).unwrap_or_default()
+    }
+
+    fn record_spend(&mut self, spend: Spend) {
+        self.spend.add(spend);
+    }
+
+    fn stop_requested(&self) -> bool {
+        runner::interrupted()
     }
 }
 

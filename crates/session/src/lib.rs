@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use ledger::{Begin, Finish, KeepRule, Ledger, Record, SessionMeta, Status, StrictImprovement};
 use runner::{Device, Experiment, Outcome, RunnerError};
-use workbench::{Proposer, ProposerError};
+use workbench::{Proposer, ProposerError, Spend};
 
 pub use bench::{Bench, describe};
 pub use paths::resolve_readable;
@@ -48,6 +48,8 @@ pub struct Settings {
     pub max_experiments: Option<usize>,
     /// Start no experiment after this time.
     pub until: Option<SystemTime>,
+    /// Start no episode once the proposer has spent this much (USD).
+    pub max_cost: Option<f64>,
     /// The experiments' cargo target dir (shared by every checkout).
     pub target_dir: PathBuf,
     pub resume: bool,
@@ -68,6 +70,7 @@ pub enum Stop {
     MaxExperiments,
     Until,
     Interrupted,
+    MaxCost,
     Exhausted(String),
 }
 
@@ -141,6 +144,8 @@ pub fn run(
     exp.target_dir = settings.target_dir.clone();
     exp.run_dir = ledger.dir().join("work");
     let keep_rule = StrictImprovement;
+    // Spend of episodes that ended without an experiment, carried to the next one's record.
+    let mut spend = Spend::default();
 
     let stop = loop {
         if let Some(pending) = ledger.session().pending().cloned() {
@@ -151,7 +156,7 @@ pub fn run(
                 pending.short()
             );
             progress(Progress::Started(&pending.begin));
-            if run_pending(&mut ledger, &exp, &keep_rule, progress)? {
+            if run_pending(&mut ledger, &exp, &keep_rule, progress, Spend::default())? {
                 break Stop::Interrupted;
             }
             continue;
@@ -168,11 +173,17 @@ pub fn run(
         if settings.until.is_some_and(|t| SystemTime::now() >= t) {
             break Stop::Until;
         }
+        if let Some(max) = settings.max_cost {
+            let spent = ledger.session().cost_usd() + spend.cost_usd.unwrap_or(0.0);
+            if spent >= max {
+                break Stop::MaxCost;
+            }
+        }
         if ledger.session().records.is_empty() {
             ledger.restore_train_file()?;
             let begin = ledger.begin("baseline", "the train file as the session found it")?;
             progress(Progress::Started(&begin));
-            if run_pending(&mut ledger, &exp, &keep_rule, progress)? {
+            if run_pending(&mut ledger, &exp, &keep_rule, progress, Spend::default())? {
                 break Stop::Interrupted;
             }
             let baseline = ledger.session().records.last().expect("just ran");
@@ -188,7 +199,7 @@ pub fn run(
             continue;
         }
         let (outcome, ran) = {
-            let mut bench = Bench::new(&mut ledger, &exp, &keep_rule, progress);
+            let mut bench = Bench::new(&mut ledger, &exp, &keep_rule, progress, &mut spend);
             (proposer.episode(&mut bench), bench.ran())
         };
         ledger.restore_train_file()?;
@@ -215,6 +226,7 @@ fn run_pending(
     exp: &Experiment,
     keep_rule: &dyn KeepRule,
     progress: &mut dyn FnMut(Progress),
+    spend: Spend,
 ) -> Result<bool, SessionError> {
     let pending = ledger
         .session()
@@ -262,6 +274,12 @@ fn run_pending(
         ),
         Err(e) => return Err(e.into()),
     };
+    let mut finish = finish;
+    if spend != Spend::default() {
+        finish.tokens_in = Some(spend.tokens_in);
+        finish.tokens_out = Some(spend.tokens_out);
+        finish.cost_usd = spend.cost_usd;
+    }
     let status = match finish.val_bpb {
         Some(v) if finish.outcome == Outcome::Ok.as_str() => {
             if keep_rule.keep(ledger.session(), v) {

@@ -59,6 +59,26 @@ pub struct ExperimentReport {
     pub evidence: String,
 }
 
+/// What a proposer spent on model calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Spend {
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// `None` when the model's price is unknown.
+    pub cost_usd: Option<f64>,
+}
+
+impl Spend {
+    pub fn add(&mut self, other: Spend) {
+        self.tokens_in += other.tokens_in;
+        self.tokens_out += other.tokens_out;
+        self.cost_usd = match (self.cost_usd, other.cost_usd) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        };
+    }
+}
+
 /// An operation that did not succeed. Everything but [`ToolError::Fatal`] is the proposer's to
 /// handle (an LLM gets the message back); `Fatal` ends the session.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -109,6 +129,11 @@ pub trait Workbench {
     fn append_notes(&mut self, text: &str) -> Result<(), ToolError>;
     /// The session's notes so far.
     fn notes(&self) -> String;
+    /// Adds to what the proposer has spent; recorded with this episode's experiment.
+    fn record_spend(&mut self, spend: Spend);
+    /// Whether the user asked the session to stop (Ctrl-C): a proposer waiting on something
+    /// should give up.
+    fn stop_requested(&self) -> bool;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,319 @@
+//! One model call over HTTP, with the retries that keep a night going: backoff with jitter on
+//! 429, 5xx, timeouts and dropped connections (honouring `Retry-After`), an immediate stop on
+//! a refused key or an unknown model, and a distinct error for a context that is too long.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::conversation::{Reply, Request};
+use crate::provider::Provider;
+
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max_delay: Duration,
+    /// Give up after this many attempts on one call (`None`: never, for overnight runs).
+    pub max_attempts: Option<u32>,
+    /// A request with no response in this time is dropped and retried.
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_secs(2),
+            max_delay: Duration::from_secs(300),
+            max_attempts: None,
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The session cannot go on: bad key, unknown model, unreachable endpoint config.
+    #[error("{0}")]
+    Fatal(String),
+    /// The conversation no longer fits the model's window.
+    #[error("context too long: {0}")]
+    ContextTooLong(String),
+    /// The provider rejected this request (a 400): the episode is abandoned, the night goes on.
+    #[error("request rejected: {0}")]
+    Rejected(String),
+    /// Retries ran out (only with `max_attempts`), or a stop was requested while waiting.
+    #[error("{0}")]
+    GaveUp(String),
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    pub provider: Provider,
+    pub model: String,
+    base_url: String,
+    key: String,
+    pub max_tokens: u32,
+    pub retry: RetryPolicy,
+}
+
+// The key must never be printed, not even by `{:?}`.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    pub fn new(
+        provider: Provider,
+        model: &str,
+        base_url: &str,
+        key: String,
+        retry: RetryPolicy,
+    ) -> Result<Client, ApiError> {
+        let http = reqwest::Client::builder()
+            .timeout(retry.request_timeout)
+            .connect_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ApiError::Fatal(format!("HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            provider,
+            model: model.to_string(),
+            base_url: base_url.to_string(),
+            key,
+            max_tokens: 8192,
+            retry,
+        })
+    }
+
+    /// The key, wherever it might have been echoed, replaced.
+    fn scrub(&self, text: &str) -> String {
+        if self.key.len() >= 4 {
+            text.replace(&self.key, "[redacted]")
+        } else {
+            text.to_string()
+        }
+    }
+
+    /// Sends one request, retrying passing faults until it gets a reply. `stop` is polled while
+    /// waiting, so Ctrl-C is never held up by a backoff.
+    pub async fn complete(
+        &self,
+        req: &Request<'_>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Reply, ApiError> {
+        let url = self.provider.endpoint(&self.base_url);
+        let body = self.provider.body(&self.model, self.max_tokens, req);
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            // Ctrl-C must not wait for a slow model: poll the stop flag beside the request.
+            let stopped = async {
+                while !stop() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let result = tokio::select! {
+                r = self.attempt(&url, &body) => r,
+                () = stopped => return Err(ApiError::GaveUp("stopped during a model call".into())),
+            };
+            let wait = match result {
+                Ok(reply) => return Ok(reply),
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Retry { why, after }) => {
+                    if self.retry.max_attempts.is_some_and(|m| attempt >= m) {
+                        return Err(ApiError::GaveUp(format!(
+                            "{why} (after {attempt} attempts)"
+                        )));
+                    }
+                    let backoff = backoff(&self.retry, attempt);
+                    let wait = after.map_or(backoff, |a| a.min(Duration::from_secs(3600)));
+                    tracing::warn!(
+                        "model call: {why}; retrying in {:.1}s (attempt {attempt})",
+                        wait.as_secs_f64()
+                    );
+                    wait
+                }
+            };
+            let until = tokio::time::Instant::now() + wait;
+            while tokio::time::Instant::now() < until {
+                if stop() {
+                    return Err(ApiError::GaveUp("stopped while waiting to retry".into()));
+                }
+                tokio::time::sleep(
+                    Duration::from_millis(100).min(until - tokio::time::Instant::now()),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn attempt(&self, url: &str, body: &Value) -> Result<Reply, Attempt> {
+        let mut request = self
+            .http
+            .post(url)
+            .header("content-type", "application/json");
+        for (name, value) in self.provider.headers(&self.key) {
+            request = request.header(name, value);
+        }
+        let response = match request.body(body.to_string()).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let why = if e.is_timeout() {
+                    "timed out".to_string()
+                } else if e.is_connect() {
+                    format!("could not connect to {url}")
+                } else {
+                    "the connection failed".to_string()
+                };
+                return Err(Attempt::Retry { why, after: None });
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64);
+        let text = match response.text().await {
+            Ok(t) => t,
+            Err(_) => {
+                return Err(Attempt::Retry {
+                    why: "the response was cut off".into(),
+                    after: None,
+                });
+            }
+        };
+        let detail = self.scrub(&error_message(&text));
+        match status {
+            200..=299 => {
+                let json: Value = serde_json::from_str(&text).map_err(|_| Attempt::Retry {
+                    why: "the response was not JSON".into(),
+                    after: None,
+                })?;
+                self.provider
+                    .parse_reply(&json)
+                    .map_err(|e| Attempt::Retry {
+                        why: e,
+                        after: None,
+                    })
+            }
+            401 | 403 => Err(Attempt::Fail(ApiError::Fatal(format!(
+                "{} refused the API key ({status}: {detail}): check {} (and --base-url)",
+                self.provider.as_str(),
+                self.provider.key_var()
+            )))),
+            404 => Err(Attempt::Fail(ApiError::Fatal(format!(
+                "model `{}` was not found at {url} (404: {detail}): check --model and --base-url",
+                self.model
+            )))),
+            408 | 409 | 425 | 429 | 500..=599 => Err(Attempt::Retry {
+                why: format!("{status}: {detail}"),
+                after: retry_after,
+            }),
+            413 => Err(Attempt::Fail(ApiError::ContextTooLong(detail))),
+            400 | 422 if is_context_error(&detail) => {
+                Err(Attempt::Fail(ApiError::ContextTooLong(detail)))
+            }
+            _ => Err(Attempt::Fail(ApiError::Rejected(format!(
+                "{status}: {detail}"
+            )))),
+        }
+    }
+}
+
+enum Attempt {
+    Retry {
+        why: String,
+        after: Option<Duration>,
+    },
+    Fail(ApiError),
+}
+
+/// Doubling delay with ±50 % jitter, capped.
+fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
+    let base = policy.initial.as_secs_f64() * 2f64.powi(attempt.saturating_sub(1).min(20) as i32);
+    let capped = base.min(policy.max_delay.as_secs_f64());
+    Duration::from_secs_f64(capped * (0.5 + jitter()))
+}
+
+/// A number in [0, 1) that differs between calls and processes (no RNG crate needed).
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The provider's error message from a JSON error body, else the body's start.
+fn error_message(body: &str) -> String {
+    let from_json = serde_json::from_str::<Value>(body).ok().and_then(|v| {
+        v.pointer("/error/message")
+            .or_else(|| v.get("message"))
+            .or_else(|| v.get("error"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
+    from_json.unwrap_or_else(|| body.chars().take(300).collect())
+}
+
+fn is_context_error(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "context length",
+        "context_length",
+        "maximum context",
+        "too long",
+        "too many tokens",
+        "context window",
+    ]
+    .iter()
+    .any(|s| m.contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered() {
+        let p = RetryPolicy {
+            initial: Duration::from_secs(1),
+            max_delay: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        };
+        let d1 = backoff(&p, 1).as_secs_f64();
+        let d3 = backoff(&p, 3).as_secs_f64();
+        let d9 = backoff(&p, 9).as_secs_f64();
+        assert!(
+            (0.5..1.5).contains(&d1) && (2.0..6.0).contains(&d3) && d9 <= 15.0,
+            "{d1} {d3} {d9}"
+        );
+    }
+
+    #[test]
+    fn context_errors_are_recognised() {
+        assert!(is_context_error(
+            "This model's maximum context length is 8192 tokens"
+        ));
+        assert!(is_context_error(
+            "prompt is too long: 250000 tokens > 200000 maximum"
+        ));
+        assert!(!is_context_error("invalid tool schema"));
+        assert_eq!(
+            error_message(r#"{"error":{"message":"bad key"}}"#),
+            "bad key"
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! The LLM agent end to end: `autoresearch run --agent llm` against model APIs on loopback that
+//! speak the OpenAI and Anthropic wire formats exactly and check every request, with scripted
+//! models, real training on CPU and real git.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use autoresearch_tests::fake_llm::{Act, FakeLlm, Seen, Wire, call, experiment, seen};
+use autoresearch_tests::{Project, check_consistent, git, project, stderr, stdout};
+use serde_json::json;
+
+const ANCHOR: &str = "    device_batch_size: 8,\n    ..H100";
+const FROZEN: &str = "    device_batch_size: 8,\n    embedding_lr: 0.0,\n    unembedding_lr: 0.0,\n    matrix_lr: 0.0,\n    scalar_lr: 0.0,\n    ..H100";
+const MAIN: &str = "fn main() -> Result<()> {\n";
+
+fn session(p: &Project, fake: &FakeLlm, tag: &str, max: usize, budget: &str) -> Output {
+    let (provider, model, var, other) = match fake.wire {
+        Wire::OpenAi => ("openai", "gpt-4.1", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
+        Wire::Anthropic => (
+            "anthropic",
+            "claude-sonnet-4-5",
+            "ANTHROPIC_API_KEY",
+            "OPENAI_API_KEY",
+        ),
+    };
+    let max = max.to_string();
+    p.command(&[
+        "run",
+        "--agent",
+        "llm",
+        "--provider",
+        provider,
+        "--model",
+        model,
+        "--base-url",
+        &fake.base_url(),
+        "--tag",
+        tag,
+        "--max-experiments",
+        &max,
+        "--budget",
+        budget,
+        "--device",
+        "cpu",
+    ])
+    .env(var, &fake.key)
+    .env_remove(other)
+    .env("AUTORESEARCH_RETRY_INITIAL_S", "0.2")
+    .env("AUTORESEARCH_RETRY_MAX_S", "1")
+    .env("AUTORESEARCH_REQUEST_TIMEOUT_S", "3")
+    .output()
+    .unwrap()
+}
+
+/// Every tool result the client sent back, across all requests.
+fn tool_results(fake: &FakeLlm) -> Vec<String> {
+    let mut all = Vec::new();
+    for r in fake.requests() {
+        for (content, _) in seen(fake.wire, &r.body).results {
+            if !all.contains(&content) {
+                all.push(content);
+            }
+        }
+    }
+    all
+}
+
+/// Read, break the build, see it in the check, fix it, freeze the rates (a sure discard), note,
+/// run; then a second episode that first talks without tools, then edits and runs in one turn.
+fn research_script(second: &'static str) -> impl FnMut(&Seen) -> Act + Send {
+    move |seen: &Seen| match (experiment(seen), seen.turns) {
+        (1, 0) => Act::Call(vec![
+            call(
+                "read_file",
+                json!({"path": "prepare/src/lib.rs", "start_line": 1, "end_line": 5}),
+            ),
+            call("show_results", json!({})),
+        ]),
+        (1, 1) => Act::Call(vec![call(
+            "edit_train_file",
+            json!({"old_text": ANCHOR, "new_text": format!("{ANCHOR}\n    oops")}),
+        )]),
+        (1, 2) => Act::Call(vec![call("check_compiles", json!({}))]),
+        (1, 3) => Act::Call(vec![call(
+            "edit_train_file",
+            json!({"old_text": "    oops\n", "new_text": ""}),
+        )]),
+        (1, 4) => Act::Call(vec![
+            call(
+                "edit_train_file",
+                json!({"old_text": ANCHOR, "new_text": FROZEN}),
+            ),
+            call(
+                "add_note",
+                json!({"text": "froze every rate: expect no learning"}),
+            ),
+        ]),
+        (1, _) => Act::Call(vec![call(
+            "run_experiment",
+            json!({"description": "freeze every rate", "rationale": "a control"}),
+        )]),
+        (2, 0) => Act::Say("Let me think about the learning rate.".into()),
+        (2, _) => Act::Call(vec![
+            call(
+                "edit_train_file",
+                json!({"old_text": MAIN, "new_text": format!("{MAIN}{second}")}),
+            ),
+            call(
+                "run_experiment",
+                json!({"description": "second idea", "rationale": "see the notes"}),
+            ),
+        ]),
+        _ => Act::Error(500, "unscripted".into(), vec![]),
+    }
+}
+
+fn research_session(wire: Wire, key: &str, second: &'static str) -> (Project, FakeLlm, Output) {
+    let p = project();
+    let fake = FakeLlm::start(wire, key, research_script(second));
+    let out = session(&p, &fake, "llm", 3, "3");
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(
+        fake.violations.lock().unwrap().is_empty(),
+        "{:?}",
+        fake.violations.lock().unwrap()
+    );
+    let experiments = check_consistent(&p, "llm");
+    assert_eq!(experiments.len(), 3, "{experiments:?}");
+    assert_eq!(
+        experiments[1].1, "discard",
+        "frozen rates cannot beat the baseline"
+    );
+    let results = tool_results(&fake);
+    assert!(
+        results
+            .iter()
+            .any(|r| r.contains("does not compile") && r.contains("main.rs")),
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .any(|r| r.contains("it compiles") || r.contains("edited")),
+        "{results:?}"
+    );
+    // The second episode starts fresh: notes and the last outcome, not the first's history.
+    let openings: Vec<Seen> = fake
+        .requests()
+        .iter()
+        .map(|r| seen(wire, &r.body))
+        .filter(|s| s.turns == 0)
+        .collect();
+    let second_opening = &openings
+        .iter()
+        .find(|s| experiment(s) == 2)
+        .unwrap()
+        .opening;
+    assert!(
+        second_opening.contains("froze every rate")
+            && second_opening.contains("## Last experiment"),
+        "{second_opening}"
+    );
+    assert!(
+        second_opening.contains("| 1 |") && second_opening.contains("discard"),
+        "{second_opening}"
+    );
+    // Spend is in the journal and the log.
+    for e in p
+        .journal("llm")
+        .iter()
+        .filter(|e| e["event"] == "end" && e["index"] != 0)
+    {
+        assert!(
+            e["tokens_in"].as_u64().unwrap() >= 1000 && e["cost_usd"].as_f64().unwrap() > 0.0,
+            "{e}"
+        );
+    }
+    assert!(stdout(&p.run(&["log"])).contains("spent $"));
+    (p, fake, out)
+}
+
+#[test]
+fn openai_session_reads_breaks_checks_fixes_and_runs() {
+    research_session(
+        Wire::OpenAi,
+        "sk-test-openai",
+        "    let _second_idea = 1;\n",
+    );
+}
+
+#[test]
+fn anthropic_session_and_a_sentinel_key_that_leaves_no_trace() {
+    const SENTINEL: &str = "sk-ant-SENTINEL-4f9a1c";
+    // The second experiment dumps the train process's environment into its log.
+    let dump =
+        "    for (k, v) in std::env::vars() {\n        println!(\"ENVDUMP {k}={v}\");\n    }\n";
+    let (p, _fake, out) = research_session(Wire::Anthropic, SENTINEL, dump);
+    let logs = p.repo.join("runs/llm/logs");
+    let dumped = std::fs::read_dir(&logs).unwrap().flatten().any(|e| {
+        std::fs::read_to_string(e.path())
+            .unwrap_or_default()
+            .contains("ENVDUMP PATH=")
+    });
+    assert!(dumped, "the environment dump ran");
+    assert_no_trace(&p.repo.join("runs"), SENTINEL);
+    assert!(!stdout(&out).contains(SENTINEL) && !stderr(&out).contains(SENTINEL));
+}
+
+fn assert_no_trace(dir: &Path, needle: &str) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            assert_no_trace(&path, needle);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            let hit = bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+            assert!(!hit, "the key leaked into {}", path.display());
+        }
+    }
+}
+
+#[test]
+fn passing_faults_and_bad_calls_do_not_stop_the_night_but_a_bad_key_does() {
+    const KEY: &str = "sk-test-faults-77";
+    let p = project();
+    // A symlink inside the repository that points outside it, committed.
+    std::os::unix::fs::symlink("/etc/hostname", p.repo.join("outside-link")).unwrap();
+    git(&p.repo, &["add", "outside-link"]);
+    git(&p.repo, &["commit", "-q", "-m", "a link"]);
+    let mut requests = 0;
+    let fake = FakeLlm::start(Wire::OpenAi, KEY, move |seen: &Seen| {
+        requests += 1;
+        match (experiment(seen), requests) {
+            (1, 1) => Act::Error(
+                429,
+                "slow down".into(),
+                vec![("retry-after".into(), "1".into())],
+            ),
+            (1, 2) => Act::Error(500, "overloaded".into(), vec![]),
+            (1, 3) => Act::Drop,
+            (1, 4) => Act::Stall(Duration::from_secs(30)),
+            (1, 5) => Act::Call(vec![(
+                "edit_train_file".into(),
+                "{\"old_text\": oops".into(),
+            )]),
+            (1, 6) => Act::Call(vec![call("rm_rf", json!({"path": "/"}))]),
+            (1, 7) => Act::Call(vec![call(
+                "edit_train_file",
+                json!({"old_text": "    device_batch_size: 9,", "new_text": "x"}),
+            )]),
+            (1, 8) => Act::Call(vec![
+                call("read_file", json!({"path": "../../etc/passwd"})),
+                call("read_file", json!({"path": "/etc/passwd"})),
+                call("read_file", json!({"path": ".git/config"})),
+                call("read_file", json!({"path": "outside-link"})),
+                call(
+                    "edit_train_file",
+                    json!({"path": "prepare/src/lib.rs", "old_text": "pub", "new_text": "x"}),
+                ),
+            ]),
+            (1, _) => Act::Call(vec![
+                call(
+                    "edit_train_file",
+                    json!({"old_text": ANCHOR, "new_text": FROZEN}),
+                ),
+                call(
+                    "run_experiment",
+                    json!({"description": "freeze", "rationale": "control"}),
+                ),
+            ]),
+            // The key is echoed in the provider's error: it must not reach the user's terminal.
+            _ => Act::Error(401, format!("invalid x-api-key {KEY}"), vec![]),
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = session(&p, &fake, "f", 5, "2");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a refused key stops the session");
+    assert!(
+        err.contains("OPENAI_API_KEY") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains(KEY) && !stdout(&out).contains(KEY), "{err}");
+    assert!(
+        fake.violations.lock().unwrap().is_empty(),
+        "{:?}",
+        fake.violations.lock().unwrap()
+    );
+    let experiments = check_consistent(&p, "f");
+    assert_eq!(
+        experiments.len(),
+        2,
+        "baseline and the experiment after the faults"
+    );
+    let results = tool_results(&fake).join("\n---\n");
+    for expected in [
+        "not a JSON object",
+        "there is no tool `rm_rf`",
+        "the old text was not found",
+        "device_batch_size: 8",
+        "only train/src/main.rs can be changed",
+    ] {
+        assert!(results.contains(expected), "no `{expected}` in:\n{results}");
+    }
+    assert_eq!(results.matches("refused:").count(), 4, "{results}");
+    assert!(!results.contains("root:x:0"), "nothing outside was read");
+    // Retry-After (1 s) and the stall (cut at the 3 s request timeout) were waited out.
+    assert!(started.elapsed() > Duration::from_secs(4));
+    assert!(fake.requests().len() >= 10);
+}
+
+#[test]
+fn the_context_stays_the_same_size_however_many_experiments() {
+    let p = project();
+    std::fs::write(
+        p.repo.join("autoresearch.toml"),
+        "[agent]\ncontext_results = 2\n",
+    )
+    .unwrap();
+    git(&p.repo, &["add", "autoresearch.toml"]);
+    git(&p.repo, &["commit", "-q", "-m", "settings"]);
+    let fake = FakeLlm::start(Wire::OpenAi, "sk-test-size", |seen: &Seen| {
+        let n = experiment(seen);
+        // Each experiment a distinct softcap, in one turn, from whatever the kept file says.
+        let line = seen
+            .opening
+            .lines()
+            .find(|l| l.starts_with("const SOFTCAP: f64 = "))
+            .unwrap();
+        Act::Call(vec![
+            call(
+                "edit_train_file",
+                json!({"old_text": line, "new_text": format!("const SOFTCAP: f64 = 15.{n};")}),
+            ),
+            // Long notes: the context keeps only their latest part.
+            call(
+                "add_note",
+                json!({"text": format!("experiment {n}: softcap 15.{n} {}", "x".repeat(7000))}),
+            ),
+            call(
+                "run_experiment",
+                json!({"description": format!("softcap 15.{n}"), "rationale": "scan"}),
+            ),
+        ])
+    });
+    let out = session(&p, &fake, "z", 7, "1");
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(check_consistent(&p, "z").len(), 7);
+    let sizes: Vec<usize> = fake
+        .requests()
+        .iter()
+        .filter(|r| seen(Wire::OpenAi, &r.body).turns == 0)
+        .map(|r| r.bytes)
+        .collect();
+    assert_eq!(sizes.len(), 6, "one opening per episode");
+    // Results table capped at 2 rows, notes capped: the last openings are the same size (give
+    // or take a few digits) although each comes after one more experiment.
+    let late = &sizes[3..];
+    let (min, max) = (late.iter().min().unwrap(), late.iter().max().unwrap());
+    assert!(max - min < 200, "{sizes:?}");
+    assert!(sizes.iter().all(|&s| s < 200_000), "{sizes:?}");
+}
+
+#[test]
+fn a_missing_key_names_the_variable_before_anything_starts() {
+    let p = project();
+    let out = p
+        .command(&[
+            "run",
+            "--tag",
+            "nokey",
+            "--provider",
+            "openai",
+            "--device",
+            "cpu",
+        ])
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("OPENAI_API_KEY is not set") && err.contains("--agent sweep"),
+        "{err}"
+    );
+    assert_eq!(
+        git(&p.repo, &["branch", "--list", "autoresearch/*"]),
+        "",
+        "no session was started"
+    );
+    let out = p
+        .command(&[
+            "run",
+            "--tag",
+            "nokey",
+            "--provider",
+            "anthropic",
+            "--device",
+            "cpu",
+        ])
+        .env_remove("ANTHROPIC_API_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("ANTHROPIC_API_KEY is not set"),
+        "{}",
+        stderr(&out)
+    );
+}
