@@ -258,6 +258,11 @@ fn passing_faults_and_bad_calls_do_not_stop_the_night_but_a_bad_key_does() {
                     json!({"path": "prepare/src/lib.rs", "old_text": "pub", "new_text": "x"}),
                 ),
             ]),
+            (1, 9) => Act::Error(
+                400,
+                "This model's maximum context length is 8192 tokens".into(),
+                vec![],
+            ),
             (1, _) => Act::Call(vec![
                 call(
                     "edit_train_file",
@@ -306,7 +311,80 @@ fn passing_faults_and_bad_calls_do_not_stop_the_night_but_a_bad_key_does() {
     assert!(!results.contains("root:x:0"), "nothing outside was read");
     // Retry-After (1 s) and the stall (cut at the 3 s request timeout) were waited out.
     assert!(started.elapsed() > Duration::from_secs(4));
-    assert!(fake.requests().len() >= 10);
+    // The context-length error was met by eliding old tool results and asking again.
+    let requests = fake.requests();
+    assert!(requests.len() >= 11);
+    assert!(
+        requests[9]
+            .body
+            .to_string()
+            .contains("[elided to fit the context window]")
+    );
+}
+
+#[test]
+fn max_cost_stops_the_session() {
+    let p = project();
+    let fake = FakeLlm::start(Wire::OpenAi, "sk-test-cost", |seen: &Seen| {
+        let line = seen
+            .opening
+            .lines()
+            .find(|l| l.starts_with("const SOFTCAP: f64 = "))
+            .unwrap();
+        let n = experiment(seen);
+        Act::Call(vec![
+            call(
+                "edit_train_file",
+                json!({"old_text": line, "new_text": format!("const SOFTCAP: f64 = 14.{n};")}),
+            ),
+            call(
+                "run_experiment",
+                json!({"description": format!("softcap 14.{n}"), "rationale": "scan"}),
+            ),
+        ])
+    });
+    // gpt-4.1 at $2/$8 per Mtok: one scripted turn (1000 in, 100 out) costs $0.0028.
+    let out = p
+        .command(&[
+            "run",
+            "--agent",
+            "llm",
+            "--provider",
+            "openai",
+            "--model",
+            "gpt-4.1",
+            "--base-url",
+            &fake.base_url(),
+            "--tag",
+            "cost",
+            "--max-cost",
+            "0.002",
+            "--max-experiments",
+            "5",
+            "--budget",
+            "1",
+            "--device",
+            "cpu",
+        ])
+        .env("OPENAI_API_KEY", "sk-test-cost")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("--max-cost reached"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        check_consistent(&p, "cost").len(),
+        2,
+        "the baseline and one paid experiment"
+    );
+    let log: serde_json::Value = serde_json::from_slice(&p.run(&["log", "--json"]).stdout).unwrap();
+    assert!(
+        (log["totals"]["cost_usd"].as_f64().unwrap() - 0.0028).abs() < 1e-9,
+        "{log}"
+    );
 }
 
 #[test]

@@ -272,15 +272,17 @@ impl Proposer for LlmAgent {
     }
 }
 
+const ELIDED: &str = "[elided to fit the context window]";
+
 /// Frees room: elides the oldest tool results not yet elided. False when nothing is left to cut.
 fn shrink(messages: &mut [Message]) -> bool {
     let mut cut = 0;
     let candidates = messages.len().saturating_sub(2);
     for m in messages.iter_mut().take(candidates) {
         if let Message::ToolResult { content, .. } = m
-            && content.len() > 200
+            && !content.starts_with(ELIDED)
         {
-            *content = "[elided to fit the context window]".into();
+            *content = ELIDED.into();
             cut += 1;
             if cut >= 4 {
                 break;
