@@ -147,6 +147,8 @@ fn ctrl_c_stops_cleanly_and_the_session_goes_on() {
         std::fs::read_to_string(p.repo.join("train/src/main.rs")).unwrap(),
         baseline
     );
+    // The user looks elsewhere in the morning; resume puts the session's branch back.
+    git(&p.repo, &["checkout", "-q", "main"]);
     let out = p.session("c", 3, true).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(check_consistent(&p, "c").len(), 3);

@@ -108,7 +108,16 @@ impl Client {
         stop: &dyn Fn() -> bool,
     ) -> Result<Reply, ApiError> {
         let url = self.provider.endpoint(&self.base_url);
-        let body = self.provider.body(&self.model, self.max_tokens, req);
+        let mut body = self.provider.body(&self.model, self.max_tokens, req);
+        // OpenAI's own API wants the newer name (its reasoning models refuse `max_tokens`);
+        // compatible servers know the older one.
+        if self.provider == Provider::OpenAi
+            && self.base_url.contains("api.openai.com")
+            && let Some(v) = body.as_object_mut().and_then(|o| o.remove("max_tokens"))
+        {
+            body["max_completion_tokens"] = v;
+        }
+        let mut unreadable = 0;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -125,6 +134,14 @@ impl Client {
             let wait = match result {
                 Ok(reply) => return Ok(reply),
                 Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Unreadable(why)) => {
+                    // A proxy answering 200 with something else: worth a few tries, not a night.
+                    unreadable += 1;
+                    if unreadable >= 3 {
+                        return Err(ApiError::Rejected(format!("{why} ({unreadable} times)")));
+                    }
+                    backoff(&self.retry, attempt)
+                }
                 Err(Attempt::Retry { why, after }) => {
                     if self.retry.max_attempts.is_some_and(|m| attempt >= m) {
                         return Err(ApiError::GaveUp(format!(
@@ -132,7 +149,9 @@ impl Client {
                         )));
                     }
                     let backoff = backoff(&self.retry, attempt);
-                    let wait = after.map_or(backoff, |a| a.min(Duration::from_secs(3600)));
+                    // Retry-After can only lengthen the wait: `0` must not make a tight loop.
+                    let wait =
+                        after.map_or(backoff, |a| a.min(Duration::from_secs(3600)).max(backoff));
                     tracing::warn!(
                         "model call: {why}; retrying in {:.1}s (attempt {attempt})",
                         wait.as_secs_f64()
@@ -194,16 +213,11 @@ impl Client {
         let detail = self.scrub(&error_message(&text));
         match status {
             200..=299 => {
-                let json: Value = serde_json::from_str(&text).map_err(|_| Attempt::Retry {
-                    why: "the response was not JSON".into(),
-                    after: None,
-                })?;
+                let json: Value = serde_json::from_str(&text)
+                    .map_err(|_| Attempt::Unreadable("the response was not JSON".into()))?;
                 self.provider
                     .parse_reply(&json)
-                    .map_err(|e| Attempt::Retry {
-                        why: e,
-                        after: None,
-                    })
+                    .map_err(Attempt::Unreadable)
             }
             401 | 403 => Err(Attempt::Fail(ApiError::Fatal(format!(
                 "{} refused the API key ({status}: {detail}): check {} (and --base-url)",
@@ -230,6 +244,8 @@ impl Client {
 }
 
 enum Attempt {
+    /// A success status with a body that is not a reply.
+    Unreadable(String),
     Retry {
         why: String,
         after: Option<Duration>,

@@ -83,10 +83,13 @@ fn openai_body(model: &str, max_tokens: u32, req: &Request) -> Value {
         messages.push(match m {
             Message::User(text) => json!({"role": "user", "content": text}),
             Message::Assistant { text, tool_calls } => {
-                let mut msg = json!({
-                    "role": "assistant",
-                    "content": if text.is_empty() { Value::Null } else { json!(text) },
-                });
+                // null content is only valid beside tool calls.
+                let content = if text.is_empty() && !tool_calls.is_empty() {
+                    Value::Null
+                } else {
+                    json!(text)
+                };
+                let mut msg = json!({"role": "assistant", "content": content});
                 if !tool_calls.is_empty() {
                     msg["tool_calls"] = tool_calls
                         .iter()
@@ -190,7 +193,8 @@ fn anthropic_body(model: &str, max_tokens: u32, req: &Request) -> Value {
         match m {
             Message::User(text) => push("user", json!({"type": "text", "text": text})),
             Message::Assistant { text, tool_calls } => {
-                if !text.is_empty() {
+                // Anthropic rejects whitespace-only text blocks.
+                if !text.trim().is_empty() {
                     push("assistant", json!({"type": "text", "text": text}));
                 }
                 for c in tool_calls {

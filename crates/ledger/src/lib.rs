@@ -372,6 +372,11 @@ impl Ledger {
         let session = Session::load(root, tag)?;
         let repo = Repository::open(root)?;
         let branch = format!("refs/heads/{}", branch_name(tag));
+        if repo.find_reference(&branch).is_err() && session.records.is_empty() {
+            // Killed between the journal's first line and the branch: make it now.
+            let base = repo.find_commit(Oid::from_str(&session.meta.base)?)?;
+            repo.branch(&branch_name(tag), &base, false)?;
+        }
         if repo.find_reference(&branch).is_err() {
             return Err(LedgerError::State(format!(
                 "runs/{tag} exists but branch {} does not: it was deleted; move runs/{tag} aside to start afresh",
@@ -385,6 +390,20 @@ impl Ledger {
             .collect();
         if !dirty.is_empty() {
             return Err(LedgerError::Dirty(dirty));
+        }
+        let on_branch = repo
+            .head()
+            .ok()
+            .and_then(|h| h.name().map(str::to_string))
+            .is_some_and(|name| name == branch);
+        if !on_branch {
+            // HEAD moved (the user checked something else out): the tree is clean but for the
+            // train file, so check the session's branch out before anything is built.
+            let tip = repo.find_reference(&branch)?.peel_to_commit()?;
+            repo.checkout_tree(
+                tip.as_object(),
+                Some(git2::build::CheckoutBuilder::new().force()),
+            )?;
         }
         repo.set_head(&branch)?;
         let ledger = Ledger {

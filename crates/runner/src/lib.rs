@@ -210,7 +210,7 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         match build_train(&exp.repo, &exp.target_dir, exp.device)? {
             BuildOutput::Built(exe) => {
                 let private = exp.run_dir.join("train-bin");
-                std::fs::copy(&exe, &private).map_err(io_err("copying the train binary"))?;
+                copy_fresh(&exe, &private)?;
                 BuildOutput::Built(private)
             }
             failed => failed,
@@ -290,6 +290,29 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
             format!("{why}; last output:\n{tail}"),
         )),
     }
+}
+
+/// Copies the binary into the run dir as a new file. The run dir is the last run's to write:
+/// whatever it left at that name (a symlink to a hook, say) is removed, never written through.
+fn copy_fresh(from: &Path, to: &Path) -> Result<(), RunnerError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_err("removing the last train binary")(e));
+        }
+        _ => {}
+    }
+    let mut src = std::fs::File::open(from).map_err(io_err("reading the train binary"))?;
+    // create_new = O_CREAT|O_EXCL: fails on any existing path, a symlink included.
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(to)
+        .map_err(io_err("copying the train binary"))?;
+    std::io::copy(&mut src, &mut dst).map_err(io_err("copying the train binary"))?;
+    Ok(())
 }
 
 /// Builds the checkout's train file without running it: the compiler's errors, none if it builds.
@@ -379,4 +402,30 @@ fn check_report(
 
 fn short(digest: &str) -> &str {
     &digest[..digest.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_link_left_in_the_run_dir_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim-hook");
+        std::fs::write(&victim, "#!/bin/sh\necho original\n").unwrap();
+        let exe = dir.path().join("built");
+        std::fs::write(&exe, "new binary").unwrap();
+        let planted = dir.path().join("train-bin");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        super::copy_fresh(&exe, &planted).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&victim).unwrap(),
+            "#!/bin/sh\necho original\n"
+        );
+        assert!(
+            !std::fs::symlink_metadata(&planted)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read_to_string(&planted).unwrap(), "new binary");
+    }
 }

@@ -168,6 +168,9 @@ impl Workbench for Bench<'_> {
                 outcome: r.status().map_or("in flight", |s| s.as_str()).to_string(),
             });
         }
+        if runner::interrupted() {
+            return Err(ToolError::Interrupted);
+        }
         let best_before = self.ledger.session().best().and_then(Record::val_bpb);
         let begin = self.ledger.begin(description, rationale).map_err(fatal)?;
         self.ran = true;

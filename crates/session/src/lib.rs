@@ -64,6 +64,9 @@ pub enum Progress<'a> {
     Abandoned(&'a str),
 }
 
+/// Episodes in a row without an experiment before the session gives up.
+const MAX_ABANDONED: u32 = 8;
+
 /// Why the session stopped.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stop {
@@ -146,6 +149,7 @@ pub fn run(
     let keep_rule = StrictImprovement;
     // Spend of episodes that ended without an experiment, carried to the next one's record.
     let mut spend = Spend::default();
+    let mut abandoned = 0u32;
 
     let stop = loop {
         if let Some(pending) = ledger.session().pending().cloned() {
@@ -179,7 +183,8 @@ pub fn run(
                 break Stop::MaxCost;
             }
         }
-        if ledger.session().records.is_empty() {
+        // The baseline runs until one is kept: an interrupted one runs again on resume.
+        if ledger.session().kept().is_empty() {
             ledger.restore_train_file()?;
             let begin = ledger.begin("baseline", "the train file as the session found it")?;
             progress(Progress::Started(&begin));
@@ -204,10 +209,25 @@ pub fn run(
         };
         ledger.restore_train_file()?;
         match outcome {
-            Ok(()) if ran => {}
-            Ok(()) => progress(Progress::Abandoned(
-                "the proposer ended its episode without running an experiment",
-            )),
+            Ok(()) if ran => abandoned = 0,
+            Ok(()) => {
+                progress(Progress::Abandoned(
+                    "the proposer ended its episode without running an experiment",
+                ));
+                // A proposer that keeps failing (a request the API always rejects) must not
+                // spin all night: wait longer each time, and give up after a run of them.
+                abandoned += 1;
+                if abandoned >= MAX_ABANDONED {
+                    break Stop::Exhausted(format!(
+                        "{MAX_ABANDONED} episodes in a row ended without an experiment"
+                    ));
+                }
+                let wait = Duration::from_secs(1 << abandoned.min(6));
+                let until = std::time::Instant::now() + wait;
+                while std::time::Instant::now() < until && !runner::interrupted() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
             Err(ProposerError::Exhausted(why)) => break Stop::Exhausted(why),
             Err(ProposerError::Tool(workbench::ToolError::Interrupted)) => break Stop::Interrupted,
             Err(e) => return Err(SessionError::Proposer(e.to_string())),
@@ -272,7 +292,17 @@ fn run_pending(
             },
             true,
         ),
-        Err(e) => return Err(e.into()),
+        // The machine failed the run (a full disk, say), not the code: record it as a crash
+        // and let the night go on. A setup error shows up in the baseline, which stops.
+        Err(e) => (
+            Finish {
+                outcome: "crash".into(),
+                log: Some(rel_log),
+                evidence: format!("the harness could not run the experiment: {e}"),
+                ..Finish::default()
+            },
+            false,
+        ),
     };
     let mut finish = finish;
     if spend != Spend::default() {
