@@ -104,6 +104,9 @@ pub(crate) fn run_child(
     report: &Path,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<ChildRun, RunnerError> {
+    let secrets = secret_values();
+    let mut on_line =
+        |line: &str| on_line(&String::from_utf8_lossy(&redact(line.as_bytes(), &secrets)));
     let mut cmd = Command::new(exe);
     cmd.env_clear();
     for (key, value) in std::env::vars_os() {
@@ -239,24 +242,20 @@ pub(crate) fn run_child(
     let log = log.lock().unwrap();
     let mut file = std::fs::File::create(&exp.log_path)
         .map_err(io_err(format!("writing {}", exp.log_path.display())))?;
+    let head = redact(&log.head, &secrets);
+    let tail = redact(&log.tail.iter().copied().collect::<Vec<u8>>(), &secrets);
     let write = (|| {
         writeln!(file, "{sandbox_line}")?;
-        file.write_all(&log.head)?;
+        file.write_all(&head)?;
         if log.omitted() > 0 {
             writeln!(file, "\n[... {} bytes omitted ...]", log.omitted())?;
         }
-        let (a, b) = log.tail.as_slices();
-        file.write_all(a)?;
-        file.write_all(b)
+        file.write_all(&tail)
     })();
     write.map_err(io_err(format!("writing {}", exp.log_path.display())))?;
     // The whole output when nothing was dropped, else the tail.
-    let mut tail_bytes = if log.omitted() == 0 {
-        log.head.clone()
-    } else {
-        Vec::new()
-    };
-    tail_bytes.extend(log.tail.iter());
+    let mut tail_bytes = if log.omitted() == 0 { head } else { Vec::new() };
+    tail_bytes.extend(tail);
     Ok(ChildRun {
         status,
         timed_out,
@@ -265,6 +264,37 @@ pub(crate) fn run_child(
         output_bytes: log.total,
         pgid,
     })
+}
+
+/// The harness's secret values (API keys, tokens: the variables kept from runs) long enough to
+/// be unambiguous. A run cannot see them in its environment, but it might find one elsewhere (the
+/// environment of another process of the user's, a file) and print it: it is cut from the output
+/// before the output reaches a log, the evidence, the journal or a model.
+fn secret_values() -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    std::env::vars_os()
+        .filter(|(k, v)| crate::build::is_secret(&k.to_string_lossy()) && v.len() >= 8)
+        .map(|(_, v)| v.as_bytes().to_vec())
+        .collect()
+}
+
+fn redact(bytes: &[u8], secrets: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for secret in secrets {
+        let mut i = 0;
+        let mut next = Vec::with_capacity(out.len());
+        while i < out.len() {
+            if out[i..].starts_with(secret) {
+                next.extend_from_slice(b"[redacted]");
+                i += secret.len();
+            } else {
+                next.push(out[i]);
+                i += 1;
+            }
+        }
+        out = next;
+    }
+    out
 }
 
 /// The last `n` lines of `text`.

@@ -281,7 +281,9 @@ fn secrets_do_not_reach_the_run_and_floods_stay_capped() {
     // SAFETY: set once before any run of this test reads the environment; other tests only
     // ever remove secrets, so a racing read sees the key or not, both fine.
     unsafe { std::env::set_var("OPENAI_API_KEY", "sk-test-do-not-leak") };
-    let body = "    for key in [\"OPENAI_API_KEY\", \"ANTHROPIC_API_KEY\"] { println!(\"{key}={:?}\", std::env::var(key).ok()); }\n    println!(\"env vars: {}\", std::env::vars().count());\n    let chunk = vec![b'x'; 1 << 20];\n    let mut out = std::io::stdout().lock();\n    for _ in 0..2048 { std::io::Write::write_all(&mut out, &chunk).unwrap(); }";
+    // The key is not in the run's environment; a run that finds it elsewhere and prints it
+    // (here: knows it) gets it cut from every output.
+    let body = "    println!(\"found: sk-test-do-not-leak\");\n    for key in [\"OPENAI_API_KEY\", \"ANTHROPIC_API_KEY\"] { println!(\"{key}={:?}\", std::env::var(key).ok()); }\n    println!(\"env vars: {}\", std::env::vars().count());\n    let chunk = vec![b'x'; 1 << 20];\n    let mut out = std::io::stdout().lock();\n    for _ in 0..2048 { std::io::Write::write_all(&mut out, &chunk).unwrap(); }";
     let mut s = Scenario::new(program(body), 2.0);
     s.exp.startup_grace = Duration::from_secs(60);
     let v = s.run();
@@ -293,6 +295,11 @@ fn secrets_do_not_reach_the_run_and_floods_stay_capped() {
         &log[..log.len().min(400)]
     );
     assert!(!log.contains("sk-test-do-not-leak"));
+    assert!(
+        log.contains("found: [redacted]"),
+        "{}",
+        &log[..log.len().min(400)]
+    );
     let size = std::fs::metadata(&s.exp.log_path).unwrap().len() as usize;
     assert!(
         size <= s.exp.log_cap.head + s.exp.log_cap.tail + 1024,
