@@ -2,19 +2,15 @@
 //! to the proposer, an experiment that cannot learn is discarded, and `show` and `replay` work
 //! on that discarded hash without touching the user's tree.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use autoresearch_tests::{autoresearch_bin, git, project_copy, stderr, stdout, workspace};
+use autoresearch_tests::{git, project, stderr, stdout, workspace};
 use serde_json::Value;
 use workbench::{Proposer, ProposerError, ToolError, Workbench};
 
 /// Turns every learning rate of the tiny block to zero: the model cannot learn, so the
 /// experiment is surely worse than the baseline.
-struct FreezeRates {
-    checks: Vec<String>,
-}
+struct FreezeRates;
 
 const ANCHOR: &str = "    device_batch_size: 8,\n    ..H100";
 const FROZEN: &str = "    device_batch_size: 8,\n    embedding_lr: 0.0,\n    unembedding_lr: 0.0,\n    matrix_lr: 0.0,\n    scalar_lr: 0.0,\n    ..H100";
@@ -40,7 +36,6 @@ impl Proposer for FreezeRates {
             "runs/x/journal.jsonl",
         ] {
             let e = bench.read_file(bad, None).unwrap_err();
-            self.checks.push(format!("read {bad}: {e}"));
             assert!(matches!(e, ToolError::Refused(_)), "{bad}: {e}");
         }
         // An edit whose old text is absent says so and points at the nearest lines.
@@ -81,30 +76,12 @@ impl Proposer for FreezeRates {
 
 #[test]
 fn a_discarded_experiment_can_be_shown_and_replayed() {
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    let cache = dir.path().join("cache");
-    project_copy(&repo);
-    let prep = Command::new(autoresearch_bin())
-        .args([
-            "prepare",
-            "--source",
-            "builtin",
-            "--preset",
-            "tiny",
-            "--builtin-mb",
-            "1",
-            "--cache",
-        ])
-        .arg(&cache)
-        .output()
-        .unwrap();
-    assert!(prep.status.success(), "{}", stderr(&prep));
-    let target: PathBuf = workspace().join("target/runner-tests");
+    let p = project();
+    let repo = p.repo.clone();
     let settings = session::Settings {
         repo: repo.clone(),
         tag: "w".into(),
-        cache: cache.clone(),
+        cache: p.cache.clone(),
         device: runner::Device::Cpu,
         budget: Some(Duration::from_secs(3)),
         seed: 42,
@@ -112,10 +89,10 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
         max_experiments: Some(2),
         until: None,
         max_cost: None,
-        target_dir: target.clone(),
+        target_dir: workspace().join("target/runner-tests"),
         resume: false,
     };
-    let mut proposer = FreezeRates { checks: Vec::new() };
+    let mut proposer = FreezeRates;
     let stop = session::run(&settings, &mut proposer, &mut |_| {}).unwrap();
     assert_eq!(stop, session::Stop::MaxExperiments);
     let results: Vec<(String, String)> = std::fs::read_to_string(repo.join("runs/w/results.tsv"))
@@ -131,15 +108,7 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
     assert_eq!(results[1].1, "discard");
     let discarded = &results[1].0;
 
-    let ar = |args: &[&str]| {
-        Command::new(autoresearch_bin())
-            .env("AUTORESEARCH_TARGET_DIR", &target)
-            .env("AUTORESEARCH_CACHE", &cache)
-            .current_dir(&repo)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let ar = |args: &[&str]| p.run(args);
     let show = ar(&["show", discarded]);
     let text = stdout(&show);
     assert!(show.status.success(), "{}", stderr(&show));

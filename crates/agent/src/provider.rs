@@ -159,21 +159,26 @@ fn openai_reply(body: &Value) -> Result<Reply, String> {
                 .to_string(),
         });
     }
-    let usage = Usage {
-        input_tokens: body
-            .pointer("/usage/prompt_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        output_tokens: body
-            .pointer("/usage/completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-    };
+    let usage = usage(body, "prompt_tokens", "completion_tokens");
     Ok(Reply {
         text,
         tool_calls,
         usage,
     })
+}
+
+/// Token counts from a reply's `usage` object, under the provider's names.
+fn usage(body: &Value, input: &str, output: &str) -> Usage {
+    let count = |key: &str| {
+        body.get("usage")
+            .and_then(|u| u.get(key))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    Usage {
+        input_tokens: count(input),
+        output_tokens: count(output),
+    }
 }
 
 fn anthropic_body(model: &str, max_tokens: u32, req: &Request) -> Value {
@@ -253,16 +258,7 @@ fn anthropic_reply(body: &Value) -> Result<Reply, String> {
             _ => {}
         }
     }
-    let usage = Usage {
-        input_tokens: body
-            .pointer("/usage/input_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-        output_tokens: body
-            .pointer("/usage/output_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-    };
+    let usage = usage(body, "input_tokens", "output_tokens");
     Ok(Reply {
         text,
         tool_calls,

@@ -10,7 +10,7 @@ use indicatif::ProgressBar;
 use runner::Device;
 use session::{Progress, Settings, Stop};
 
-use crate::train_cmd::{find_repo, show_training_line, training_bar};
+use crate::train_cmd::{find_repo, parse_device, show_training_line, training_bar};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -47,15 +47,6 @@ pub struct RunArgs {
     /// tracked files still guarded).
     #[arg(long)]
     no_sandbox: bool,
-}
-
-pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "auto" => Device::detect(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda,
-        other => bail!("--device must be cpu, cuda or auto, not `{other}`"),
-    })
 }
 
 pub fn run(args: RunArgs) -> Result<()> {

@@ -60,6 +60,16 @@ pub fn show_training_line(bar: &ProgressBar, line: &str) {
     }
 }
 
+/// `--device`: cpu, cuda, or auto (cuda when `nvidia-smi` finds a GPU).
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::detect(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda,
+        other => bail!("--device must be cpu, cuda or auto, not `{other}`"),
+    })
+}
+
 /// The repository holding the train file: the current directory or one above it.
 pub fn find_repo() -> Result<PathBuf> {
     let cwd = std::env::current_dir()?;
@@ -82,12 +92,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(preset) = &args.preset {
         data.expect_preset(preset)?;
     }
-    let device = match args.device.as_str() {
-        "auto" => Device::detect(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda,
-        other => bail!("--device must be cpu, cuda or auto, not `{other}`"),
-    };
+    let device = parse_device(&args.device)?;
     let budget = Duration::from_secs_f64(args.budget.unwrap_or(data.preset().time_budget_s as f64));
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
