@@ -481,6 +481,10 @@ struct AdamState {
     betas: (f64, f64),
     m: Tensor,
     v: Tensor,
+    /// Updates so far, for the bias corrections.
+    steps: i32,
+    /// Sits out the first step (the scalar lambdas; see `MuonAdamW::step`).
+    skip_first: bool,
 }
 
 struct MuonGroup {
@@ -531,6 +535,8 @@ impl MuonAdamW {
                 betas,
                 m: var.zeros_like()?,
                 v: var.zeros_like()?,
+                steps: 0,
+                skip_first: matches!(group, Group::Resid | Group::X0),
             });
         }
         let mut muon = Vec::new();
@@ -562,12 +568,19 @@ impl MuonAdamW {
     fn step(&mut self, grads: &Grads, s: &StepSettings) -> Result<()> {
         self.step += 1;
         for a in &mut self.adam {
+            // At the first step the lambdas' true gradient is zero (zero-initialised projections
+            // make every block the identity and the final norm is scale-free): what arrives is
+            // rounding noise, which Adam would blow up into a full ±lr step of random sign.
+            if a.skip_first && self.step == 1 {
+                continue;
+            }
+            a.steps += 1;
             let g = grads.get(&a.var)?;
             let (b1, b2) = a.betas;
             a.m = ((&a.m * b1)? + (g * (1.0 - b1))?)?;
             a.v = ((&a.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let bias1 = 1.0 - b1.powi(self.step);
-            let bias2 = 1.0 - b2.powi(self.step);
+            let bias1 = 1.0 - b1.powi(a.steps);
+            let bias2 = 1.0 - b2.powi(a.steps);
             let denom = ((&a.v / bias2)?.sqrt()? + 1e-10)?;
             let update = (a.m.div(&denom)? * (a.lr * s.lr_multiplier / bias1))?;
             a.var.set(&(a.var.as_tensor() - update)?)?;
@@ -826,7 +839,9 @@ fn train(
         peak_vram_mb = peak_vram_mb.max(vram_used_mb(device));
         let step = clock.steps();
         smooth = 0.9 * smooth + 0.1 * loss as f64;
-        if last_print.elapsed() >= Duration::from_secs(1) || clock.exhausted() {
+        // Every warm-up step is printed (a twin in another framework is checked against them).
+        let warming_up = step <= prepare::clock::WARMUP_STEPS + 1;
+        if warming_up || last_print.elapsed() >= Duration::from_secs(1) || clock.exhausted() {
             last_print = Instant::now();
             let tok_s = hp.total_batch_size as f64 / dt;
             let mfu = if device.is_cuda() {

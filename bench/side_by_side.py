@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Ours (the candle train binary) against the PyTorch twin: same data, budget, seed and device.
+
+    side_by_side.py check --train PATH [--device cpu|cuda] [--tol 1e-2]
+        Proves the twin is a twin: both run their warm-up steps (whose schedule does not depend
+        on the clock) from the same seed; each step's loss is read back from the printed lines
+        and compared. Exit 1 when any step differs by more than --tol (relative).
+    side_by_side.py run --train PATH [--device cpu|cuda] [--budget S] [--out DIR]
+        One run of each side, one after the other, then one table: steps, tokens/s, MFU, peak
+        memory, val_bpb, and the ratio ours/twin. Logs and JSON reports go to --out.
+
+Both read $AUTORESEARCH_CACHE (prepared by `autoresearch prepare`). The twin's Python is this
+one (sys.executable) unless --python says otherwise.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEP = re.compile(r"^step (\d+) .*\| loss: ([0-9.eE+-]+|nan|inf) ")
+WARMUP_STEPS = 10
+
+
+def run_side(name, cmd, env, log_path, timeout):
+    """Runs one side to the end; returns (exit code, output, peak RSS MiB, wall seconds)."""
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                log.write(line)
+                if line.startswith(("step", "---", "val_bpb", "FAIL")) or "Error" in line:
+                    print(f"  [{name}] {line.rstrip()}", flush=True)
+                if time.time() - start > timeout:
+                    proc.kill()
+                    sys.exit(f"{name}: still running after {timeout:.0f}s, killed (log: {log_path})")
+        finally:
+            _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code, "".join(lines), usage.ru_maxrss / 1024, time.time() - start
+
+
+def raw_losses(output):
+    """Each step's own loss, recovered from the printed bias-corrected moving average."""
+    printed = {}
+    for line in output.splitlines():
+        m = STEP.match(line)
+        if m:
+            printed[int(m.group(1))] = float(m.group(2))
+    losses, prev = [], 0.0
+    for step in range(WARMUP_STEPS + 1):
+        if step not in printed:
+            break
+        k = step + 1
+        smooth = printed[step] * (1 - 0.9**k)
+        losses.append((smooth - 0.9 * prev) / 0.1)
+        prev = smooth
+    return losses
+
+
+def sides(args, budget, out):
+    env = dict(os.environ, AUTORESEARCH_DEVICE=args.device, AUTORESEARCH_TIME_BUDGET=str(budget),
+               AUTORESEARCH_SEED=str(args.seed))
+    env.pop("AUTORESEARCH_PRESET", None)  # the prepared preset decides
+    ours_env = dict(env, AUTORESEARCH_REPORT=os.path.join(out, "ours.json"))
+    twin_env = dict(env, AUTORESEARCH_REPORT=os.path.join(out, "twin.json"))
+    twin_cmd = [args.python, os.path.join(HERE, "torch_twin.py")] + args.twin_arg
+    return [("ours", [args.train], ours_env), ("twin", twin_cmd, twin_env)]
+
+
+def check(args):
+    out = args.out or tempfile.mkdtemp(prefix="twin-check-")
+    os.makedirs(out, exist_ok=True)
+    losses = {}
+    for name, cmd, env in sides(args, 0.5, out):
+        code, output, _, _ = run_side(name, cmd, env, os.path.join(out, f"{name}.log"), args.timeout)
+        if code != 0:
+            sys.exit(f"{name} exited {code}: see {out}/{name}.log")
+        losses[name] = raw_losses(output)
+        if len(losses[name]) < WARMUP_STEPS + 1:
+            sys.exit(f"{name}: printed only {len(losses[name])} of the {WARMUP_STEPS + 1} warm-up steps")
+    worst = 0.0
+    print(f"{'step':>4}  {'ours':>10}  {'twin':>10}  {'rel diff':>9}")
+    for step, (a, b) in enumerate(zip(losses["ours"], losses["twin"])):
+        rel = abs(a - b) / max(abs(a), 1e-12)
+        worst = max(worst, rel)
+        print(f"{step:>4}  {a:>10.5f}  {b:>10.5f}  {rel:>9.2e}")
+    fell = losses["ours"][-1] < losses["ours"][0]
+    print(f"max relative difference {worst:.2e} (tolerance {args.tol:.0e}); ours' loss "
+          f"{'fell' if fell else 'did not fall'} {losses['ours'][0]:.4f} -> {losses['ours'][-1]:.4f}")
+    if worst > args.tol or not fell:
+        sys.exit("the twin does not agree with ours: it is no twin")
+    print("the twin agrees with ours")
+
+
+def figures(report, rss_mb, device):
+    s = json.load(open(report))
+    per_step = s["total_tokens_M"] * 1e6 / s["num_steps"]
+    counted = max(s["num_steps"] - (WARMUP_STEPS + 1), 0)
+    return {
+        "steps": s["num_steps"],
+        "tokens/s": counted * per_step / s["training_seconds"] if s["training_seconds"] else 0.0,
+        "mfu %": s["mfu_percent"],
+        "peak MiB": s["peak_vram_mb"] if device == "cuda" else rss_mb,
+        "val_bpb": s["val_bpb"],
+        "train s": s["training_seconds"],
+        "total s": s["total_seconds"],
+    }
+
+
+def run(args):
+    out = args.out or tempfile.mkdtemp(prefix="side-by-side-")
+    os.makedirs(out, exist_ok=True)
+    budget = args.budget
+    rows = {}
+    for name, cmd, env in sides(args, budget, out):
+        print(f"{name}: {' '.join(cmd)}", flush=True)
+        code, _, rss, _ = run_side(name, cmd, env, os.path.join(out, f"{name}.log"), budget * 3 + args.timeout)
+        if code != 0:
+            sys.exit(f"{name} exited {code}: see {out}/{name}.log")
+        rows[name] = figures(os.path.join(out, f"{name}.json"), rss, args.device)
+    mem = "peak MiB (driver)" if args.device == "cuda" else "peak MiB (RSS)"
+    keys = list(rows["ours"])
+    print(f"\ndevice {args.device}, budget {budget:.0f} s, seed {args.seed}, "
+          f"{time.strftime('%Y-%m-%d')}, logs in {out}\n")
+    print("| side | " + " | ".join(mem if k == "peak MiB" else k for k in keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    fmt = {"steps": "{:d}", "tokens/s": "{:,.0f}", "mfu %": "{:.1f}", "peak MiB": "{:,.0f}",
+           "val_bpb": "{:.4f}", "train s": "{:.1f}", "total s": "{:.1f}"}
+    for name in ("ours", "twin"):
+        print(f"| {name} | " + " | ".join(fmt[k].format(rows[name][k]) for k in keys) + " |")
+    ratio = rows["ours"]["tokens/s"] / rows["twin"]["tokens/s"] if rows["twin"]["tokens/s"] else float("nan")
+    print(f"\nours/twin tokens/s: {ratio:.2f}")
+    json.dump({"device": args.device, "budget": budget, "rows": rows, "ratio": ratio},
+              open(os.path.join(out, "side_by_side.json"), "w"), indent=2)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("mode", choices=["check", "run"])
+    ap.add_argument("--train", required=True, help="the train binary (target/release/train)")
+    ap.add_argument("--python", default=sys.executable, help="a Python with torch for the twin")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--budget", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--tol", type=float, help="relative (default 1e-4 on cpu, where both sides are f32; 1e-2, bf16's, on cuda)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds of start-up and evaluation allowed")
+    ap.add_argument("--out", help="where logs and reports go (default: a new temporary directory)")
+    ap.add_argument("--twin-arg", action="append", default=[], help="passed on to torch_twin.py")
+    args = ap.parse_args()
+    if args.tol is None:
+        args.tol = 1e-4 if args.device == "cpu" else 1e-2
+    if not os.path.isfile(args.train):
+        sys.exit(f"{args.train}: no train binary; build it with `cargo build --release -p train`")
+    (check if args.mode == "check" else run)(args)
+
+
+if __name__ == "__main__":
+    main()
