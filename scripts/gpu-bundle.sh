@@ -21,16 +21,14 @@ echo "== CUDA 13.0 toolkit (PyPI wheels) and the CUDA train binary"
 # shellcheck disable=SC1091
 source scripts/cuda-env.sh
 CARGO_TARGET_DIR=$target cargo build --release --locked -p train --features cuda
-echo "== the harness, to prepare the data"
-cargo build --release --locked -p autoresearch
-
 rm -rf "$out"
 mkdir -p "$out/lib-fallback"
 strip -o "$out/train" "$target/release/train"
 xz -6 -T0 "$out/train"
 
 echo "== data: builtin corpus, h100 preset, ${data_mb} MB"
-AUTORESEARCH_CACHE="$out/data" ./target/release/autoresearch prepare \
+# The harness in the dev profile: its dependencies build optimised anyway, and CI has it built.
+AUTORESEARCH_CACHE="$out/data" cargo run --locked -q -p autoresearch -- prepare \
   --source builtin --preset h100 --builtin-mb "$data_mb"
 rm -rf "$out/data/raw"
 

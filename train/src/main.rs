@@ -871,7 +871,63 @@ fn train(
     }))
 }
 
+/// Keeps freed host memory in the process instead of handing it back to the kernel: candle
+/// allocates every op's output afresh, and with glibc's defaults each large one is a new mapping
+/// whose pages fault in again, two threads contending for the kernel's lock (measured on the tiny
+/// CPU preset: 1.9 → 3.0 steps/s).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_host_memory() {
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only changes glibc's allocator settings; no other thread runs yet.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_host_memory() {}
+
+/// The same on the GPU: candle allocates through the driver's stream-ordered pool, whose release
+/// threshold of 0 hands freed memory back at every synchronise, so each step maps its buffers
+/// afresh. Keep them in the pool (as PyTorch's caching allocator does).
+#[cfg(feature = "cuda")]
+fn keep_freed_device_memory(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    if !context.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on the device candle opened; `threshold` outlives the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn keep_freed_device_memory(_: &Device) -> Result<()> {
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    keep_freed_host_memory();
     let start = Instant::now();
     let data = Dataset::from_env()?;
     let preset = data.preset().clone();
@@ -882,11 +938,14 @@ fn main() -> Result<()> {
     };
     let device = match std::env::var(env::DEVICE).as_deref() {
         Ok("cuda") => Device::new_cuda(0).context(
-            "AUTORESEARCH_DEVICE=cuda: build with `--features cuda` on a machine with CUDA",
+            "AUTORESEARCH_DEVICE=cuda: cannot open GPU 0 (it takes a build with `--features cuda`, an NVIDIA driver and a GPU)",
         )?,
         Ok("cpu") | Err(_) => Device::Cpu,
         Ok(other) => bail!("AUTORESEARCH_DEVICE must be cuda or cpu, not `{other}`"),
     };
+    if let Err(e) = keep_freed_device_memory(&device) {
+        eprintln!("warning: freed GPU memory goes back to the driver at each step: {e:#}");
+    }
     let budget = std::env::var(env::TIME_BUDGET)
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
