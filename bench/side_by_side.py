@@ -5,9 +5,12 @@
         Proves the twin is a twin: both run their warm-up steps (whose schedule does not depend
         on the clock) from the same seed; each step's loss is read back from the printed lines
         and compared. Exit 1 when any step differs by more than --tol (relative).
-    side_by_side.py run --train PATH [--device cpu|cuda] [--budget S] [--out DIR]
-        One run of each side, one after the other, then one table: steps, tokens/s, MFU, peak
-        memory, val_bpb, and the ratio ours/twin. Logs and JSON reports go to --out.
+    side_by_side.py run --train PATH [--device cpu|cuda] [--budget S] [--out DIR] [--side S]
+        One run of each side (or only --side ours|twin), one after the other, then the tables:
+        steps, tokens/s, MFU, peak memory, val_bpb and the ratio ours/twin; and where a step's
+        time goes (data, forward, backward, optimizer). Logs and JSON reports go to --out.
+    side_by_side.py table --out DIR
+        The tables again from the figures in DIR (sides run by separate commands).
 
 Both read $AUTORESEARCH_CACHE (prepared by `autoresearch prepare`). The twin's Python is this
 one (sys.executable) unless --python says otherwise.
@@ -101,8 +104,13 @@ def check(args):
     print("the twin agrees with ours")
 
 
-def figures(report, rss_mb, device):
+PHASES = re.compile(r"^time per step \(ms, \d+ counted steps\): (.*)$", re.M)
+
+
+def figures(report, rss_mb, device, output):
     s = json.load(open(report))
+    m = PHASES.search(output)
+    phases = {k: float(v) for k, v in (p.rsplit(" ", 1) for p in m.group(1).split(" | "))} if m else {}
     per_step = s["total_tokens_M"] * 1e6 / s["num_steps"]
     counted = max(s["num_steps"] - (WARMUP_STEPS + 1), 0)
     return {
@@ -113,40 +121,62 @@ def figures(report, rss_mb, device):
         "val_bpb": s["val_bpb"],
         "train s": s["training_seconds"],
         "total s": s["total_seconds"],
+        "phases": phases,
     }
 
 
 def run(args):
     out = args.out or tempfile.mkdtemp(prefix="side-by-side-")
     os.makedirs(out, exist_ok=True)
-    budget = args.budget
-    rows = {}
-    for name, cmd, env in sides(args, budget, out):
+    for name, cmd, env in sides(args, args.budget, out):
+        if args.side not in ("both", name):
+            continue
         print(f"{name}: {' '.join(cmd)}", flush=True)
-        code, _, rss, _ = run_side(name, cmd, env, os.path.join(out, f"{name}.log"), budget * 3 + args.timeout)
+        log = os.path.join(out, f"{name}.log")
+        code, output, rss, _ = run_side(name, cmd, env, log, args.budget * 3 + args.timeout)
         if code != 0:
-            sys.exit(f"{name} exited {code}: see {out}/{name}.log")
-        rows[name] = figures(os.path.join(out, f"{name}.json"), rss, args.device)
-    mem = "peak MiB (driver)" if args.device == "cuda" else "peak MiB (RSS)"
-    keys = list(rows["ours"])
-    print(f"\ndevice {args.device}, budget {budget:.0f} s, seed {args.seed}, "
-          f"{time.strftime('%Y-%m-%d')}, logs in {out}\n")
-    print("| side | " + " | ".join(mem if k == "peak MiB" else k for k in keys) + " |")
-    print("|---" * (len(keys) + 1) + "|")
+            sys.exit(f"{name} exited {code}: see {log}")
+        row = figures(os.path.join(out, f"{name}.json"), rss, args.device, output)
+        row.update(device=args.device, budget=args.budget, seed=args.seed, date=time.strftime("%Y-%m-%d"),
+                   command=" ".join(cmd))
+        json.dump(row, open(os.path.join(out, f"{name}.figures.json"), "w"), indent=2)
+    table(args)
+
+
+def table(args):
+    out = args.out
+    rows = {}
+    for name in ("ours", "twin"):
+        path = os.path.join(out or ".", f"{name}.figures.json")
+        if os.path.exists(path):
+            rows[name] = json.load(open(path))
+    if not rows:
+        sys.exit(f"no figures in {out}: run `side_by_side.py run --out {out}` first")
+    first = next(iter(rows.values()))
+    mem = "peak MiB (driver)" if first["device"] == "cuda" else "peak MiB (RSS)"
+    keys = ["steps", "tokens/s", "mfu %", "peak MiB", "val_bpb", "train s", "total s"]
     fmt = {"steps": "{:d}", "tokens/s": "{:,.0f}", "mfu %": "{:.1f}", "peak MiB": "{:,.0f}",
            "val_bpb": "{:.4f}", "train s": "{:.1f}", "total s": "{:.1f}"}
-    for name in ("ours", "twin"):
-        print(f"| {name} | " + " | ".join(fmt[k].format(rows[name][k]) for k in keys) + " |")
-    ratio = rows["ours"]["tokens/s"] / rows["twin"]["tokens/s"] if rows["twin"]["tokens/s"] else float("nan")
-    print(f"\nours/twin tokens/s: {ratio:.2f}")
-    json.dump({"device": args.device, "budget": budget, "rows": rows, "ratio": ratio},
-              open(os.path.join(out, "side_by_side.json"), "w"), indent=2)
+    print(f"\ndevice {first['device']}, budget {first['budget']:.0f} s, seed {first['seed']}, "
+          f"{first['date']}, logs in {out}\n")
+    print("| side | " + " | ".join(mem if k == "peak MiB" else k for k in keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(fmt[k].format(row[k]) for k in keys) + " |")
+    phases = ["data", "forward", "backward", "optimizer"]
+    print("\n| ms per step | " + " | ".join(phases) + " |")
+    print("|---" * (len(phases) + 1) + "|")
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row['phases'].get(p, float('nan')):.1f}" for p in phases) + " |")
+    if len(rows) == 2 and rows["twin"]["tokens/s"]:
+        print(f"\nours/twin tokens/s: {rows['ours']['tokens/s'] / rows['twin']['tokens/s']:.2f}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["check", "run"])
-    ap.add_argument("--train", required=True, help="the train binary (target/release/train)")
+    ap.add_argument("mode", choices=["check", "run", "table"])
+    ap.add_argument("--train", help="the train binary (target/release/train)")
+    ap.add_argument("--side", default="both", choices=["both", "ours", "twin"], help="run: which sides")
     ap.add_argument("--python", default=sys.executable, help="a Python with torch for the twin")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--budget", type=float, default=60.0)
@@ -158,7 +188,9 @@ def main():
     args = ap.parse_args()
     if args.tol is None:
         args.tol = 1e-4 if args.device == "cpu" else 1e-2
-    if not os.path.isfile(args.train):
+    if args.mode == "table":
+        return table(args)
+    if not args.train or not os.path.isfile(args.train):
         sys.exit(f"{args.train}: no train binary; build it with `cargo build --release -p train`")
     (check if args.mode == "check" else run)(args)
 

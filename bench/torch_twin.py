@@ -491,6 +491,26 @@ class BudgetClock:
         self.steps += 1
 
 
+PHASES = ["data", "forward", "backward", "optimizer"]
+
+
+class Stopwatch:
+    """train's Stopwatch: where a step's time goes, the device synchronised at every lap."""
+
+    def __init__(self, device):
+        self.device, self.step = device, [0.0] * 4
+
+    def restart(self):
+        self.last, self.step = time.perf_counter(), [0.0] * 4
+
+    def lap(self, phase):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.step[PHASES.index(phase)] += now - self.last
+        self.last = now
+
+
 def driver_used_mb(device):
     if device.type != "cuda":
         return 0.0
@@ -540,23 +560,29 @@ def main():
     batches = Loader(data.shards("train"), data.bos, hp["device_batch_size"], seq, args.seed).prefetch(4)
     clock = BudgetClock(budget)
     smooth, last_print, peak_mb = 0.0, 0.0, 0.0
+    watch, counted_phases = Stopwatch(device), [0.0] * 4
     while not clock.exhausted():
         t0 = time.perf_counter()
+        watch.restart()
         progress = clock.progress()
         lrm = lr_multiplier(hp, progress)
         total = 0.0
         for _ in range(accum):
             x, y = batches.get()
             x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            watch.lap("data")
             loss = loss_fn(x, y).mean() / accum
+            watch.lap("forward")
             loss.backward()
             total += loss.item()
+            watch.lap("backward")
         if not math.isfinite(total) or total > 100:
             print(f"FAIL: loss {total} at step {clock.steps}")
             sys.exit(1)
         opt.step(lrm, muon_momentum(clock.steps), hp["weight_decay"] * (1 - progress))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        watch.lap("optimizer")
+        if clock.steps > WARMUP_STEPS:
+            counted_phases = [a + b for a, b in zip(counted_phases, watch.step)]
         dt = time.perf_counter() - t0
         clock.end_step(dt)
         peak_mb = max(peak_mb, driver_used_mb(device))
@@ -570,6 +596,9 @@ def main():
                   f"| lrm: {lrm:.2f} | dt: {dt * 1e3:.0f}ms | tok/sec: {tok_s:.0f} | mfu: {mfu:.1f}% "
                   f"| remaining: {max(budget - clock.trained, 0):.0f}s", flush=True)
 
+    counted = max(clock.steps - (WARMUP_STEPS + 1), 1)
+    print(f"time per step (ms, {counted} counted steps): "
+          + " | ".join(f"{name} {1e3 * t / counted:.1f}" for name, t in zip(PHASES, counted_phases)))
     model.eval()
     val_bpb, spec = evaluate_bpb(data, loss_fn, hp["device_batch_size"], device)
     counted = max(clock.steps - (WARMUP_STEPS + 1), 0)

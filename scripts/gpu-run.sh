@@ -4,8 +4,11 @@
 # sides for the full budget and prints the side-by-side table.
 #
 #   ./run.sh [check|run|all] [side_by_side.py options...]     # default: all
+#   ./run.sh run --side ours; ./run.sh run --side twin        # one side per call (each ~6 min)
 #   PYTHON=/path/to/python ./run.sh                            # a Python with CUDA PyTorch
 #   CUDA_LIB_DIR=/dir/with/libcublas.so.13 ./run.sh
+#   BUDGET=300 (the preset's); results go under $OUT when set (the device tool brings it back),
+#   else under results/ here.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mode=${1:-all}
@@ -53,7 +56,7 @@ echo "CUDA libraries: $libs"
 ldd "$here/train" | grep -E "not found" && fail "the train binary still misses libraries (above)"
 
 export AUTORESEARCH_CACHE=$here/data
-out=$here/results/$(date -u +%Y%m%dT%H%M%SZ)
+out=${OUT:-$here/results}/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$out"
 sbs=("$py" "$here/side_by_side.py")
 if [ "$mode" = check ] || [ "$mode" = all ]; then

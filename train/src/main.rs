@@ -673,11 +673,51 @@ impl Grads {
     }
 }
 
+/// The phases of a step, for `Stopwatch`.
+const DATA: usize = 0;
+const FORWARD: usize = 1;
+const BACKWARD: usize = 2;
+const OPTIMIZER: usize = 3;
+const PHASES: [&str; 4] = ["data", "forward", "backward", "optimizer"];
+
+/// Where a step's time goes. Each lap ends with a device synchronise, so on the GPU the figures
+/// are the kernels' time, not the launches'.
+struct Stopwatch {
+    device: Device,
+    last: Instant,
+    step: [f64; 4],
+}
+
+impl Stopwatch {
+    fn new(device: &Device) -> Self {
+        Stopwatch {
+            device: device.clone(),
+            last: Instant::now(),
+            step: [0.0; 4],
+        }
+    }
+
+    fn restart(&mut self) {
+        self.last = Instant::now();
+        self.step = [0.0; 4];
+    }
+
+    /// Charges the time since the last lap to `phase`.
+    fn lap(&mut self, phase: usize) -> Result<()> {
+        self.device.synchronize()?;
+        let now = Instant::now();
+        self.step[phase] += (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(())
+    }
+}
+
 /// Forward and backward over `accum` micro-batches; returns the mean loss and the gradients.
 fn forward_backward(
     model: &Gpt,
     batches: &mut dyn FnMut() -> Result<(Tensor, Tensor)>,
     accum: usize,
+    watch: &mut Stopwatch,
 ) -> Result<(f32, Grads)> {
     let params: Vec<Var> = model
         .params()
@@ -688,7 +728,9 @@ fn forward_backward(
     let mut total = 0f32;
     for _ in 0..accum {
         let (x, y) = batches()?;
+        watch.lap(DATA)?;
         let loss = (model.loss(&x, &y)? / accum as f64)?;
+        watch.lap(FORWARD)?;
         let store = loss.backward()?;
         total += loss.to_scalar::<f32>()?;
         for (sum, var) in sums.iter_mut().zip(&params) {
@@ -701,6 +743,7 @@ fn forward_backward(
                 None => g,
             });
         }
+        watch.lap(BACKWARD)?;
     }
     let grads = params
         .into_iter()
@@ -818,15 +861,18 @@ fn train(
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let flops = model.flops_per_token();
     let mut peak_vram_mb = 0f64;
+    let mut watch = Stopwatch::new(device);
+    let mut counted_phases = [0f64; 4];
     while !clock.exhausted() {
         clock.begin_step();
+        watch.restart();
         let progress = clock.progress();
         let settings = StepSettings {
             lr_multiplier: lr_multiplier(hp, progress),
             muon_momentum: muon_momentum(clock.steps()),
             weight_decay: hp.weight_decay * (1.0 - progress),
         };
-        let (loss, grads) = forward_backward(&model, &mut next, accum)?;
+        let (loss, grads) = forward_backward(&model, &mut next, accum, &mut watch)?;
         if !loss.is_finite() || loss > 100.0 {
             return Ok(Err(Failure::Diverged {
                 step: clock.steps(),
@@ -834,7 +880,12 @@ fn train(
             }));
         }
         opt.step(&grads, &settings)?;
-        device.synchronize()?;
+        watch.lap(OPTIMIZER)?;
+        if clock.steps() > prepare::clock::WARMUP_STEPS {
+            for (sum, t) in counted_phases.iter_mut().zip(watch.step) {
+                *sum += t;
+            }
+        }
         let dt = clock.end_step().as_secs_f64();
         peak_vram_mb = peak_vram_mb.max(vram_used_mb(device));
         let step = clock.steps();
@@ -862,6 +913,19 @@ fn train(
             );
         }
     }
+    let counted = clock
+        .steps()
+        .saturating_sub(prepare::clock::WARMUP_STEPS + 1)
+        .max(1) as f64;
+    let phases: Vec<String> = PHASES
+        .iter()
+        .zip(counted_phases)
+        .map(|(name, t)| format!("{name} {:.1}", 1e3 * t / counted))
+        .collect();
+    println!(
+        "time per step (ms, {counted} counted steps): {}",
+        phases.join(" | ")
+    );
     let tokens = clock.steps() * hp.total_batch_size as u64;
     Ok(Ok(Trained {
         model,
@@ -1050,9 +1114,10 @@ mod tests {
             muon_momentum: 0.85,
             weight_decay: 0.2,
         };
-        let (_, grads) = forward_backward(&model, &mut next, 1).unwrap();
+        let mut watch = Stopwatch::new(&Device::Cpu);
+        let (_, grads) = forward_backward(&model, &mut next, 1, &mut watch).unwrap();
         opt.step(&grads, &settings).unwrap();
-        let (loss, grads) = forward_backward(&model, &mut next, 2).unwrap();
+        let (loss, grads) = forward_backward(&model, &mut next, 2, &mut watch).unwrap();
         assert!(loss.is_finite());
         let params = model.params();
         assert_eq!(
