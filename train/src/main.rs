@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use prepare::eval::per_token_cross_entropy;
 use prepare::loader::Rng;
 use prepare::{BudgetClock, Dataset, Loader, RunReport, Split, Summary, env};
@@ -292,8 +292,8 @@ impl Gpt {
     }
 
     /// `x @ wᵀ` in the compute dtype, for `x [.., in]` and `w [out, in]`.
-    fn linear(&self, x: &Tensor, w: &Var) -> Result<Tensor> {
-        let w = w.as_tensor().to_dtype(self.compute)?;
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let w = w.to_dtype(self.compute)?;
         let dims = x.dims().to_vec();
         let inner = *dims.last().unwrap();
         let rows = x.elem_count() / inner;
@@ -312,9 +312,11 @@ impl Gpt {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, hd) = (self.cfg.n_head, self.cfg.head_dim);
-        let q = self.linear(x, &block.c_q)?.reshape((b, t, h, hd))?;
-        let k = self.linear(x, &block.c_k)?.reshape((b, t, h, hd))?;
-        let mut v = self.linear(x, &block.c_v)?.reshape((b, t, h, hd))?;
+        // q, k and v from one matmul: x is read once and the GEMM is three times as wide.
+        let w_qkv = Tensor::cat(&[&*block.c_q, &*block.c_k, &*block.c_v], 0)?;
+        let qkv = self.linear(x, &w_qkv)?;
+        let part = |i: usize| qkv.narrow(2, i * h * hd, h * hd)?.reshape((b, t, h, hd));
+        let (q, k, mut v) = (part(0)?, part(1)?, part(2)?);
         if let (Some(ve), Some(gate_w)) = (ve, &block.ve_gate) {
             // Value residual: mix in the value embedding through an input-dependent gate per head.
             let gate = sigmoid(&self.linear(&x.narrow(2, 0, VE_GATE_CHANNELS)?, gate_w)?)?;
@@ -396,23 +398,19 @@ impl Gpt {
     }
 }
 
-/// RMSNorm without weights, computed in f32, from differentiable ops.
+/// RMSNorm without weights, computed in f32: one fused pass each way on the CPU, primitive
+/// differentiable ops elsewhere (the `fused` crate).
 fn norm(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + NORM_EPS)?.sqrt()?;
-    Ok(x.broadcast_div(&rms)?.to_dtype(dtype)?)
+    Ok(fused::rms_norm(x, NORM_EPS)?)
 }
 
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.exp()? + 1.0)?.recip()?)
 }
 
-/// Softmax over the last axis from differentiable ops; the max is a constant shift.
+/// Softmax over the last axis, differentiable (fused on the CPU, as `norm`).
 fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    Ok(fused::softmax_last_dim(x)?)
 }
 
 /// Materialised attention: `q, k, v [B, T, H, hd]`, `mask [T, T]` additive → `[B, T, H, hd]`.

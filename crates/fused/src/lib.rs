@@ -1,0 +1,309 @@
+//! Differentiable fused ops for `train/src/main.rs`.
+//!
+//! candle's fused softmax and RMSNorm have no backward pass (they drop gradients silently), so
+//! the train file spelled both out in primitive ops: about six passes over the tensor forward
+//! and a dozen backward, each with a fresh allocation. Here each is one pass forward and one
+//! backward, with a hand-written gradient, on the CPU in f32. Other devices and dtypes take the
+//! plain differentiable path, so a caller never has to ask which one runs (a CUDA kernel is the
+//! next step; it must pass the same comparison tests on a GPU).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Softmax over the last axis. Rows may hold `-inf` (masked keys), not only `-inf`.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        return x.contiguous()?.apply_op1(Softmax);
+    }
+    plain::softmax_last_dim(x)
+}
+
+/// RMSNorm without weights over the last axis: `x / sqrt(mean(x²) + eps)`, computed in f32.
+pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if fusable(x) {
+        return x.contiguous()?.apply_op1(RmsNorm { eps });
+    }
+    plain::rms_norm(x, eps)
+}
+
+fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0
+}
+
+/// The same functions from differentiable primitive ops: the reference, and the path for
+/// devices without a fused kernel.
+pub mod plain {
+    use candle_core::{D, DType, Result, Tensor};
+
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        // The max is a constant shift: no gradient flows through it.
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+        x.broadcast_div(&rms)?.to_dtype(dtype)
+    }
+}
+
+/// The f32 rows of a contiguous CPU tensor, and its shape.
+fn rows<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("fused ops run f32 on the CPU")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused ops need a contiguous input")
+    };
+    Ok((&data[start..end], *layout.dims().last().unwrap_or(&1)))
+}
+
+fn same_shape(a: &Layout, b: &Layout) -> Result<()> {
+    if a.shape() != b.shape() {
+        candle_core::bail!("shape mismatch: {:?} and {:?}", a.shape(), b.shape())
+    }
+    Ok(())
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, n) = rows(storage, layout)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            let inv = 1.0 / sum;
+            y.iter_mut().for_each(|y| *y *= inv);
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
+        ))
+    }
+}
+
+/// dx = y ⊙ (g − Σ g⊙y), per row.
+struct SoftmaxBackward;
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_shape(yl, gl)?;
+        let (y, n) = rows(ys, yl)?;
+        let (g, _) = rows(gs, gl)?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(n)
+            .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+            .for_each(|(dx, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                    *dx = y * (g - dot);
+                }
+            });
+        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, n) = rows(storage, layout)?;
+        let eps = self.eps as f32;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+            let r = inv_rms(x, eps);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x * r;
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = RmsNormBackward { eps: self.eps };
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let mean_sq = x.iter().map(|x| x * x).sum::<f32>() / x.len() as f32;
+    1.0 / (mean_sq + eps).sqrt()
+}
+
+/// With r = 1/sqrt(mean(x²) + eps) and y = x·r: dx = r · (g − y · mean(g⊙y)), per row.
+struct RmsNormBackward {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_shape(xl, gl)?;
+        let (x, n) = rows(xs, xl)?;
+        let (g, _) = rows(gs, gl)?;
+        let eps = self.eps as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(g.par_chunks(n)))
+            .for_each(|(dx, (x, g))| {
+                let r = inv_rms(x, eps);
+                let mean_gy = x.iter().zip(g).map(|(x, g)| x * r * g).sum::<f32>() / n as f32;
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    *dx = r * (g - x * r * mean_gy);
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Deterministic values in [-scale, scale), never all equal.
+    fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let size = b.abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / size.to_scalar::<f32>().unwrap().max(1e-30)
+    }
+
+    /// Values and gradients (of a random weighting of the output) of `fused` against `plain`.
+    fn compare(
+        x: &Tensor,
+        fused: impl Fn(&Tensor) -> Result<Tensor>,
+        plain: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> (f32, f32) {
+        let w = random(x.dims(), 99, 1.0);
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
+            let var = Var::from_tensor(x).unwrap();
+            let y = f(var.as_tensor()).unwrap();
+            let loss = (&y * &w).unwrap().sum_all().unwrap();
+            let grad = loss
+                .backward()
+                .unwrap()
+                .get(var.as_tensor())
+                .unwrap()
+                .clone();
+            (y, grad)
+        };
+        let (y_fused, g_fused) = run(&fused);
+        let (y_plain, g_plain) = run(&plain);
+        assert_eq!(y_fused.dims(), x.dims());
+        (
+            max_rel_err(&y_fused, &y_plain),
+            max_rel_err(&g_fused, &g_plain),
+        )
+    }
+
+    #[test]
+    fn softmax_matches_the_plain_path_values_and_gradients() {
+        // Attention-shaped scores with a causal mask of -inf, plus a wide row of large values.
+        let scores = random(&[2, 3, 16, 16], 1, 8.0);
+        let mask: Vec<f32> = (0..16 * 16)
+            .map(|n| {
+                if n % 16 <= n / 16 {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (16, 16), &Device::Cpu).unwrap();
+        let masked = scores.broadcast_add(&mask).unwrap();
+        for x in [masked, random(&[4, 1000], 2, 60.0), random(&[7], 3, 1.0)] {
+            let (value, grad) = compare(&x, softmax_last_dim, plain::softmax_last_dim);
+            assert!(
+                value < 1e-5 && grad < 1e-5,
+                "{:?}: {value} {grad}",
+                x.dims()
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_plain_path_values_and_gradients() {
+        for (x, eps) in [
+            (random(&[2, 5, 64], 4, 3.0), 1e-6),
+            (random(&[3, 128], 5, 1e-3), 1e-6), // eps matters at this scale
+            (random(&[9], 6, 1.0), 1e-5),
+        ] {
+            let (value, grad) = compare(&x, |x| rms_norm(x, eps), |x| plain::rms_norm(x, eps));
+            assert!(
+                value < 1e-5 && grad < 1e-4,
+                "{:?}: {value} {grad}",
+                x.dims()
+            );
+        }
+    }
+
+    #[test]
+    fn a_transposed_input_is_made_contiguous_and_other_dtypes_take_the_plain_path() {
+        let x = random(&[6, 4], 7, 2.0).t().unwrap();
+        let (value, grad) = compare(&x, softmax_last_dim, plain::softmax_last_dim);
+        assert!(value < 1e-5 && grad < 1e-5);
+        let x64 = random(&[3, 8], 8, 2.0).to_dtype(DType::F64).unwrap();
+        let y = rms_norm(&x64, 1e-6).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        let back = plain::rms_norm(&x64, 1e-6).unwrap();
+        let diff = (y - back).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
+    }
+}
