@@ -213,14 +213,25 @@ class Loader:
         return out[:, :-1], out[:, 1:]
 
     def prefetch(self, depth=4):
+        """Packs on a background thread; returns the function that takes the next batch."""
         q = queue.Queue(depth)
 
         def work():
-            while True:
-                q.put(self.next_rows(self.rows))
+            try:
+                while True:
+                    q.put(self.next_rows(self.rows))
+            except BaseException as e:  # the training loop re-raises it instead of waiting forever
+                q.put(e)
 
         threading.Thread(target=work, daemon=True).start()
-        return q
+
+        def next_batch():
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+        return next_batch
 
 
 def evaluate_bpb(data, loss_fn, batch_size, device):
@@ -396,11 +407,12 @@ def normuon(g, second, red_dim, beta2=0.95):
     return g * (step_size * (v_norm / v_norm_new))
 
 
-def muon_update(p, g, momentum, second, mu, lr, wd, red_dim):
-    momentum.mul_(mu).add_(g, alpha=1 - mu)  # Nesterov momentum
-    g = normuon(polar_express(g * (1 - mu) + momentum * mu), second, red_dim)
+def muon_update(p, g, momentum, second, mu, one_minus_mu, lr, lr_wd, red_dim):
+    """The scalars are 0-d tensors: as Python floats, each new value would recompile it."""
+    momentum.mul_(mu).add_(g * one_minus_mu)  # Nesterov momentum
+    g = normuon(polar_express(g * one_minus_mu + momentum * mu), second, red_dim)
     agree = (g * p >= 0).float()  # cautious weight decay: only where update and weight agree
-    return p - g * lr - p * agree * (lr * wd)
+    return p - g * lr - p * agree * lr_wd
 
 
 class MuonAdamW:
@@ -443,8 +455,11 @@ class MuonAdamW:
         for params, mom, second, red, lr_scale in self.muon:
             g = torch.stack([p.grad for p in params])
             p = torch.stack([p.data for p in params])
-            new = self.update(p, g, mom, second, momentum, self.matrix_lr * lr_scale * lr_multiplier,
-                              weight_decay, red)
+            lr = self.matrix_lr * lr_scale * lr_multiplier
+            # Each scalar is rounded to f32 from its f64 value, as candle does with train's.
+            f32 = lambda v: torch.tensor(v, dtype=torch.float32, device=p.device)
+            new = self.update(p, g, mom, second, f32(momentum), f32(1 - momentum), f32(lr),
+                              f32(lr * weight_decay), red)
             for i, param in enumerate(params):
                 param.copy_(new[i])
         for p, *_ in self.adam:
@@ -557,7 +572,7 @@ def main():
     print(f"batch: {hp['total_batch_size']} tokens/step = {accum} × {hp['device_batch_size']} rows × {seq} tokens; "
           f"budget {budget:.0f}s", flush=True)
     opt = MuonAdamW(model, hp, use_compile)
-    batches = Loader(data.shards("train"), data.bos, hp["device_batch_size"], seq, args.seed).prefetch(4)
+    next_batch = Loader(data.shards("train"), data.bos, hp["device_batch_size"], seq, args.seed).prefetch(4)
     clock = BudgetClock(budget)
     smooth, last_print, peak_mb = 0.0, 0.0, 0.0
     watch, counted_phases = Stopwatch(device), [0.0] * 4
@@ -568,7 +583,7 @@ def main():
         lrm = lr_multiplier(hp, progress)
         total = 0.0
         for _ in range(accum):
-            x, y = batches.get()
+            x, y = next_batch()
             x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             watch.lap("data")
             loss = loss_fn(x, y).mean() / accum

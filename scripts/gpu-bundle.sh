@@ -17,6 +17,12 @@ data_mb=${BUNDLE_DATA_MB:-40}
 max_mb=${BUNDLE_MAX_MB:-60}
 target=${CUDA_TARGET_DIR:-$root/target/cuda}
 
+# Replace only an earlier bundle (or an empty folder), never whatever else DIR names.
+if [ -e "$out" ] && [ ! -f "$out/BUILD" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+  echo "$out exists and is not a bundle: name a new or empty folder" >&2
+  exit 1
+fi
+
 echo "== CUDA 13.0 toolkit (PyPI wheels) and the CUDA train binary"
 # shellcheck disable=SC1091
 source scripts/cuda-env.sh
@@ -38,9 +44,14 @@ rm -rf "$out/data/raw"
 # run where the machine has none. Making, seeding and freeing a generator succeed; anything else
 # fails with CURAND_STATUS_INITIALIZATION_FAILED. run.sh uses it only when no real
 # libcurand.so.10 is found.
+symbols=$(objdump -T "$target/release/train" | awk '/\(libcurand\.so\.10\)/ {print $NF}' | sort -u)
+if [ -z "$symbols" ]; then
+  echo "found no cuRAND symbols in the train binary (objdump -T): the stub would be empty" >&2
+  exit 1
+fi
 {
   echo 'static int generator;'
-  objdump -T "$target/release/train" | awk '/\(libcurand\.so\.10\)/ {print $NF}' | sort -u | while read -r sym; do
+  echo "$symbols" | while read -r sym; do
     case $sym in
       curandCreateGenerator) echo "int $sym(void **g, int kind) { *g = &generator; return 0; }" ;;
       curandDestroyGenerator | curandSetStream | curandSetPseudoRandomGeneratorSeed) echo "int $sym(void) { return 0; }" ;;
@@ -57,7 +68,7 @@ cp bench/torch_twin.py bench/side_by_side.py "$out/"
 cp scripts/gpu-run.sh "$out/run.sh"
 chmod +x "$out/run.sh"
 {
-  echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- train prepare bench || echo ' (with uncommitted changes)')"
+  echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- train prepare crates/fused bench scripts Cargo.lock || echo ' (with uncommitted changes)')"
   echo "built $(date -u +%Y-%m-%dT%H:%MZ) on $(uname -m), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"
   echo "needs at run time: libcuda.so.1 (driver >= 580), libcudart.so.13, libcublas.so.13, libcublasLt.so.13"
 } > "$out/BUILD"

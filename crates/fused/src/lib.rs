@@ -27,7 +27,7 @@ pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0
+    x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0 && x.elem_count() > 0
 }
 
 /// The same functions from differentiable primitive ops: the reference, and the path for
