@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use autoresearch_tests::{project, workspace};
+use autoresearch_tests::{autoresearch_bin, project, workspace};
 
 fn torch_python() -> Option<String> {
     let python = std::env::var("AUTORESEARCH_TWIN_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -27,21 +27,28 @@ fn torch_python() -> Option<String> {
     None
 }
 
-/// The train binary for the CPU, in the runner tests' target dir (candle compiled once).
+/// The train binary `cargo test --workspace` built from this checkout (dev profile, optimised).
+/// Not the runner tests' shared target dir: the loop tests build edited train files there, and
+/// cargo, which judges freshness by mtime, may take their binary for this checkout's.
 fn train_binary() -> PathBuf {
-    let target = workspace().join("target/runner-tests");
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--locked", "-p", "train"])
-        .env("CARGO_TARGET_DIR", &target)
-        .current_dir(workspace())
-        .output()
-        .expect("cargo runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("release/train")
+    let bin = autoresearch_bin().with_file_name(format!("train{}", std::env::consts::EXE_SUFFIX));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let built = modified(&bin).unwrap_or_else(|| {
+        panic!(
+            "{} is missing: run `cargo test --workspace`, or `cargo build -p train` first",
+            bin.display()
+        )
+    });
+    for source in ["train/src/main.rs", "crates/fused/src/lib.rs"] {
+        let source = workspace().join(source);
+        assert!(
+            modified(&source).is_some_and(|m| m <= built),
+            "{} is newer than {}: run `cargo build -p train` (or `cargo test --workspace`)",
+            source.display(),
+            bin.display()
+        );
+    }
+    bin
 }
 
 fn check(
