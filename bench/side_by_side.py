@@ -113,7 +113,7 @@ def check(args):
     print("the twin agrees with ours")
 
 
-PHASES = re.compile(r"^time per step \(ms, \d+ counted steps\): (.*)$", re.M)
+PHASES = re.compile(r"^time per step \(ms, \d+ timed steps\): (.*)$", re.M)
 
 
 def figures(report, rss_mb, device, output):

@@ -509,16 +509,21 @@ class BudgetClock:
 PHASES = ["data", "forward", "backward", "optimizer"]
 
 
+TIME_PHASES_EVERY = 10  # train's: timing every step (a sync per lap) would slow every step
+
+
 class Stopwatch:
     """train's Stopwatch: where a step's time goes, the device synchronised at every lap."""
 
     def __init__(self, device):
-        self.device, self.step = device, [0.0] * 4
+        self.device, self.step, self.timing = device, [0.0] * 4, True
 
-    def restart(self):
-        self.last, self.step = time.perf_counter(), [0.0] * 4
+    def restart(self, timing):
+        self.last, self.step, self.timing = time.perf_counter(), [0.0] * 4, timing
 
     def lap(self, phase):
+        if not self.timing:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -575,10 +580,10 @@ def main():
     next_batch = Loader(data.shards("train"), data.bos, hp["device_batch_size"], seq, args.seed).prefetch(4)
     clock = BudgetClock(budget)
     smooth, last_print, peak_mb = 0.0, 0.0, 0.0
-    watch, counted_phases = Stopwatch(device), [0.0] * 4
+    watch, timed_phases, timed_steps = Stopwatch(device), [0.0] * 4, 0
     while not clock.exhausted():
         t0 = time.perf_counter()
-        watch.restart()
+        watch.restart(clock.steps % TIME_PHASES_EVERY == 0)
         progress = clock.progress()
         lrm = lr_multiplier(hp, progress)
         total = 0.0
@@ -596,8 +601,11 @@ def main():
             sys.exit(1)
         opt.step(lrm, muon_momentum(clock.steps), hp["weight_decay"] * (1 - progress))
         watch.lap("optimizer")
-        if clock.steps > WARMUP_STEPS:
-            counted_phases = [a + b for a, b in zip(counted_phases, watch.step)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if watch.timing and clock.steps > WARMUP_STEPS:
+            timed_steps += 1
+            timed_phases = [a + b for a, b in zip(timed_phases, watch.step)]
         dt = time.perf_counter() - t0
         clock.end_step(dt)
         peak_mb = max(peak_mb, driver_used_mb(device))
@@ -611,9 +619,8 @@ def main():
                   f"| lrm: {lrm:.2f} | dt: {dt * 1e3:.0f}ms | tok/sec: {tok_s:.0f} | mfu: {mfu:.1f}% "
                   f"| remaining: {max(budget - clock.trained, 0):.0f}s", flush=True)
 
-    counted = max(clock.steps - (WARMUP_STEPS + 1), 1)
-    print(f"time per step (ms, {counted} counted steps): "
-          + " | ".join(f"{name} {1e3 * t / counted:.1f}" for name, t in zip(PHASES, counted_phases)))
+    print(f"time per step (ms, {timed_steps} timed steps): "
+          + " | ".join(f"{name} {1e3 * t / max(timed_steps, 1):.1f}" for name, t in zip(PHASES, timed_phases)))
     model.eval()
     val_bpb, spec = evaluate_bpb(data, loss_fn, hp["device_batch_size"], device)
     counted = max(clock.steps - (WARMUP_STEPS + 1), 0)

@@ -10,8 +10,8 @@
 //! lm_head, logit soft-cap; Muon (polar express, NorMuon, cautious weight decay) for the block
 //! matrices and AdamW for the rest; schedules driven by the training-time budget.
 //!
-//! Only differentiable candle ops are used: candle's fused rms_norm, softmax_last_dim and rope
-//! have no backward pass and would silently drop gradients.
+//! Only differentiable ops are used: candle's fused rms_norm, softmax_last_dim and rope have no
+//! backward pass and would silently drop gradients; the `fused` crate's norm and softmax do.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -678,12 +678,18 @@ const BACKWARD: usize = 2;
 const OPTIMIZER: usize = 3;
 const PHASES: [&str; 4] = ["data", "forward", "backward", "optimizer"];
 
+/// One step in this many is timed by phase: the synchronise at each lap stops the host from
+/// queueing ahead of the GPU, so timing every step would slow every step.
+const TIME_PHASES_EVERY: u64 = 10;
+
 /// Where a step's time goes. Each lap ends with a device synchronise, so on the GPU the figures
 /// are the kernels' time, not the launches'.
 struct Stopwatch {
     device: Device,
     last: Instant,
     step: [f64; 4],
+    /// Whether this step is timed; laps do nothing otherwise.
+    timing: bool,
 }
 
 impl Stopwatch {
@@ -692,16 +698,21 @@ impl Stopwatch {
             device: device.clone(),
             last: Instant::now(),
             step: [0.0; 4],
+            timing: true,
         }
     }
 
-    fn restart(&mut self) {
+    fn restart(&mut self, timing: bool) {
         self.last = Instant::now();
         self.step = [0.0; 4];
+        self.timing = timing;
     }
 
     /// Charges the time since the last lap to `phase`.
     fn lap(&mut self, phase: usize) -> Result<()> {
+        if !self.timing {
+            return Ok(());
+        }
         self.device.synchronize()?;
         let now = Instant::now();
         self.step[phase] += (now - self.last).as_secs_f64();
@@ -860,10 +871,10 @@ fn train(
     let flops = model.flops_per_token();
     let mut peak_vram_mb = 0f64;
     let mut watch = Stopwatch::new(device);
-    let mut counted_phases = [0f64; 4];
+    let (mut timed_phases, mut timed_steps) = ([0f64; 4], 0u64);
     while !clock.exhausted() {
         clock.begin_step();
-        watch.restart();
+        watch.restart(clock.steps().is_multiple_of(TIME_PHASES_EVERY));
         let progress = clock.progress();
         let settings = StepSettings {
             lr_multiplier: lr_multiplier(hp, progress),
@@ -879,8 +890,10 @@ fn train(
         }
         opt.step(&grads, &settings)?;
         watch.lap(OPTIMIZER)?;
-        if clock.steps() > prepare::clock::WARMUP_STEPS {
-            for (sum, t) in counted_phases.iter_mut().zip(watch.step) {
+        device.synchronize()?;
+        if watch.timing && clock.steps() > prepare::clock::WARMUP_STEPS {
+            timed_steps += 1;
+            for (sum, t) in timed_phases.iter_mut().zip(watch.step) {
                 *sum += t;
             }
         }
@@ -911,17 +924,13 @@ fn train(
             );
         }
     }
-    let counted = clock
-        .steps()
-        .saturating_sub(prepare::clock::WARMUP_STEPS + 1)
-        .max(1) as f64;
     let phases: Vec<String> = PHASES
         .iter()
-        .zip(counted_phases)
-        .map(|(name, t)| format!("{name} {:.1}", 1e3 * t / counted))
+        .zip(timed_phases)
+        .map(|(name, t)| format!("{name} {:.1}", 1e3 * t / timed_steps.max(1) as f64))
         .collect();
     println!(
-        "time per step (ms, {counted} counted steps): {}",
+        "time per step (ms, {timed_steps} timed steps): {}",
         phases.join(" | ")
     );
     let tokens = clock.steps() * hp.total_batch_size as u64;
