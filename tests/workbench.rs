@@ -86,6 +86,7 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
         budget: Some(Duration::from_secs(3)),
         seed: 42,
         sandbox: true,
+        sandbox_allow: Vec::new(),
         max_experiments: Some(2),
         until: None,
         max_cost: None,

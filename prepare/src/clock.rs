@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 /// Steps with an index up to and including this one are not counted (the original: `step > 10`).
 pub const WARMUP_STEPS: u64 = 10;
 
-#[derive(Debug)]
 pub struct BudgetClock {
     budget: Duration,
     warmup_steps: u64,
     step: u64,
     trained: Duration,
     step_start: Option<Instant>,
+    /// Called as the first timed step begins (the harness's training-start mark).
+    on_start: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl BudgetClock {
@@ -27,11 +28,22 @@ impl BudgetClock {
             step: 0,
             trained: Duration::ZERO,
             step_start: None,
+            on_start: None,
         }
+    }
+
+    /// Calls `f` once, as the first timed step begins.
+    pub fn on_start(&mut self, f: Box<dyn FnMut() + Send>) {
+        self.on_start = Some(f);
     }
 
     /// Call before a step's work. On a GPU, synchronise before `end_step` so the time is real.
     pub fn begin_step(&mut self) {
+        if self.step == self.warmup_steps + 1
+            && let Some(mut f) = self.on_start.take()
+        {
+            f();
+        }
         self.step_start = Some(Instant::now());
     }
 

@@ -13,11 +13,14 @@ mod error;
 pub mod loader;
 pub mod manifest;
 pub mod preset;
+pub mod protocol;
 pub mod report;
 pub mod store;
 
 #[cfg(feature = "candle")]
 pub mod eval;
+#[cfg(feature = "candle")]
+pub mod run;
 
 #[cfg(feature = "build")]
 pub mod builtin;
@@ -39,6 +42,9 @@ pub use report::{RunReport, Summary};
 
 #[cfg(feature = "candle")]
 pub use eval::{EvalResult, evaluate_bpb};
+pub use protocol::TrainStats;
+#[cfg(feature = "candle")]
+pub use run::{Run, Stopwatch};
 
 /// The environment of the train contract: the runner sets these, the train binary reads them.
 pub mod env {
@@ -48,6 +54,8 @@ pub mod env {
     pub const TIME_BUDGET: &str = "AUTORESEARCH_TIME_BUDGET";
     pub const REPORT: &str = "AUTORESEARCH_REPORT";
     pub const SEED: &str = "AUTORESEARCH_SEED";
+    /// Set by the harness: the descriptor to send marks and replies on (see `protocol`).
+    pub const HARNESS_FD: &str = "AUTORESEARCH_HARNESS_FD";
 }
 
 /// Special tokens, appended after the learned vocabulary; the first one starts every document.

@@ -47,6 +47,9 @@ pub struct RunArgs {
     /// tracked files still guarded).
     #[arg(long)]
     no_sandbox: bool,
+    /// Let experiments read PATH too (repeatable): a GPU stack the sandbox does not know.
+    #[arg(long, value_name = "PATH")]
+    sandbox_allow: Vec<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -67,6 +70,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         budget: args.budget.map(Duration::from_secs_f64),
         seed: args.seed,
         sandbox: !args.no_sandbox,
+        sandbox_allow: args.sandbox_allow.clone(),
         max_experiments: args.max_experiments,
         until: args
             .until
@@ -224,6 +228,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         budget: Some(Duration::from_secs_f64(args.budget)),
         seed: 42,
         sandbox: true,
+        sandbox_allow: Vec::new(),
         max_experiments: Some(args.experiments),
         until: None,
         max_cost: None,

@@ -22,10 +22,13 @@ pub struct TrainArgs {
     cache: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Run without Landlock confinement (writes anywhere, network allowed). The environment is
-    /// still scrubbed and the tracked files still guarded.
+    /// Run without Landlock confinement (reads and writes anywhere, network allowed). The
+    /// environment is still scrubbed and the tracked files still guarded.
     #[arg(long)]
     no_sandbox: bool,
+    /// Let experiments read PATH too (repeatable): a GPU stack the sandbox does not know.
+    #[arg(long, value_name = "PATH")]
+    sandbox_allow: Vec<PathBuf>,
 }
 
 /// A bar for one experiment: building, then training progress and loss from the step lines.
@@ -100,8 +103,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut exp = Experiment::new(&repo, &cache, device, budget);
     exp.seed = args.seed;
     exp.sandbox = !args.no_sandbox;
-    exp.run_dir = repo.join("runs").join("train");
-    exp.log_path = exp.run_dir.join("logs").join(format!("{stamp}.log"));
+    exp.sandbox_allow = args.sandbox_allow;
+    exp.run_dir = repo.join("runs").join("train").join("work");
+    exp.log_path = repo
+        .join("runs")
+        .join("train")
+        .join("logs")
+        .join(format!("{stamp}.log"));
     println!(
         "Building and running {} on {} (preset {}, budget {:.0}s); log: {}",
         runner::TRAIN_FILE,

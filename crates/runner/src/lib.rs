@@ -1,13 +1,16 @@
 //! Runs one experiment: build `train/`, run the binary under a harness-owned clock, environment
-//! and hard timeout, and decide the outcome from evidence the train file cannot forge alone.
+//! and deadlines, and score it.
 //!
-//! The train file is untrusted code. The runner owns the time (a hard timeout kills the whole
-//! process group), the environment (an allowlist: no API keys, tokens or proxy credentials),
-//! and the verdict (the JSON report must carry the manifest's evaluation count and digest, agree
-//! with the printed summary and with the runner's own wall clock; files other than
-//! `train/src/main.rs` must be unchanged, and are restored if not).
+//! The train file is untrusted code, hostile or buggy. The runner owns the time (start-up,
+//! training and evaluation each have a deadline; training time is measured between the
+//! process's marks and refused past the budget), the environment (an allowlist: no API keys,
+//! tokens or proxy credentials), the data the run may read (not the validation rows), and the
+//! metric: it feeds the served model the validation rows itself, computes val_bpb from the losses
+//! and audits them (`evaluate`). Files other than `train/src/main.rs` must be unchanged, and
+//! are restored if not. Each run gets a fresh directory, removed afterwards.
 
 mod build;
+pub mod evaluate;
 mod guard;
 mod process;
 mod sandbox;
@@ -15,12 +18,13 @@ mod sandbox;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use prepare::{Manifest, RunReport, Summary};
+use prepare::{Dataset, RunReport, Summary};
 use serde::Serialize;
 
 pub use build::{BuildOutput, Diagnostic, build_train};
+pub use evaluate::AuditSummary;
 pub use guard::Snapshot;
-pub use process::{ChildRun, LogCap, last_lines};
+pub use process::{ChildRun, End, LogCap, last_lines};
 
 /// The file the agent may change; everything else tracked is guarded.
 pub const TRAIN_FILE: &str = "train/src/main.rs";
@@ -126,18 +130,21 @@ pub struct Experiment {
     pub device: Device,
     pub budget: Duration,
     pub seed: u64,
-    /// Where the run's output goes (capped).
+    /// Where the run's output goes (capped); outside `run_dir`.
     pub log_path: PathBuf,
-    /// The train binary's working directory; its report is written here.
+    /// The train binary's working directory: made afresh for each run (whatever was there is
+    /// removed first) and removed afterwards, so no run starts from another's leftovers.
     pub run_dir: PathBuf,
-    /// Time allowed beyond the budget for start-up (data load, warm-up steps).
+    /// Start-up (data, device, the warm-up steps) until the training-start mark.
     pub startup_grace: Duration,
-    /// Time allowed beyond the budget for the evaluation.
+    /// The evaluation, audits included, from the request for it.
     pub eval_grace: Duration,
     pub log_cap: LogCap,
-    /// Confine the run with Landlock where the kernel has it (writes only under the run dir
-    /// and `/dev`; no TCP).
+    /// Confine the run with Landlock where the kernel has it (reads from an allowlist, writes
+    /// only under the run dir; no TCP).
     pub sandbox: bool,
+    /// More paths the run may read (a GPU stack outside the usual places, say).
+    pub sandbox_allow: Vec<PathBuf>,
 }
 
 impl Experiment {
@@ -151,17 +158,32 @@ impl Experiment {
             budget,
             seed: 42,
             log_path: repo.join("runs").join("train.log"),
-            run_dir: repo.join("runs"),
+            run_dir: repo.join("runs").join("work"),
             startup_grace: Duration::from_secs(60),
             eval_grace: budget / 2 + Duration::from_secs(60),
             log_cap: LogCap::default(),
             sandbox: true,
+            sandbox_allow: Vec::new(),
         }
     }
 
-    /// Budget plus both graces: past this the process group is killed.
+    /// Room past the budget before a run still training is killed: 10 % of the budget, at
+    /// least 5 s. A run that stops inside it but later than its last step allows is refused.
+    pub fn step_grace(&self) -> Duration {
+        (self.budget / 10).max(Duration::from_secs(5))
+    }
+
+    /// The longest a run can live: every phase's deadline.
     pub fn hard_timeout(&self) -> Duration {
-        self.budget + self.startup_grace + self.eval_grace
+        self.startup_grace + self.budget + self.step_grace() + self.eval_grace
+    }
+
+    /// How much past the budget the harness's training time may be: the last step (it starts
+    /// before the budget is spent and ends after), at most 2 % of the budget or 1 s, plus the
+    /// pipes' latency.
+    pub fn overrun_allowed(&self, training: Duration, timed_steps: u64) -> Duration {
+        let step = training / timed_steps.max(1) as u32;
+        step.min((self.budget / 50).max(Duration::from_secs(1))) + Duration::from_millis(250)
     }
 }
 
@@ -177,18 +199,24 @@ pub struct Verdict {
     pub build_seconds: f64,
     /// Process start to exit, measured by the runner.
     pub run_seconds: f64,
+    /// What the audits saw (a run that was evaluated).
+    pub audits: Option<AuditSummary>,
     /// The run's process group (its leader's pid), gone by the time the verdict exists.
     #[serde(skip)]
     pub pgid: Option<i32>,
 }
 
-/// How far the runner's wall clock may fall short of a reported training time: the process
-/// measures its training inside its own lifetime, so only clock granularity separates them.
-pub const CLOCK_TOLERANCE_S: f64 = 0.5;
-
 /// Builds and runs `exp`, calling `on_line` with each line the train binary prints.
 pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, RunnerError> {
-    let manifest = Manifest::load(&exp.cache)?;
+    if exp.log_path.starts_with(&exp.run_dir) {
+        return Err(RunnerError::Other(format!(
+            "the log {} lies inside the run directory {}, which is removed after the run: put it elsewhere",
+            exp.log_path.display(),
+            exp.run_dir.display()
+        )));
+    }
+    let data = Dataset::open(&exp.cache)?;
+    let rows = evaluate::Rows::load(&data)?;
     let snapshot = Snapshot::take(&exp.repo)?;
     let verdict = |outcome, evidence: String| Verdict {
         outcome,
@@ -198,10 +226,27 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         log_path: exp.log_path.clone(),
         build_seconds: 0.0,
         run_seconds: 0.0,
+        audits: None,
         pgid: None,
     };
 
-    std::fs::create_dir_all(&exp.run_dir).map_err(io_err("creating the run directory"))?;
+    fresh_dir(&exp.run_dir)?;
+    let result = build_and_run(exp, &data, &rows, &snapshot, on_line, &verdict);
+    // The run's files go with it; the log lives elsewhere.
+    if let Err(e) = std::fs::remove_dir_all(&exp.run_dir) {
+        tracing::warn!("could not remove {}: {e}", exp.run_dir.display());
+    }
+    result
+}
+
+fn build_and_run(
+    exp: &Experiment,
+    data: &Dataset,
+    rows: &evaluate::Rows,
+    snapshot: &Snapshot,
+    on_line: &mut dyn FnMut(&str),
+    verdict: &dyn Fn(Outcome, String) -> Verdict,
+) -> Result<Verdict, RunnerError> {
     let t = Instant::now();
     // Checkouts share the target dir, and so the path cargo leaves the binary at: build and take
     // a private copy of it under a file lock (other harness processes included).
@@ -237,14 +282,13 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         }
     };
 
-    let report_path = exp.run_dir.join("report.json");
-    match std::fs::remove_file(&report_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io_err("removing the last report")(e));
-        }
-        _ => {}
-    }
-    let child = match process::run_child(exp, &manifest.preset.name, &exe, &report_path, on_line) {
+    let setup = process::Setup {
+        preset: &data.preset().name,
+        exe: &exe,
+        data,
+        rows,
+    };
+    let child = match process::run_child(exp, &setup, on_line) {
         Err(RunnerError::Interrupted) => {
             snapshot.restore_changes()?;
             return Err(RunnerError::Interrupted);
@@ -268,28 +312,125 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         );
         return Ok(verdict(Outcome::Tampered, evidence));
     }
-    if child.timed_out {
-        let evidence = format!(
-            "killed after {:.0}s (budget {:.0}s + grace); last output:\n{tail}",
-            child.wall.as_secs_f64(),
-            exp.budget.as_secs_f64(),
-        );
-        return Ok(verdict(Outcome::Timeout, evidence));
-    }
-    if !child.status.success() {
-        let evidence = format!("{}; last output:\n{tail}", describe(&child.status));
-        return Ok(verdict(Outcome::Crash, evidence));
-    }
-    match check_report(&report_path, &manifest, &child, exp) {
-        Ok(report) => Ok(Verdict {
-            report: Some(report),
-            ..verdict(Outcome::Ok, String::new())
-        }),
-        Err(why) => Ok(verdict(
+    let phases = [child.startup, child.training, child.evaluation];
+    let (scored, stats) = match child.end {
+        process::End::TimedOut(why) => {
+            return Ok(verdict(
+                Outcome::Timeout,
+                format!("{why}; killed. Last output:\n{tail}"),
+            ));
+        }
+        process::End::Exited(status) => {
+            return Ok(verdict(
+                Outcome::Crash,
+                format!("{}; last output:\n{tail}", describe(&status)),
+            ));
+        }
+        process::End::Invalid(why) => {
+            return Ok(verdict(
+                Outcome::InvalidReport,
+                format!("{why}. Last output:\n{tail}"),
+            ));
+        }
+        process::End::Evaluated { scored, stats } => (scored, stats),
+    };
+    let training = phases[1].unwrap_or_default();
+    let timed_steps = stats
+        .num_steps
+        .saturating_sub(prepare::clock::WARMUP_STEPS + 1);
+    let allowed = exp.budget + exp.overrun_allowed(training, timed_steps);
+    if training > allowed {
+        return Ok(verdict(
             Outcome::InvalidReport,
-            format!("{why}; last output:\n{tail}"),
-        )),
+            format!(
+                "trained {:.2}s by the harness's clock, for a budget of {:.2}s (at most {:.2}s with its last step): a run must stop when prepare's budget clock is spent. Last output:\n{tail}",
+                training.as_secs_f64(),
+                exp.budget.as_secs_f64(),
+                allowed.as_secs_f64()
+            ),
+        ));
     }
+    if scored.spec != data.manifest.eval {
+        return Err(RunnerError::Other(format!(
+            "the validation rows ({} tokens) do not match the manifest's ({} tokens): run `autoresearch prepare --force`",
+            scored.spec.tokens, data.manifest.eval.tokens
+        )));
+    }
+    let training_seconds = training.as_secs_f64();
+    let summary = Summary {
+        val_bpb: scored.val_bpb,
+        training_seconds,
+        total_seconds: child.wall.as_secs_f64(),
+        peak_vram_mb: stats.peak_vram_mb,
+        mfu_percent: prepare::protocol::mfu_percent(
+            exp.device == Device::Cuda,
+            stats.flops_per_token,
+            prepare::protocol::timed_tokens(&stats),
+            training_seconds,
+        ),
+        total_tokens_m: stats.total_tokens as f64 / 1e6,
+        num_steps: stats.num_steps,
+        num_params_m: stats.num_params as f64 / 1e6,
+        depth: stats.depth,
+    };
+    append_summary(exp, phases, &summary, &scored)?;
+    Ok(Verdict {
+        report: Some(RunReport {
+            summary,
+            eval: scored.spec.clone(),
+            preset: data.preset().name.clone(),
+            device: exp.device.as_str().into(),
+        }),
+        audits: Some(scored.audits.clone()),
+        ..verdict(Outcome::Ok, String::new())
+    })
+}
+
+/// The harness's figures at the end of the log, as the original's summary block (people and
+/// tools grep it), with the phases and the audits.
+fn append_summary(
+    exp: &Experiment,
+    phases: [Option<Duration>; 3],
+    summary: &Summary,
+    scored: &evaluate::Scored,
+) -> Result<(), RunnerError> {
+    use std::io::Write;
+    let secs = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
+    let a = &scored.audits;
+    let text = format!(
+        "# harness: start-up {:.1}s, training {:.1}s, evaluation {:.1}s ({} requests; audits: {} causal, {} repeated, {}x{} logit rows; largest differences {:.1e} / {:.1e} / {:.1e} nats, tolerance {})\n{}",
+        secs(phases[0]),
+        secs(phases[1]),
+        secs(phases[2]),
+        a.requests,
+        a.plan.causal_rows,
+        a.plan.repeat_rows,
+        a.plan.logit_rows,
+        a.plan.logit_positions,
+        a.max_causal_delta,
+        a.max_repeat_delta,
+        a.max_logit_delta,
+        a.tolerance.atol,
+        summary.to_block()
+    );
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&exp.log_path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(io_err(format!("writing {}", exp.log_path.display())))
+}
+
+/// Makes `dir` empty and new: whatever a run left there (links included) is removed, never
+/// followed.
+fn fresh_dir(dir: &Path) -> Result<(), RunnerError> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(dir),
+        Ok(_) => std::fs::remove_file(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+    .map_err(io_err(format!("clearing {}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(io_err("creating the run directory"))
 }
 
 /// Copies the binary into the run dir as a new file. The run dir is the last run's to write:
@@ -352,56 +493,6 @@ fn describe(status: &std::process::ExitStatus) -> String {
         (_, Some(sig)) => format!("killed by signal {sig}"),
         _ => "ended abnormally".into(),
     }
-}
-
-/// Accepts the report only when it is consistent with the manifest, the printed summary and
-/// the runner's clock.
-fn check_report(
-    path: &Path,
-    manifest: &Manifest,
-    child: &ChildRun,
-    exp: &Experiment,
-) -> Result<RunReport, String> {
-    let report = RunReport::read_json(path)
-        .map_err(|e| format!("no valid JSON report from the evaluator ({e})"))?;
-    if report.eval != manifest.eval {
-        return Err(format!(
-            "the report's evaluation ({} tokens, digest {}) is not the manifest's ({} tokens, digest {}): val_bpb must come from prepare::evaluate_bpb",
-            report.eval.tokens,
-            short(&report.eval.digest),
-            manifest.eval.tokens,
-            short(&manifest.eval.digest)
-        ));
-    }
-    let printed = Summary::parse(&child.tail).ok_or("no summary block in the output")?;
-    // Compared as printed: the block rounds each figure.
-    if printed.to_block() != report.summary.to_block() {
-        return Err(format!(
-            "the printed summary (val_bpb {}) differs from the JSON report (val_bpb {})",
-            printed.val_bpb, report.summary.val_bpb
-        ));
-    }
-    let wall = child.wall.as_secs_f64();
-    if report.summary.training_seconds > wall + CLOCK_TOLERANCE_S {
-        return Err(format!(
-            "reports {:.1}s of training in a process that ran {wall:.1}s",
-            report.summary.training_seconds
-        ));
-    }
-    if report.preset != manifest.preset.name || report.device != exp.device.as_str() {
-        return Err(format!(
-            "report is for preset {} on {}, the run was {} on {}",
-            report.preset,
-            report.device,
-            manifest.preset.name,
-            exp.device.as_str()
-        ));
-    }
-    Ok(report)
-}
-
-fn short(digest: &str) -> &str {
-    &digest[..digest.len().min(12)]
 }
 
 #[cfg(test)]

@@ -1,17 +1,22 @@
 //! Runs the built train binary: its own process group that dies with the harness, a scrubbed
-//! environment, output captured with a size cap, and a hard timeout that kills the group.
+//! environment, output captured with a size cap, the harness's own clock over three phases
+//! (start-up, training, evaluation), each with its own deadline, and the evaluation served over
+//! the protocol's pipes.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prepare::env;
+use prepare::protocol::{HARNESS_FD, Mark, ProtocolError, Request, TrainStats};
 
+use crate::evaluate::{self, EvalError, LinkError, Rows, Scored, Tolerance};
 use crate::{Experiment, RunnerError, io_err};
 
 /// Variables a run may see besides the contract's: the system's basics, locale, and the paths
@@ -84,30 +89,151 @@ impl CappedLog {
     }
 }
 
+/// How the run ended, as the harness saw it.
+#[derive(Debug)]
+pub enum End {
+    /// Trained, served its model, passed the audits.
+    Evaluated {
+        scored: Box<Scored>,
+        stats: TrainStats,
+    },
+    /// Exited before asking to be evaluated.
+    Exited(ExitStatus),
+    /// Killed at a phase's deadline; the message says which.
+    TimedOut(String),
+    /// Broke the protocol or failed an audit; the message says how.
+    Invalid(String),
+}
+
 /// What the train process did.
 pub struct ChildRun {
-    pub status: ExitStatus,
-    pub timed_out: bool,
+    pub end: End,
     /// Spawn to exit, as the runner measured it.
     pub wall: Duration,
-    /// The end of the output (up to the tail cap), for the summary and the evidence.
+    /// Spawn to the training-start mark.
+    pub startup: Option<Duration>,
+    /// Training-start mark to the request for evaluation: the harness's training time.
+    pub training: Option<Duration>,
+    /// The evaluation, audits included.
+    pub evaluation: Option<Duration>,
+    /// The end of the output (up to the tail cap), for the evidence.
     pub tail: String,
     pub output_bytes: u64,
     /// The process group the run had (its pid): gone once this returns.
     pub pgid: i32,
 }
 
+/// A pipe pair end for the child's marks: the read end stays here, the write end becomes the
+/// child's fd 3.
+fn mark_pipe() -> Result<(OwnedFd, OwnedFd), RunnerError> {
+    let mut fds = [0i32; 2];
+    // SAFETY: plain syscall filling two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io_err("creating the evaluation pipe")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: both were just returned by the kernel.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// What the main loop waits for.
+enum Event {
+    Mark(Instant, Result<Mark, ProtocolError>),
+    Exited(ExitStatus),
+    Deadline,
+    Interrupted,
+}
+
+/// The live child: its marks, its output lines, its exit.
+struct Live<'a> {
+    child: Child,
+    pgid: i32,
+    marks: mpsc::Receiver<(Instant, Result<Mark, ProtocolError>)>,
+    lines: mpsc::Receiver<String>,
+    on_line: &'a mut dyn FnMut(&str),
+    requests: mpsc::Sender<Vec<u8>>,
+    deadline: Instant,
+}
+
+impl Live<'_> {
+    fn drain_lines(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            (self.on_line)(&line);
+        }
+    }
+
+    /// The next mark, exit, deadline or interruption, whichever comes first.
+    fn next(&mut self) -> Result<Event, RunnerError> {
+        loop {
+            self.drain_lines();
+            match self.marks.recv_timeout(Duration::from_millis(20)) {
+                Ok((at, mark)) => return Ok(Event::Mark(at, mark)),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+            }
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .map_err(io_err("waiting for the run"))?
+            {
+                // A mark sent just before exiting still counts.
+                if let Ok((at, mark)) = self.marks.try_recv() {
+                    return Ok(Event::Mark(at, mark));
+                }
+                return Ok(Event::Exited(status));
+            }
+            if crate::interrupted() {
+                return Ok(Event::Interrupted);
+            }
+            if Instant::now() >= self.deadline {
+                return Ok(Event::Deadline);
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        // SAFETY: plain syscall; a negative pid names the process group.
+        unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl evaluate::Link for Live<'_> {
+    fn call(&mut self, request: Request) -> Result<Mark, LinkError> {
+        if self.requests.send(request.encode()).is_err() {
+            return Err(LinkError::Gone);
+        }
+        match self.next().map_err(|_| LinkError::Gone)? {
+            Event::Mark(_, Ok(Mark::Failed(why))) => Err(LinkError::Failed(why)),
+            Event::Mark(_, Ok(mark)) => Ok(mark),
+            Event::Mark(_, Err(ProtocolError::Closed)) | Event::Exited(_) => Err(LinkError::Gone),
+            Event::Mark(_, Err(e)) => Err(LinkError::Malformed(e.to_string())),
+            Event::Deadline => Err(LinkError::Timeout),
+            Event::Interrupted => Err(LinkError::Interrupted),
+        }
+    }
+}
+
+/// Everything the child needs from the harness beyond the experiment.
+pub(crate) struct Setup<'a> {
+    pub preset: &'a str,
+    pub exe: &'a Path,
+    pub data: &'a prepare::Dataset,
+    pub rows: &'a Rows,
+}
+
 pub(crate) fn run_child(
     exp: &Experiment,
-    preset: &str,
-    exe: &Path,
-    report: &Path,
+    setup: &Setup,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<ChildRun, RunnerError> {
     let secrets = secret_values();
     let mut on_line =
         |line: &str| on_line(&String::from_utf8_lossy(&redact(line.as_bytes(), &secrets)));
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(setup.exe);
     cmd.env_clear();
     for (key, value) in std::env::vars_os() {
         if allowed(&key.to_string_lossy()) {
@@ -115,13 +241,13 @@ pub(crate) fn run_child(
         }
     }
     cmd.env(env::CACHE, &exp.cache)
-        .env(env::PRESET, preset)
+        .env(env::PRESET, setup.preset)
         .env(env::DEVICE, exp.device.as_str())
         .env(env::TIME_BUDGET, format!("{}", exp.budget.as_secs_f64()))
-        .env(env::REPORT, report)
         .env(env::SEED, exp.seed.to_string())
+        .env(env::HARNESS_FD, HARNESS_FD.to_string())
         .current_dir(&exp.run_dir)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -131,17 +257,21 @@ pub(crate) fn run_child(
     let tmp = exp.run_dir.join("tmp");
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the run's tmp dir"))?;
     cmd.env("TMPDIR", &tmp);
-    let writable = [exp.run_dir.as_path(), Path::new("/dev")];
-    let sandbox = exp
-        .sandbox
-        .then(|| crate::sandbox::Sandbox::new(&writable))
-        .flatten();
+    let sandbox = if exp.sandbox {
+        let rules = crate::sandbox::rules(&exp.run_dir, setup.data, &exp.sandbox_allow)
+            .map_err(RunnerError::Other)?;
+        crate::sandbox::Sandbox::new(&rules)
+    } else {
+        None
+    };
     let sandbox_line = match (&sandbox, exp.sandbox) {
-        (Some(s), _) => s.describe(&writable),
-        (None, true) => "# sandbox: environment scrubbed to an allowlist; this kernel has no Landlock, so network and file-system writes are not confined".into(),
+        (Some(s), _) => s.describe(&exp.run_dir),
+        (None, true) => "# sandbox: environment scrubbed to an allowlist; this kernel has no Landlock, so reads (the validation data included), network and file-system writes are not confined".into(),
         (None, false) => "# sandbox: environment scrubbed to an allowlist; Landlock turned off".into(),
     };
     let ruleset = sandbox.as_ref().map(|s| s.raw_fd());
+    let (marks_read, marks_write) = mark_pipe()?;
+    let marks_fd = marks_write.as_raw_fd();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -150,8 +280,15 @@ pub(crate) fn run_child(
             if libc::getppid() != harness {
                 libc::_exit(1);
             }
+            // Confine first: the ruleset's descriptor may be the number fd 3 takes next.
             if let Some(fd) = ruleset {
                 crate::sandbox::Sandbox::restrict_self(fd)?;
+            }
+            // The mark pipe becomes fd 3, open across exec.
+            if marks_fd == HARNESS_FD {
+                libc::fcntl(marks_fd, libc::F_SETFD, 0);
+            } else if libc::dup2(marks_fd, HARNESS_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
@@ -168,7 +305,8 @@ pub(crate) fn run_child(
     let start = Instant::now();
     let mut child = cmd
         .spawn()
-        .map_err(io_err(format!("starting {}", exe.display())))?;
+        .map_err(io_err(format!("starting {}", setup.exe.display())))?;
+    drop(marks_write);
     let pgid = child.id() as i32;
     let (lines_tx, lines_rx) = mpsc::sync_channel::<String>(256);
     let readers: Vec<_> = [
@@ -203,40 +341,49 @@ pub(crate) fn run_child(
     })
     .collect();
     drop(lines_tx);
+    // Marks in, stamped as they arrive; requests out, on threads of their own so that no read or
+    // write ever blocks the clock. Neither is joined: a pipe held open elsewhere cannot hang us.
+    let (marks_tx, marks_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut pipe = std::io::BufReader::new(std::fs::File::from(marks_read));
+        loop {
+            let mark = Mark::read(&mut pipe);
+            let last = mark.is_err();
+            if marks_tx.send((Instant::now(), mark)).is_err() || last {
+                break;
+            }
+        }
+    });
+    let (requests_tx, requests_rx) = mpsc::channel::<Vec<u8>>();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        for frame in requests_rx {
+            if stdin.write_all(&frame).and_then(|_| stdin.flush()).is_err() {
+                break;
+            }
+        }
+    });
 
-    let deadline = start + exp.hard_timeout();
-    let mut timed_out = false;
-    let status = loop {
-        while let Ok(line) = lines_rx.try_recv() {
-            on_line(&line);
-        }
-        if let Some(status) = child.try_wait().map_err(io_err("waiting for the run"))? {
-            break status;
-        }
-        if crate::interrupted() {
-            // SAFETY: plain syscall; a negative pid names the process group.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let _ = child.wait();
-            return Err(RunnerError::Interrupted);
-        }
-        if Instant::now() >= deadline {
-            timed_out = true;
-            // SAFETY: plain syscall; a negative pid names the process group.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            break child.wait().map_err(io_err("waiting for the killed run"))?;
-        }
-        if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(50)) {
-            on_line(&line);
-        }
+    let mut live = Live {
+        child,
+        pgid,
+        marks: marks_rx,
+        lines: lines_rx,
+        on_line: &mut on_line,
+        requests: requests_tx,
+        deadline: start + exp.startup_grace,
     };
+    let mut phases = Phases::default();
+    let end = drive(exp, setup, &mut live, start, &mut phases)?;
     let wall = start.elapsed();
-    // Anything the run left in its group (it should have none) goes too.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    // Anything the run left in its group goes too.
+    live.kill();
+    drop(live.requests);
     for reader in readers {
         let _ = reader.join();
     }
-    while let Ok(line) = lines_rx.try_recv() {
-        on_line(&line);
+    while let Ok(line) = live.lines.try_recv() {
+        (live.on_line)(&line);
     }
 
     let log = log.lock().unwrap();
@@ -257,13 +404,171 @@ pub(crate) fn run_child(
     let mut tail_bytes = if log.omitted() == 0 { head } else { Vec::new() };
     tail_bytes.extend(tail);
     Ok(ChildRun {
-        status,
-        timed_out,
+        end,
         wall,
+        startup: phases.startup,
+        training: phases.training,
+        evaluation: phases.evaluation,
         tail: String::from_utf8_lossy(&tail_bytes).into_owned(),
         output_bytes: log.total,
         pgid,
     })
+}
+
+#[derive(Default)]
+struct Phases {
+    startup: Option<Duration>,
+    training: Option<Duration>,
+    evaluation: Option<Duration>,
+}
+
+/// The phases, on the harness's clock: start-up until the training-start mark, training until
+/// the request for evaluation, then the evaluation. Each has its own deadline.
+fn drive(
+    exp: &Experiment,
+    setup: &Setup,
+    live: &mut Live,
+    start: Instant,
+    phases: &mut Phases,
+) -> Result<End, RunnerError> {
+    let exited = |status: ExitStatus, phase: &str| {
+        if status.success() {
+            End::Invalid(format!(
+                "the run exited {phase} without serving its model for evaluation: it must end with prepare's `Run::finish`"
+            ))
+        } else {
+            End::Exited(status)
+        }
+    };
+    let interrupted = |live: &mut Live| {
+        live.kill();
+        Err(RunnerError::Interrupted)
+    };
+    // Start-up: data, device, the warm-up steps.
+    let started = loop {
+        match live.next()? {
+            Event::Mark(at, Ok(Mark::Start)) => break at,
+            Event::Mark(_, Ok(Mark::Evaluate(_))) => {
+                return Ok(End::Invalid(
+                    "the run asked for evaluation without marking the start of training: the budget clock must come from prepare's `Run::clock`".into(),
+                ));
+            }
+            Event::Mark(_, Ok(other)) => {
+                return Ok(End::Invalid(format!(
+                    "unexpected mark {other:?} during start-up"
+                )));
+            }
+            // The pipe closed: the process is exiting (or closed fd 3); its exit decides.
+            Event::Mark(_, Err(ProtocolError::Closed)) => {
+                live.deadline = live.deadline.min(Instant::now() + Duration::from_secs(10));
+            }
+            Event::Mark(_, Err(e)) => return Ok(End::Invalid(format!("training-start mark: {e}"))),
+            Event::Exited(status) => return Ok(exited(status, "during start-up")),
+            Event::Interrupted => return interrupted(live),
+            Event::Deadline => {
+                return Ok(End::TimedOut(format!(
+                    "no training-start mark within {:.0}s of start-up (data, device and the {} warm-up steps must fit in it)",
+                    exp.startup_grace.as_secs_f64(),
+                    prepare::clock::WARMUP_STEPS + 1
+                )));
+            }
+        }
+    };
+    phases.startup = Some(started - start);
+    // Training: the budget plus room for the last step, then killed.
+    live.deadline = started + exp.budget + exp.step_grace();
+    let (asked, stats) = loop {
+        match live.next()? {
+            Event::Mark(at, Ok(Mark::Evaluate(stats))) => break (at, stats),
+            Event::Mark(_, Ok(other)) => {
+                return Ok(End::Invalid(format!(
+                    "unexpected mark {other:?} during training"
+                )));
+            }
+            Event::Mark(_, Err(ProtocolError::Closed)) => {
+                live.deadline = live.deadline.min(Instant::now() + Duration::from_secs(10));
+            }
+            Event::Mark(_, Err(e)) => return Ok(End::Invalid(format!("evaluation request: {e}"))),
+            Event::Exited(status) => return Ok(exited(status, "during training")),
+            Event::Interrupted => return interrupted(live),
+            Event::Deadline => {
+                return Ok(End::TimedOut(format!(
+                    "still training {:.1}s after its training started, for a budget of {:.1}s: the harness keeps the time",
+                    (Instant::now() - started).as_secs_f64(),
+                    exp.budget.as_secs_f64()
+                )));
+            }
+        }
+    };
+    phases.training = Some(asked - started);
+    // Evaluation, under its own deadline.
+    live.deadline = asked + exp.eval_grace;
+    let mut rng = prepare::loader::Rng::new(audit_seed());
+    let scored = evaluate::evaluate(
+        live,
+        setup.rows,
+        setup.data.token_bytes(),
+        setup.data.vocab_size(),
+        stats.eval_batch_rows as usize,
+        Tolerance::for_device(exp.device),
+        &mut rng,
+    );
+    phases.evaluation = Some(asked.elapsed());
+    let end = match scored {
+        Ok(scored) => {
+            let _ = live.requests.send(Request::Done.encode());
+            // A moment to exit on its own; the group is killed after anyway.
+            live.deadline = Instant::now() + Duration::from_secs(5);
+            while let Event::Mark(..) = live.next()? {}
+            End::Evaluated {
+                scored: Box::new(scored),
+                stats,
+            }
+        }
+        Err(EvalError::Invalid(why)) => End::Invalid(why),
+        Err(EvalError::Link(LinkError::Timeout)) => End::TimedOut(format!(
+            "the evaluation took longer than {:.0}s",
+            exp.eval_grace.as_secs_f64()
+        )),
+        Err(EvalError::Link(LinkError::Interrupted)) => return interrupted(live),
+        Err(EvalError::Link(LinkError::Failed(why))) => {
+            End::Invalid(format!("the model failed during the evaluation: {why}"))
+        }
+        Err(EvalError::Link(LinkError::Malformed(why))) => {
+            End::Invalid(format!("the evaluation's replies were malformed: {why}"))
+        }
+        Err(EvalError::Link(LinkError::Gone)) => {
+            // The process ended mid-evaluation: its status says how.
+            live.deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match live.next()? {
+                    Event::Exited(status) if !status.success() => break End::Exited(status),
+                    Event::Mark(..) => continue,
+                    _ => {
+                        break End::Invalid(
+                            "the run stopped answering in the middle of its evaluation".into(),
+                        );
+                    }
+                }
+            }
+        }
+    };
+    Ok(end)
+}
+
+/// Fresh randomness for where the audits look: the run cannot predict it from its seed.
+fn audit_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return nanos ^ ((std::process::id() as u64) << 32);
+    }
+    u64::from_le_bytes(bytes)
 }
 
 /// The harness's secret values (API keys, tokens: the variables kept from runs) long enough to

@@ -1,18 +1,22 @@
-//! Landlock: the run may write only under its run directory and `/dev` (GPU device files,
-//! `/dev/shm`), may not open TCP connections or listen, and (ABI 6+) may not signal processes or use
-//! abstract sockets outside its own domain. Reads stay open everywhere. Without root; where the
-//! kernel lacks Landlock the run goes on unconfined and the log says so.
+//! Landlock: the run may read only what an allowlist names (system and toolchain paths, the GPU
+//! stack, the prepared data's training files: not the validation files, not the user's home),
+//! write only under its run directory and to a few device files, may not open TCP connections or
+//! listen, and (ABI 6+) may not signal processes or use abstract sockets outside its own domain.
+//! Without root; where the kernel lacks Landlock the run goes on unconfined and the log says so.
 
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const CREATE_RULESET_VERSION: u32 = 1;
 const RULE_PATH_BENEATH: u32 = 1;
 
 // Filesystem rights (landlock.h).
+const EXECUTE: u64 = 1 << 0;
 const WRITE_FILE: u64 = 1 << 1;
+const READ_FILE: u64 = 1 << 2;
+const READ_DIR: u64 = 1 << 3;
 const REMOVE_DIR: u64 = 1 << 4;
 const REMOVE_FILE: u64 = 1 << 5;
 const MAKE_CHAR: u64 = 1 << 6;
@@ -49,9 +53,22 @@ pub struct Sandbox {
     pub abi: i64,
 }
 
+/// What a rule grants beneath a path.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Access {
+    /// Read and execute.
+    Read,
+    /// Everything: read, execute, create, write, remove.
+    Write,
+}
+
+/// Rights that apply to a file (the rest only make sense on a directory).
+const FILE_RIGHTS: u64 = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE;
+
 impl Sandbox {
-    /// Builds the ruleset; `None` when this kernel has no Landlock.
-    pub fn new(writable: &[&Path]) -> Option<Sandbox> {
+    /// Builds the ruleset; `None` when this kernel has no Landlock. Paths that do not exist are
+    /// skipped.
+    pub fn new(rules: &[(PathBuf, Access)]) -> Option<Sandbox> {
         // SAFETY: the version query takes no pointers.
         let abi = unsafe {
             libc::syscall(
@@ -64,7 +81,10 @@ impl Sandbox {
         if abi < 1 {
             return None;
         }
-        let mut fs = WRITE_FILE
+        let mut fs = EXECUTE
+            | READ_FILE
+            | READ_DIR
+            | WRITE_FILE
             | REMOVE_DIR
             | REMOVE_FILE
             | MAKE_CHAR
@@ -101,17 +121,24 @@ impl Sandbox {
         }
         // SAFETY: the kernel just returned this descriptor to us.
         let ruleset = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        for dir in writable {
-            let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else {
+        for (path, access) in rules {
+            let Ok(cpath) = CString::new(path.as_os_str().as_bytes()) else {
                 continue;
             };
             // SAFETY: a NUL-terminated path; the descriptor is closed below.
-            let parent = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+            let parent = unsafe { libc::open(cpath.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
             if parent < 0 {
                 continue;
             }
+            let mut allowed = match access {
+                Access::Read => EXECUTE | READ_FILE | READ_DIR,
+                Access::Write => fs,
+            };
+            if !path.is_dir() {
+                allowed &= FILE_RIGHTS;
+            }
             let rule = PathBeneathAttr {
-                allowed_access: fs,
+                allowed_access: allowed & fs,
                 parent_fd: parent,
             };
             // SAFETY: `rule` outlives the call; both descriptors are valid.
@@ -146,12 +173,11 @@ impl Sandbox {
         Ok(())
     }
 
-    pub fn describe(&self, writable: &[&Path]) -> String {
-        let dirs: Vec<String> = writable.iter().map(|p| p.display().to_string()).collect();
+    pub fn describe(&self, run_dir: &Path) -> String {
         format!(
-            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: writes only under {}{}",
+            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files{}",
             self.abi,
-            dirs.join(", "),
+            run_dir.display(),
             if self.abi >= 4 {
                 "; TCP connect and bind denied"
             } else {
@@ -159,4 +185,76 @@ impl Sandbox {
             }
         )
     }
+}
+
+/// System paths a run reads: libraries, the loader's configuration, `/proc` and `/sys` (CPU
+/// counts, the GPU driver's files), `/dev`. Not `/home`, `/root`, `/tmp`, `/var` or `/run`.
+const SYSTEM_READ: &[&str] = &[
+    "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/opt", "/proc",
+    "/sys", "/dev",
+];
+
+/// Device files a run may write to: the usual character devices and the NVIDIA driver's nodes.
+/// Not `/dev/shm`, which outlives the run.
+fn writable_devices() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = ["null", "zero", "full", "random", "urandom"]
+        .iter()
+        .map(|d| Path::new("/dev").join(d))
+        .collect();
+    if let Ok(entries) = std::fs::read_dir("/dev") {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("nvidia") {
+                out.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
+/// The rules for one run: the system, the GPU stack (`LD_LIBRARY_PATH`, `CUDA_HOME`,
+/// `CUDA_PATH`, `CUDA_ROOT`), the prepared data's training files, `extra` (read), the run dir
+/// (write). Refuses when a rule would make a validation file readable.
+pub fn rules(
+    run_dir: &Path,
+    data: &prepare::Dataset,
+    extra: &[PathBuf],
+) -> Result<Vec<(PathBuf, Access)>, String> {
+    let mut rules: Vec<(PathBuf, Access)> = SYSTEM_READ
+        .iter()
+        .map(|p| (PathBuf::from(p), Access::Read))
+        .collect();
+    for var in ["LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"] {
+        if let Some(value) = std::env::var_os(var) {
+            for dir in std::env::split_paths(&value).filter(|d| d.is_absolute()) {
+                rules.push((dir, Access::Read));
+            }
+        }
+    }
+    rules.extend(extra.iter().map(|p| (p.clone(), Access::Read)));
+    let cache = &data.cache;
+    let m = &data.manifest;
+    rules.push((cache.join(prepare::manifest::MANIFEST_FILE), Access::Read));
+    rules.push((cache.join(&m.tokenizer.token_bytes_file), Access::Read));
+    rules.push((cache.join(&m.tokenizer.file), Access::Read));
+    for shard in data.shard_paths(prepare::Split::Train) {
+        rules.push((shard, Access::Read));
+    }
+    rules.extend(writable_devices().into_iter().map(|d| (d, Access::Write)));
+    rules.push((run_dir.to_path_buf(), Access::Write));
+
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let secret: Vec<PathBuf> = data.shard_paths(prepare::Split::Val);
+    for hidden in secret.iter().filter(|p| p.exists()).map(|p| canonical(p)) {
+        for (path, _) in &rules {
+            let granted = canonical(path);
+            if hidden.starts_with(&granted) {
+                return Err(format!(
+                    "the validation data {} would be readable by the run through {}: keep the cache (--cache) outside the paths runs may read",
+                    hidden.display(),
+                    granted.display()
+                ));
+            }
+        }
+    }
+    Ok(rules)
 }

@@ -44,6 +44,8 @@ pub struct Settings {
     pub budget: Option<Duration>,
     pub seed: u64,
     pub sandbox: bool,
+    /// More paths experiments may read.
+    pub sandbox_allow: Vec<PathBuf>,
     /// Stop once the session holds this many experiments (the baseline included).
     pub max_experiments: Option<usize>,
     /// Start no experiment after this time.
@@ -144,6 +146,7 @@ pub fn run(
     );
     exp.seed = meta.seed;
     exp.sandbox = settings.sandbox;
+    exp.sandbox_allow = settings.sandbox_allow.clone();
     exp.target_dir = settings.target_dir.clone();
     exp.run_dir = ledger.dir().join("work");
     let keep_rule = StrictImprovement;

@@ -65,11 +65,9 @@ pub fn replay(
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    exp.run_dir = session
-        .dir
-        .join("replays")
-        .join(format!("{}-{stamp}", record.short()));
-    exp.log_path = exp.run_dir.join("replay.log");
+    let name = format!("{}-{stamp}", record.short());
+    exp.run_dir = session.dir.join("replays").join(&name);
+    exp.log_path = session.dir.join("replays").join(format!("{name}.log"));
     let verdict = runner::run(&exp, on_line)?;
     drop(worktree);
     Ok(Replay {

@@ -1,0 +1,374 @@
+//! The plumbing of a train process, so the train file holds only research: reading the train
+//! contract's environment, opening the device, keeping freed memory, the budget clock's start
+//! mark, where a step's time goes, and the end of every run, the evaluation.
+//!
+//! Under the harness (`$AUTORESEARCH_HARNESS_FD` set) [`Run::finish`] serves the trained model
+//! over the [`protocol`](crate::protocol): the harness feeds the validation rows and computes
+//! val_bpb itself; this process never reads them. Run by hand, it evaluates locally with
+//! [`evaluate_bpb`](crate::evaluate_bpb) and prints the summary block.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::eval::per_token_cross_entropy;
+use crate::protocol::{self, Mark, Request, TrainStats, mfu_percent, timed_tokens};
+use crate::{BudgetClock, Dataset, Error, Result, RunReport, Summary, env};
+
+/// The pipe to the harness: marks and replies out on fd 3, requests in on stdin.
+struct Link {
+    out: Mutex<File>,
+}
+
+impl Link {
+    fn from_env() -> Option<Arc<Link>> {
+        let fd: i32 = std::env::var(env::HARNESS_FD).ok()?.parse().ok()?;
+        use std::os::fd::FromRawFd;
+        // SAFETY: the harness opened this descriptor for us; nothing else in the process owns it.
+        let out = unsafe { File::from_raw_fd(fd) };
+        Some(Arc::new(Link {
+            out: Mutex::new(out),
+        }))
+    }
+
+    fn send(&self, mark: &Mark) -> Result<()> {
+        protocol::send(&mut *self.out.lock().unwrap(), &mark.encode())
+            .map_err(|e| Error::Invalid(format!("talking to the harness: {e}")))
+    }
+}
+
+/// One run of the train binary: the data, the device, the budget and the seed the harness chose.
+pub struct Run {
+    pub data: Dataset,
+    pub device: Device,
+    pub budget: Duration,
+    pub seed: u64,
+    started: Instant,
+    link: Option<Arc<Link>>,
+}
+
+impl Run {
+    /// Reads the train contract from the environment and opens the device. Call it first: it
+    /// also sets the allocators up before any other thread exists.
+    pub fn from_env() -> Result<Run> {
+        keep_freed_host_memory();
+        let started = Instant::now();
+        let data = Dataset::from_env()?;
+        let device = match std::env::var(env::DEVICE).as_deref() {
+            Ok("cuda") => Device::new_cuda(0).map_err(|e| {
+                Error::Invalid(format!(
+                    "AUTORESEARCH_DEVICE=cuda: cannot open GPU 0 ({e}); it takes a build with `--features cuda`, an NVIDIA driver and a GPU"
+                ))
+            })?,
+            Ok("cpu") | Err(_) => Device::Cpu,
+            Ok(other) => {
+                return Err(Error::Invalid(format!(
+                    "AUTORESEARCH_DEVICE must be cuda or cpu, not `{other}`"
+                )));
+            }
+        };
+        if let Err(e) = keep_freed_device_memory(&device) {
+            eprintln!("warning: freed GPU memory goes back to the driver at each step: {e}");
+        }
+        let budget = std::env::var(env::TIME_BUDGET)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(
+                Duration::from_secs(data.preset().time_budget_s),
+                Duration::from_secs_f64,
+            );
+        let seed = std::env::var(env::SEED)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(42);
+        Ok(Run {
+            data,
+            device,
+            budget,
+            seed,
+            started,
+            link: Link::from_env(),
+        })
+    }
+
+    /// A run outside the harness (tests, benchmarks): evaluated locally at the end.
+    pub fn new(data: Dataset, device: Device, budget: Duration, seed: u64) -> Run {
+        Run {
+            data,
+            device,
+            budget,
+            seed,
+            started: Instant::now(),
+            link: None,
+        }
+    }
+
+    /// The budget clock. Under the harness, the first timed step tells the harness that
+    /// training starts: from then on the harness keeps the time.
+    pub fn clock(&self) -> BudgetClock {
+        let mut clock = BudgetClock::new(self.budget);
+        if let Some(link) = self.link.clone() {
+            clock.on_start(Box::new(move || {
+                if let Err(e) = link.send(&Mark::Start) {
+                    eprintln!("warning: {e}");
+                }
+            }));
+        }
+        clock
+    }
+
+    /// Device memory in use, MiB, as the driver sees it (0 on the CPU).
+    pub fn memory_used_mb(&self) -> f64 {
+        device_memory_used_mb(&self.device)
+    }
+
+    /// Ends the run: evaluates the model, given as a function from inputs `[B, T]` u32 to logits
+    /// `[B, T, vocab]`. Under the harness the model is served to it (this process never sees the
+    /// validation rows and never computes the metric); run by hand it is evaluated here.
+    pub fn finish<F, E>(self, stats: TrainStats, logits: F) -> Result<()>
+    where
+        F: Fn(&Tensor) -> std::result::Result<Tensor, E>,
+        E: std::fmt::Display,
+    {
+        let model = |x: &Tensor| logits(x).map_err(|e| Error::Invalid(format!("the model: {e}")));
+        match self.link.clone() {
+            Some(link) => self.serve(&link, stats, &model),
+            None => self.evaluate_here(stats, &model),
+        }
+    }
+
+    fn serve(
+        &self,
+        link: &Link,
+        stats: TrainStats,
+        model: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        println!("training done: the harness evaluates the model");
+        link.send(&Mark::Evaluate(stats))?;
+        let mut requests = BufReader::new(std::io::stdin().lock());
+        loop {
+            let request = Request::read(&mut requests)
+                .map_err(|e| Error::Invalid(format!("reading the harness's request: {e}")))?;
+            let reply = match request {
+                Request::Done => return Ok(()),
+                Request::Losses {
+                    rows,
+                    seq,
+                    inputs,
+                    targets,
+                } => {
+                    let shape = (rows as usize, seq as usize);
+                    let x = Tensor::from_vec(inputs, shape, &self.device)?;
+                    let y = Tensor::from_vec(targets, shape, &self.device)?;
+                    model(&x).and_then(|l| {
+                        let nats = per_token_cross_entropy(&l, &y)?;
+                        Ok(Mark::Losses(nats.flatten_all()?.to_vec1()?))
+                    })
+                }
+                Request::Logits { inputs, positions } => {
+                    let n = inputs.len();
+                    let x = Tensor::from_vec(inputs, (1, n), &self.device)?;
+                    let k = positions.len();
+                    let at = Tensor::from_vec(positions, k, &self.device)?;
+                    model(&x).and_then(|l| {
+                        let picked = l.get(0)?.index_select(&at, 0)?.to_dtype(DType::F32)?;
+                        Ok(Mark::Logits(picked.flatten_all()?.to_vec1()?))
+                    })
+                }
+            };
+            match reply {
+                Ok(mark) => link.send(&mark)?,
+                Err(e) => {
+                    link.send(&Mark::Failed(e.to_string()))?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn evaluate_here(
+        &self,
+        stats: TrainStats,
+        model: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        let batch = stats.eval_batch_rows.max(1) as usize;
+        let result = crate::evaluate_bpb(&self.data, &self.device, batch, |x, y| {
+            let logits = model(x).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            per_token_cross_entropy(&logits, y)
+        })?;
+        let timed = timed_tokens(&stats);
+        RunReport {
+            summary: Summary {
+                val_bpb: result.val_bpb,
+                training_seconds: stats.training_seconds,
+                total_seconds: self.started.elapsed().as_secs_f64(),
+                peak_vram_mb: stats.peak_vram_mb,
+                mfu_percent: mfu_percent(
+                    self.device.is_cuda(),
+                    stats.flops_per_token,
+                    timed,
+                    stats.training_seconds,
+                ),
+                total_tokens_m: stats.total_tokens as f64 / 1e6,
+                num_steps: stats.num_steps,
+                num_params_m: stats.num_params as f64 / 1e6,
+                depth: stats.depth,
+            },
+            eval: result.spec,
+            preset: self.data.preset().name.clone(),
+            device: if self.device.is_cuda() { "cuda" } else { "cpu" }.into(),
+        }
+        .emit()
+    }
+}
+
+/// Where a step's time goes, by phase. One step in `every` is timed: each lap synchronises the
+/// device, which stops the host from queueing ahead of the GPU, so timing every step would slow
+/// every step. Warm-up steps are not counted.
+pub struct Stopwatch {
+    device: Device,
+    names: &'static [&'static str],
+    every: u64,
+    last: Instant,
+    step: Vec<f64>,
+    sums: Vec<f64>,
+    timed_steps: u64,
+    timing: bool,
+}
+
+impl Stopwatch {
+    pub fn new(device: &Device, names: &'static [&'static str], every: u64) -> Self {
+        Stopwatch {
+            device: device.clone(),
+            names,
+            every: every.max(1),
+            last: Instant::now(),
+            step: vec![0.0; names.len()],
+            sums: vec![0.0; names.len()],
+            timed_steps: 0,
+            timing: true,
+        }
+    }
+
+    /// Starts step `step` (0-based).
+    pub fn start_step(&mut self, step: u64) {
+        self.timing = step.is_multiple_of(self.every);
+        self.step.iter_mut().for_each(|t| *t = 0.0);
+        self.last = Instant::now();
+    }
+
+    /// Charges the time since the last lap to phase `phase` (an index into the names).
+    pub fn lap(&mut self, phase: usize) -> Result<()> {
+        if !self.timing {
+            return Ok(());
+        }
+        self.device.synchronize()?;
+        let now = Instant::now();
+        self.step[phase] += (now - self.last).as_secs_f64();
+        self.last = now;
+        Ok(())
+    }
+
+    /// Ends step `step`: a timed step past the warm-up joins the averages.
+    pub fn end_step(&mut self, step: u64) {
+        if self.timing && step > crate::clock::WARMUP_STEPS {
+            self.timed_steps += 1;
+            for (sum, t) in self.sums.iter_mut().zip(&self.step) {
+                *sum += t;
+            }
+        }
+    }
+
+    /// `time per step (ms, N timed steps): data 1.0 | forward 2.0 | ...`
+    pub fn summary(&self) -> String {
+        let phases: Vec<String> = self
+            .names
+            .iter()
+            .zip(&self.sums)
+            .map(|(name, t)| format!("{name} {:.1}", 1e3 * t / self.timed_steps.max(1) as f64))
+            .collect();
+        format!(
+            "time per step (ms, {} timed steps): {}",
+            self.timed_steps,
+            phases.join(" | ")
+        )
+    }
+}
+
+/// Keeps freed host memory in the process instead of handing it back to the kernel: candle
+/// allocates every op's output afresh, and with glibc's defaults each large one is a new mapping
+/// whose pages fault in again, two threads contending for the kernel's lock (measured on the tiny
+/// CPU preset: 1.9 → 3.0 steps/s).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_host_memory() {
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only changes glibc's allocator settings.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_host_memory() {}
+
+/// The same on the GPU: candle allocates through the driver's stream-ordered pool, whose release
+/// threshold of 0 hands freed memory back at every synchronise, so each step maps its buffers
+/// afresh. Keep them in the pool (as PyTorch's caching allocator does).
+#[cfg(feature = "cuda")]
+fn keep_freed_device_memory(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    if !context.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    let driver = |e: sys::CUresult| Error::Invalid(format!("CUDA driver: {e:?}"));
+    // SAFETY: plain driver calls on the device candle opened; `threshold` outlives the call.
+    unsafe {
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device());
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(driver(r));
+        }
+        let r = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(driver(r));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn keep_freed_device_memory(_: &Device) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn device_memory_used_mb(device: &Device) -> f64 {
+    use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+    match (device.is_cuda(), mem_get_info()) {
+        (true, Ok((free, total))) => (total - free) as f64 / (1024.0 * 1024.0),
+        _ => 0.0,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_memory_used_mb(_: &Device) -> f64 {
+    0.0
+}
