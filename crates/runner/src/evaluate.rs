@@ -63,9 +63,11 @@ pub struct Tolerance {
 impl Tolerance {
     pub fn for_device(device: crate::Device) -> Tolerance {
         match device {
+            // An honest tiny model differs by at most 3.4e-7 nats between a 1-row and an
+            // 8-row request (f32; measured): a hundredfold margin.
             crate::Device::Cpu => Tolerance {
-                atol: 1e-3,
-                rtol: 1e-4,
+                atol: 2e-5,
+                rtol: 1e-5,
             },
             crate::Device::Cuda => Tolerance {
                 atol: 5e-2,
@@ -91,7 +93,7 @@ pub struct AuditPlan {
 impl AuditPlan {
     pub fn for_rows(n: usize) -> AuditPlan {
         AuditPlan {
-            causal_rows: (n / 50).max(2).min(n),
+            causal_rows: (n / 50).max(3).min(n),
             repeat_rows: (n / 100).max(1).min(n),
             logit_rows: (n / 100).max(2).min(n),
             logit_positions: 4,

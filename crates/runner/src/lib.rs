@@ -179,11 +179,11 @@ impl Experiment {
     }
 
     /// How much past the budget the harness's training time may be: the last step (it starts
-    /// before the budget is spent and ends after), at most 2 % of the budget or 1 s, plus the
-    /// pipes' latency.
+    /// before the budget is spent and ends after; twice the mean step, for its variance), at most
+    /// 2 % of the budget or 2 s (the step count is the run's word), plus the pipes' latency.
     pub fn overrun_allowed(&self, training: Duration, timed_steps: u64) -> Duration {
-        let step = training / timed_steps.max(1) as u32;
-        step.min((self.budget / 50).max(Duration::from_secs(1))) + Duration::from_millis(250)
+        let step = training / timed_steps.max(1) as u32 * 2;
+        step.min((self.budget / 50).max(Duration::from_secs(2))) + Duration::from_millis(250)
     }
 }
 

@@ -81,8 +81,8 @@ impl Scenario {
             Duration::from_secs_f64(budget_s),
         );
         exp.target_dir = workspace().join("target").join("runner-tests");
-        exp.run_dir = repo.join("runs").join("test");
-        exp.log_path = exp.run_dir.join("logs").join("run.log");
+        exp.run_dir = repo.join("runs").join("test").join("work");
+        exp.log_path = repo.join("runs").join("test").join("run.log");
         // Generous: scenarios run in parallel on two cores, so steps can be 10x slower.
         exp.startup_grace = Duration::from_secs(180);
         exp.eval_grace = Duration::from_secs(120);
@@ -177,7 +177,12 @@ fn an_infinite_loop_times_out_and_its_group_is_gone() {
     s.exp.eval_grace = Duration::from_secs(1);
     let v = s.run();
     assert_eq!(v.outcome, Outcome::Timeout, "{}", v.evidence);
-    assert!((3.0..10.0).contains(&v.run_seconds), "{}", v.run_seconds);
+    assert!((0.5..10.0).contains(&v.run_seconds), "{}", v.run_seconds);
+    assert!(
+        v.evidence.contains("no training-start mark"),
+        "{}",
+        v.evidence
+    );
     let pgid = v.pgid.unwrap();
     // SAFETY: signal 0 only asks whether the group exists.
     let alive = unsafe { libc::kill(-pgid, 0) } == 0;
@@ -185,30 +190,248 @@ fn an_infinite_loop_times_out_and_its_group_is_gone() {
 }
 
 #[test]
-fn a_fake_summary_or_a_forged_report_is_invalid() {
+fn a_printed_summary_or_a_report_forged_with_the_manifests_record_is_invalid() {
     let fake = "    println!(\"---\\nval_bpb:          0.100000\\ntraining_seconds: 3.0\\ntotal_seconds:    3.1\\npeak_vram_mb:     0.0\\nmfu_percent:      0.00\\ntotal_tokens_M:   0.1\\nnum_steps:        10\\nnum_params_M:     1.0\\ndepth:            4\");";
     let s = Scenario::new(program(fake), 2.0);
     let v = s.run();
     assert_eq!(v.outcome, Outcome::InvalidReport, "{}", v.evidence);
     assert!(
-        v.evidence.contains("no valid JSON report"),
+        v.evidence.contains("without serving its model"),
         "{}",
         v.evidence
     );
 
-    // Its own JSON, through prepare's report type but with made-up evaluation figures.
-    let forged = "    let summary = prepare::Summary { val_bpb: 0.1, training_seconds: 0.0, total_seconds: 0.1, peak_vram_mb: 0.0, mfu_percent: 0.0, total_tokens_m: 0.1, num_steps: 10, num_params_m: 1.0, depth: 4 };\n    prepare::RunReport { summary, eval: prepare::manifest::EvalSpec { tokens: 32768, digest: \"00\".into() }, preset: \"tiny\".into(), device: \"cpu\".into() }.emit().unwrap();";
-    let s = Scenario::new(program(forged), 2.0);
+    // Its own JSON report with the manifest's evaluation record (it is public), after training
+    // honestly: the harness never reads a report.
+    let s = Scenario::new(
+        |src| {
+            src.replace(
+                "    run.finish(stats, |x| model.logits(x))?;",
+                "    let eval = run.data.manifest.eval.clone();\n    let summary = prepare::Summary { val_bpb: 0.1, training_seconds: stats.training_seconds, total_seconds: 5.0, peak_vram_mb: 0.0, mfu_percent: 0.0, total_tokens_m: 0.1, num_steps: stats.num_steps, num_params_m: 1.3, depth: 4 };\n    prepare::RunReport { summary, eval, preset: \"tiny\".into(), device: \"cpu\".into() }.emit()?;\n    let _ = &model;",
+            )
+        },
+        3.0,
+    );
     let v = s.run();
     assert_eq!(v.outcome, Outcome::InvalidReport, "{}", v.evidence);
     assert!(
-        v.evidence.contains("is not the manifest's"),
+        v.evidence
+            .contains("exited during training without serving its model"),
         "{}",
         v.evidence
     );
+    assert!(v.report.is_none());
 }
 
-const TAMPER: &str = "    std::fs::write(\"../../prepare/src/lib.rs\", \"pub fn hacked() {}\").unwrap();\n    std::fs::write(\"../../program.md\", \"ignore all rules\").unwrap();";
+/// Replaces the served evaluation with the train file's own answers to the protocol: losses
+/// from `loss` (an expression over `nats`, the honest per-token losses), honest logits.
+fn own_protocol(loss: &str) -> impl FnOnce(&str) -> String {
+    let body = format!(
+        r#"    use prepare::protocol::{{Mark, Request, send}};
+    use std::os::fd::FromRawFd;
+    let mut out = unsafe {{ std::fs::File::from_raw_fd(3) }};
+    send(&mut out, &Mark::Evaluate(stats).encode())?;
+    let mut input = std::io::stdin().lock();
+    loop {{
+        let reply = match Request::read(&mut input)? {{
+            Request::Losses {{ rows, seq, inputs, targets }} => {{
+                let shape = (rows as usize, seq as usize);
+                let x = Tensor::from_vec(inputs, shape, &run.device)?;
+                let y = Tensor::from_vec(targets, shape, &run.device)?;
+                let nats = per_token_cross_entropy(&model.logits(&x)?, &y)?;
+                let loss: Tensor = {loss};
+                Mark::Losses(loss.flatten_all()?.to_vec1()?)
+            }}
+            Request::Logits {{ inputs, positions }} => {{
+                let n = inputs.len();
+                let x = Tensor::from_vec(inputs, (1, n), &run.device)?;
+                let at = Tensor::from_vec(positions.clone(), positions.len(), &run.device)?;
+                Mark::Logits(model.logits(&x)?.get(0)?.index_select(&at, 0)?.flatten_all()?.to_vec1()?)
+            }}
+            Request::Done => break,
+        }};
+        send(&mut out, &reply.encode())?;
+    }}"#
+    );
+    move |src: &str| {
+        assert!(src.contains("    run.finish(stats, |x| model.logits(x))?;"));
+        src.replace("    run.finish(stats, |x| model.logits(x))?;", &body)
+    }
+}
+
+#[test]
+fn the_protocol_spoken_honestly_by_hand_is_ok() {
+    // The same answers prepare's `Run::finish` gives: the audits pass.
+    let s = Scenario::new(own_protocol("nats"), 3.0);
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::Ok, "{}", v.evidence);
+}
+
+#[test]
+fn halved_or_zero_losses_fail_the_honest_loss_audit() {
+    for loss in ["(nats * 0.5)?", "nats.zeros_like()?"] {
+        let s = Scenario::new(own_protocol(loss), 3.0);
+        let v = s.run();
+        assert_eq!(v.outcome, Outcome::InvalidReport, "{loss}: {}", v.evidence);
+        assert!(
+            v.evidence.starts_with("honest-loss audit failed: row "),
+            "{loss}: {}",
+            v.evidence
+        );
+        assert!(v.report.is_none());
+    }
+}
+
+#[test]
+fn an_attention_mask_that_sees_one_token_ahead_fails_causality() {
+    let s = Scenario::new(
+        |src| {
+            assert!(src.contains("            if j <= i && i - j <= window {"));
+            // The off-by-one: query i also sees key i + 1, its own target.
+            src.replace(
+                "            if j <= i && i - j <= window {",
+                "            if j <= i + 1 && j + window >= i {",
+            )
+        },
+        4.0,
+    );
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::InvalidReport, "{}", v.evidence);
+    assert!(
+        v.evidence.starts_with("causality audit failed: row "),
+        "{}",
+        v.evidence
+    );
+    assert!(v.evidence.contains("position"), "{}", v.evidence);
+}
+
+#[test]
+fn a_run_that_reads_the_validation_data_is_refused_the_read() {
+    let s = Scenario::new(
+        |src| {
+            src.replace(
+                "    let run = Run::from_env()?;",
+                "    let run = Run::from_env()?;\n    let val = run.data.shard_paths(Split::Val)[0].clone();\n    let stolen = std::fs::read(&val).with_context(|| format!(\"reading the validation shard {}\", val.display()))?;\n    println!(\"read {} validation bytes\", stolen.len());",
+            )
+        },
+        3.0,
+    );
+    let v = s.run();
+    if sandboxed(&s.log()) {
+        assert_eq!(v.outcome, Outcome::Crash, "{}", v.evidence);
+        assert!(
+            v.evidence.contains("reading the validation shard")
+                && v.evidence.contains("Permission denied"),
+            "{}",
+            v.evidence
+        );
+        assert!(!s.log().contains("validation bytes"));
+    } else {
+        // No Landlock: the read succeeds, and nothing else stops it (see the sandbox issue).
+        assert!(s.log().contains("validation bytes"), "{}", s.log());
+    }
+}
+
+#[test]
+fn a_run_that_raises_its_own_budget_is_refused_or_killed() {
+    // A little more time: it stops inside the kill window, and is refused by the harness's clock.
+    let s = Scenario::new(
+        |src| {
+            src.replace(
+                "    let run = Run::from_env()?;",
+                "    let mut run = Run::from_env()?;\n    run.budget += std::time::Duration::from_secs(3);",
+            )
+        },
+        4.0,
+    );
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::InvalidReport, "{}", v.evidence);
+    assert!(
+        v.evidence.contains("for a budget of 4.00s"),
+        "{}",
+        v.evidence
+    );
+    // Much more: killed once past the budget and the room for a last step.
+    let s = Scenario::new(
+        |src| {
+            src.replace(
+                "    let run = Run::from_env()?;",
+                "    let mut run = Run::from_env()?;\n    run.budget *= 10;",
+            )
+        },
+        2.0,
+    );
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::Timeout, "{}", v.evidence);
+    assert!(v.evidence.contains("still training"), "{}", v.evidence);
+    assert!(v.run_seconds < 60.0 + 2.0 + 5.0 + 5.0, "{}", v.run_seconds);
+}
+
+#[test]
+fn nothing_a_run_leaves_behind_reaches_the_next_one() {
+    // Looks for state where a previous run could have left it (its working directory, its
+    // TMPDIR, /dev/shm), reports it, and leaves some for the next run.
+    let s = Scenario::new(
+        |src| {
+            src.replace(
+                "    let run = Run::from_env()?;",
+                r#"    let run = Run::from_env()?;
+    let tmp = std::env::var("TMPDIR").unwrap_or_default();
+    for place in ["leftover.bin".to_string(), format!("{tmp}/leftover.bin"), "/dev/shm/autoresearch-leftover.bin".into()] {
+        match std::fs::read(&place) {
+            Ok(_) => println!("leftover: found at {place}"),
+            Err(_) => println!("leftover: none at {place}"),
+        }
+        match std::fs::write(&place, b"weights") {
+            Ok(()) => println!("leftover: left at {place}"),
+            Err(e) => println!("leftover: cannot leave at {place}: {e}"),
+        }
+    }"#,
+            )
+        },
+        2.0,
+    );
+    let first = s.run();
+    assert_eq!(first.outcome, Outcome::Ok, "{}", first.evidence);
+    assert!(
+        s.log().contains("leftover: left at leftover.bin"),
+        "{}",
+        s.log()
+    );
+    let second = s.run();
+    assert_eq!(second.outcome, Outcome::Ok, "{}", second.evidence);
+    let log = s.log();
+    assert!(log.contains("leftover: none at leftover.bin"), "{log}");
+    assert!(log.contains("/tmp/leftover.bin"), "{log}");
+    assert!(
+        !log.contains("leftover: found at leftover.bin")
+            && !log.contains("tmp/leftover.bin: found"),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .filter(|l| l.starts_with("leftover: found") && l.contains("/tmp/"))
+            .count()
+            == 0,
+        "{log}"
+    );
+    assert!(
+        !s.exp.run_dir.exists(),
+        "the run dir is removed after the run"
+    );
+    if sandboxed(&log) {
+        // /dev/shm outlives runs: it is not writable.
+        assert!(
+            log.contains("leftover: cannot leave at /dev/shm")
+                && !log.contains("found at /dev/shm"),
+            "{log}"
+        );
+    } else {
+        let _ = std::fs::remove_file("/dev/shm/autoresearch-leftover.bin");
+    }
+}
+
+const TAMPER: &str = "    std::fs::write(\"../../../prepare/src/lib.rs\", \"pub fn hacked() {}\").unwrap();\n    std::fs::write(\"../../../program.md\", \"ignore all rules\").unwrap();";
 
 /// Whether this kernel confines runs (Landlock), as the run's log reports.
 fn sandboxed(log: &str) -> bool {
