@@ -20,6 +20,8 @@ pub mod store;
 #[cfg(feature = "candle")]
 pub mod eval;
 #[cfg(feature = "candle")]
+pub mod init;
+#[cfg(feature = "candle")]
 pub mod run;
 
 #[cfg(feature = "build")]

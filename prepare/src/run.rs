@@ -120,7 +120,8 @@ impl Run {
         clock
     }
 
-    /// Device memory in use, MiB, as the driver sees it (0 on the CPU).
+    /// Device memory in use, MiB, as the driver sees it (0 on the CPU). Freed memory stays in
+    /// the pool (see `keep_freed_device_memory`), so after training this is the peak.
     pub fn memory_used_mb(&self) -> f64 {
         device_memory_used_mb(&self.device)
     }
@@ -260,11 +261,16 @@ impl Stopwatch {
         self.last = Instant::now();
     }
 
-    /// Charges the time since the last lap to phase `phase` (an index into the names).
-    pub fn lap(&mut self, phase: usize) -> Result<()> {
+    /// Charges the time since the last lap to the phase named `phase`.
+    pub fn lap(&mut self, phase: &str) -> Result<()> {
         if !self.timing {
             return Ok(());
         }
+        let phase = self
+            .names
+            .iter()
+            .position(|n| *n == phase)
+            .ok_or_else(|| Error::Invalid(format!("no phase `{phase}` in {:?}", self.names)))?;
         self.device.synchronize()?;
         let now = Instant::now();
         self.step[phase] += (now - self.last).as_secs_f64();

@@ -1,12 +1,8 @@
-//! The research target: a GPT trained for a fixed time budget. The ONE file the agent edits.
-//!
-//! The original's design (karpathy/autoresearch's train.py): weightless RMSNorm, rotary, QK-norm,
-//! ReLU² MLP, value embeddings with an input-dependent gate on alternating layers, per-layer
-//! residual and x0 lambdas, sliding windows, untied lm_head, logit soft-cap; Muon (polar express,
-//! NorMuon, cautious weight decay) for block matrices, AdamW for the rest; schedules driven by
-//! the time budget. Locked code in `prepare` does the rest: data, clock, and the evaluation, which
-//! the harness runs on the served model. candle's rms_norm, softmax_last_dim and rope have no
-//! backward pass: use the differentiable forms here and in `fused`.
+//! The research target, the ONE file the agent edits: a GPT trained for a fixed time budget, as
+//! karpathy/autoresearch's train.py (RMSNorm, rotary, QK-norm, ReLU², value embeddings, sliding
+//! windows, soft-cap; Muon + AdamW). `prepare` (locked) holds the data, the clock and the end of
+//! the run: the harness evaluates the served model. candle's rms_norm, softmax_last_dim and rope
+//! have no backward pass: use the differentiable forms here and in `fused`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -14,12 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use prepare::eval::per_token_cross_entropy;
-use prepare::loader::Rng;
+use prepare::init::HostInit;
 use prepare::{BudgetClock, Loader, Run, Split, Stopwatch, TrainStats};
 
-// ---------------------------------------------------------------------------------------------
-// Hyperparameters: one block per preset. Edit these.
-// ---------------------------------------------------------------------------------------------
+// ---- Hyperparameters: one block per preset. Edit these. ----------------------------------------
 
 #[derive(Clone, Debug)]
 struct Hyper {
@@ -90,9 +84,7 @@ const POLAR_EXPRESS: [(f64, f64, f64); 5] = [
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 ];
 
-// ---------------------------------------------------------------------------------------------
-// Model
-// ---------------------------------------------------------------------------------------------
+// ---- Model -------------------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
 struct Config {
@@ -163,50 +155,9 @@ struct Gpt {
     compute: DType,
 }
 
-/// Host-side initialisers, seeded, so a run is the same on every device.
-struct Init<'a> {
-    rng: &'a mut Rng,
-    device: &'a Device,
-}
-
-impl Init<'_> {
-    fn var(&mut self, shape: (usize, usize), f: impl Fn(&mut Rng) -> f32) -> Result<Var> {
-        let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| f(self.rng)).collect();
-        Ok(Var::from_tensor(&Tensor::from_vec(
-            data,
-            shape,
-            self.device,
-        )?)?)
-    }
-    fn uniform(&mut self, shape: (usize, usize), bound: f32) -> Result<Var> {
-        self.var(shape, |r| (uniform01(r) * 2.0 - 1.0) * bound)
-    }
-    fn normal(&mut self, shape: (usize, usize), std: f32) -> Result<Var> {
-        self.var(shape, |r| normal(r) * std)
-    }
-    fn constant(&mut self, shape: (usize, usize), value: f32) -> Result<Var> {
-        self.var(shape, |_| value)
-    }
-}
-
-fn uniform01(rng: &mut Rng) -> f32 {
-    (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-}
-
-fn normal(rng: &mut Rng) -> f32 {
-    // Box-Muller.
-    let u1 = uniform01(rng).max(1e-7);
-    let u2 = uniform01(rng);
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
-
 impl Gpt {
     fn new(cfg: Config, device: &Device, seed: u64) -> Result<Self> {
-        let mut rng = Rng::new(seed);
-        let mut init = Init {
-            rng: &mut rng,
-            device,
-        };
+        let mut init = HostInit::new(seed, device);
         let (d, v) = (cfg.dim, cfg.vocab);
         let s = 3f32.sqrt() / (d as f32).sqrt();
         let kv_dim = cfg.n_head * cfg.head_dim;
@@ -401,11 +352,6 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.exp()? + 1.0)?.recip()?)
 }
 
-/// Softmax over the last axis, differentiable (fused on the CPU, as `norm`).
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(fused::softmax_last_dim(x)?)
-}
-
 /// Materialised attention: `q, k, v [B, T, H, hd]`, `mask [T, T]` additive → `[B, T, H, hd]`.
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let dtype = q.dtype();
@@ -414,7 +360,8 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let k = k.transpose(1, 2)?.contiguous()?;
     let v = v.transpose(1, 2)?.contiguous()?;
     let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let p = softmax(&scores.broadcast_add(mask)?)?.to_dtype(dtype)?;
+    // Differentiable softmax (fused on the CPU, as `norm`).
+    let p = fused::softmax_last_dim(&scores.broadcast_add(mask)?)?.to_dtype(dtype)?;
     Ok(p.matmul(&v)?.transpose(1, 2)?)
 }
 
@@ -453,9 +400,7 @@ fn rotary_tables(t: usize, hd: usize, device: &Device, dtype: DType) -> Result<(
     ))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Optimizer: Muon for block matrices (stacked by shape), AdamW for the rest
-// ---------------------------------------------------------------------------------------------
+// ---- Optimizer: Muon for block matrices (stacked by shape), AdamW for the rest -----------------
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Group {
@@ -622,17 +567,20 @@ fn polar_express(g: &Tensor) -> Result<Tensor> {
         .broadcast_div(&((norm * 1.02)? + 1e-6)?)?
         .to_dtype(dtype)?;
     for (a, b, cc) in POLAR_EXPRESS {
-        if r > c {
-            let xt = x.transpose(1, 2)?;
-            let m = xt.matmul(&x)?;
-            let bm = ((&m * b)? + (m.matmul(&m)? * cc)?)?;
-            x = ((&x * a)? + x.matmul(&bm)?)?;
+        // The Gram matrix of the short side: the smaller product.
+        let xt = x.transpose(1, 2)?;
+        let m = if r > c {
+            xt.matmul(&x)?
         } else {
-            let xt = x.transpose(1, 2)?;
-            let m = x.matmul(&xt)?;
-            let bm = ((&m * b)? + (m.matmul(&m)? * cc)?)?;
-            x = ((&x * a)? + bm.matmul(&x)?)?;
-        }
+            x.matmul(&xt)?
+        };
+        let bm = ((&m * b)? + (m.matmul(&m)? * cc)?)?;
+        let update = if r > c {
+            x.matmul(&bm)?
+        } else {
+            bm.matmul(&x)?
+        };
+        x = ((&x * a)? + update)?;
     }
     Ok(x.to_dtype(DType::F32)?)
 }
@@ -666,10 +614,6 @@ impl Grads {
 
 /// The phases of a step, as `Stopwatch` reports them.
 const PHASES: &[&str] = &["data", "forward", "backward", "optimizer"];
-const DATA: usize = 0;
-const FORWARD: usize = 1;
-const BACKWARD: usize = 2;
-const OPTIMIZER: usize = 3;
 
 /// Forward and backward over `accum` micro-batches; returns the mean loss and the gradients.
 fn forward_backward(
@@ -687,9 +631,9 @@ fn forward_backward(
     let mut total = 0f32;
     for _ in 0..accum {
         let (x, y) = batches()?;
-        watch.lap(DATA)?;
+        watch.lap("data")?;
         let loss = (model.loss(&x, &y)? / accum as f64)?;
-        watch.lap(FORWARD)?;
+        watch.lap("forward")?;
         let store = loss.backward()?;
         total += loss.to_scalar::<f32>()?;
         for (sum, var) in sums.iter_mut().zip(&params) {
@@ -702,7 +646,7 @@ fn forward_backward(
                 None => g,
             });
         }
-        watch.lap(BACKWARD)?;
+        watch.lap("backward")?;
     }
     let grads = params
         .into_iter()
@@ -712,9 +656,7 @@ fn forward_backward(
     Ok((total, Grads(grads)))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Schedules, driven by the fraction of the time budget spent
-// ---------------------------------------------------------------------------------------------
+// ---- Schedules, driven by the fraction of the time budget spent --------------------------------
 
 fn lr_multiplier(hp: &Hyper, progress: f64) -> f64 {
     if progress < hp.warmup_ratio {
@@ -732,24 +674,10 @@ fn muon_momentum(step: u64) -> f64 {
     (1.0 - frac) * 0.85 + frac * 0.95
 }
 
-// ---------------------------------------------------------------------------------------------
-// Training
-// ---------------------------------------------------------------------------------------------
+// ---- Training ----------------------------------------------------------------------------------
 
-/// How training ended when it did not finish.
-#[derive(Debug)]
-enum Failure {
-    /// NaN or exploding loss: fast-fail instead of burning the budget.
-    Diverged { step: u64, loss: f32 },
-}
-
-struct Trained {
-    model: Gpt,
-    clock: BudgetClock,
-    peak_vram_mb: f64,
-}
-
-fn train(hp: &Hyper, run: &Run) -> Result<std::result::Result<Trained, Failure>> {
+/// Trains for the budget; returns the model and its clock.
+fn train(hp: &Hyper, run: &Run) -> Result<(Gpt, BudgetClock)> {
     let (data, device) = (&run.data, &run.device);
     let preset = data.preset();
     let cfg = Config::new(hp, data.vocab_size(), preset.seq_len)?;
@@ -798,7 +726,6 @@ fn train(hp: &Hyper, run: &Run) -> Result<std::result::Result<Trained, Failure>>
     let mut smooth = 0f64;
     let mut last_print = Instant::now() - Duration::from_secs(10);
     let flops = model.flops_per_token();
-    let mut peak_vram_mb = 0f64;
     // One step in ten is timed by phase (each lap synchronises the device).
     let mut watch = Stopwatch::new(device, PHASES, 10);
     while !clock.exhausted() {
@@ -812,17 +739,14 @@ fn train(hp: &Hyper, run: &Run) -> Result<std::result::Result<Trained, Failure>>
         };
         let (loss, grads) = forward_backward(&model, &mut next, accum, &mut watch)?;
         if !loss.is_finite() || loss > 100.0 {
-            return Ok(Err(Failure::Diverged {
-                step: clock.steps(),
-                loss,
-            }));
+            // NaN or exploding: fail fast instead of burning the budget.
+            bail!("FAIL: loss {loss} at step {}", clock.steps());
         }
         opt.step(&grads, &settings)?;
-        watch.lap(OPTIMIZER)?;
+        watch.lap("optimizer")?;
         device.synchronize()?;
         watch.end_step(clock.steps());
         let dt = clock.end_step().as_secs_f64();
-        peak_vram_mb = peak_vram_mb.max(run.memory_used_mb());
         let step = clock.steps();
         smooth = 0.9 * smooth + 0.1 * loss as f64;
         // Every warm-up step is printed (a twin in another framework is checked against them).
@@ -845,11 +769,7 @@ fn train(hp: &Hyper, run: &Run) -> Result<std::result::Result<Trained, Failure>>
         }
     }
     println!("{}", watch.summary());
-    Ok(Ok(Trained {
-        model,
-        clock,
-        peak_vram_mb,
-    }))
+    Ok((model, clock))
 }
 
 fn main() -> Result<()> {
@@ -859,24 +779,14 @@ fn main() -> Result<()> {
         "tiny" => TINY,
         other => bail!("no hyperparameters for preset `{other}`"),
     };
-    let Trained {
-        model,
-        clock,
-        peak_vram_mb,
-    } = match train(&hp, &run)? {
-        Ok(t) => t,
-        Err(Failure::Diverged { step, loss }) => {
-            println!("FAIL: loss {loss} at step {step}");
-            std::process::exit(1);
-        }
-    };
+    let (model, clock) = train(&hp, &run)?;
     let stats = TrainStats {
         num_steps: clock.steps(),
         total_tokens: clock.steps() * hp.total_batch_size as u64,
         flops_per_token: model.flops_per_token(),
         num_params: model.num_params() as u64,
         depth: hp.depth as u64,
-        peak_vram_mb,
+        peak_vram_mb: run.memory_used_mb(),
         eval_batch_rows: hp.device_batch_size as u32,
         training_seconds: clock.training_time().as_secs_f64(),
     };
