@@ -196,10 +196,16 @@ impl Run {
         model: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<()> {
         let batch = stats.eval_batch_rows.max(1) as usize;
+        let started = Instant::now();
         let result = crate::evaluate_bpb(&self.data, &self.device, batch, |x, y| {
             let logits = model(x).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             per_token_cross_entropy(&logits, y)
         })?;
+        println!(
+            "evaluated here: {} tokens in {:.2}s",
+            result.spec.tokens,
+            started.elapsed().as_secs_f64()
+        );
         let timed = timed_tokens(&stats);
         RunReport {
             summary: Summary {
@@ -341,21 +347,21 @@ fn keep_freed_device_memory(device: &Device) -> Result<()> {
     }
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     let mut threshold = u64::MAX;
-    let driver = |e: sys::CUresult| Error::Invalid(format!("CUDA driver: {e:?}"));
+    let driver = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        Error::Invalid(format!("CUDA driver: {e}"))
+    };
     // SAFETY: plain driver calls on the device candle opened; `threshold` outlives the call.
     unsafe {
-        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device());
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(driver(r));
-        }
-        let r = sys::cuMemPoolSetAttribute(
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .map_err(driver)?;
+        sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             (&mut threshold as *mut u64).cast(),
-        );
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(driver(r));
-        }
+        )
+        .result()
+        .map_err(driver)?;
     }
     Ok(())
 }
