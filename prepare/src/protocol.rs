@@ -135,8 +135,13 @@ fn read_u32s(r: &mut impl Read, n: u32) -> Result<Vec<u32>, ProtocolError> {
         .collect())
 }
 
-fn read_f32s(r: &mut impl Read) -> Result<Vec<f32>, ProtocolError> {
+fn read_f32s(r: &mut impl Read, max: usize) -> Result<Vec<f32>, ProtocolError> {
     let n = read_u32(r)?;
+    if n as usize > max {
+        return Err(ProtocolError::Malformed(format!(
+            "{n} values where at most {max} were asked for"
+        )));
+    }
     Ok(read_words(r, n)?
         .into_iter()
         .map(f32::from_le_bytes)
@@ -189,6 +194,12 @@ impl Mark {
     }
 
     pub fn read(r: &mut impl Read) -> Result<Mark, ProtocolError> {
+        Self::read_at_most(r, || MAX_FRAME_BYTES / 4)
+    }
+
+    /// Reads a mark whose losses or logits hold at most `max()` values (what was asked for,
+    /// looked up once the frame has begun).
+    pub fn read_at_most(r: &mut impl Read, max: impl Fn() -> usize) -> Result<Mark, ProtocolError> {
         let mut tag = [0u8];
         r.read_exact(&mut tag).map_err(eof_is_closed)?;
         Ok(match tag[0] {
@@ -199,8 +210,8 @@ impl Mark {
                     ProtocolError::Malformed(format!("training figures `{text}`: {e}"))
                 })?)
             }
-            b'L' => Mark::Losses(read_f32s(r)?),
-            b'G' => Mark::Logits(read_f32s(r)?),
+            b'L' => Mark::Losses(read_f32s(r, max())?),
+            b'G' => Mark::Logits(read_f32s(r, max())?),
             b'X' => Mark::Failed(read_text(r)?),
             other => {
                 return Err(ProtocolError::Malformed(format!(

@@ -4,10 +4,13 @@
 //! - *causality*: a row whose tokens after a random position p are replaced by other validation
 //!   text, scored with the original targets up to p: the losses at positions ≤ p must not move;
 //! - *state*: a row sent a second time, in another request, must score the same;
-//! - *honest losses*: at random positions the model returns its whole logit vector, and the
-//!   cross-entropy recomputed from it must equal the loss it reported.
+//! - *honest losses*: the model is sent a row's prefix, up to a random position p, and returns
+//!   its logit vector at p; the cross-entropy recomputed from it must equal the loss it reported
+//!   for p, one by one and on average. The prefix holds no later token, so the logits cannot
+//!   know the target.
 //!
-//! Together they cost about 4 % of the evaluation's forward passes (see [`AuditPlan`]).
+//! Together they cost about 4 % of the evaluation's forward passes (see [`AuditPlan`]). Audit
+//! rows never share a request with their original row.
 
 use prepare::loader::{Rng, TargetDigest};
 use prepare::manifest::EvalSpec;
@@ -81,28 +84,27 @@ impl Tolerance {
     }
 }
 
-/// How many audit rows a run gets: about 4 % of the evaluation's rows, at least a few.
+/// How many audit rows a run gets: about 4 % of the evaluation's forward passes, at least a few.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct AuditPlan {
     pub causal_rows: usize,
     pub repeat_rows: usize,
-    pub logit_rows: usize,
-    pub logit_positions: usize,
+    /// Prefixes (half a row on average) whose last logit vector is checked.
+    pub logit_prefixes: usize,
 }
 
 impl AuditPlan {
     pub fn for_rows(n: usize) -> AuditPlan {
         AuditPlan {
-            causal_rows: (n / 50).max(3).min(n),
-            repeat_rows: (n / 100).max(1).min(n),
-            logit_rows: (n / 100).max(2).min(n),
-            logit_positions: 4,
+            causal_rows: (n / 64).max(3),
+            repeat_rows: (n / 128).max(1),
+            logit_prefixes: (n / 32).max(4),
         }
     }
 
     /// Extra forward passes, in rows, on top of the evaluation's.
-    pub fn extra_rows(&self) -> usize {
-        self.causal_rows + self.repeat_rows + self.logit_rows
+    pub fn extra_rows(&self) -> f64 {
+        (self.causal_rows + self.repeat_rows) as f64 + self.logit_prefixes as f64 / 2.0
     }
 }
 
@@ -123,7 +125,12 @@ pub struct AuditSummary {
     pub max_causal_delta: f64,
     pub max_repeat_delta: f64,
     pub max_logit_delta: f64,
+    /// Mean of (recomputed − reported) over the logit audits: a model that shaves its losses
+    /// shows here even when each position is within the tolerance.
+    pub mean_logit_bias: f64,
     pub requests: usize,
+    /// Rows per loss request: the model's own size, at most an eighth of the rows.
+    pub request_rows: usize,
 }
 
 #[derive(Debug)]
@@ -138,6 +145,8 @@ pub enum EvalError {
 #[derive(Debug)]
 pub enum LinkError {
     Timeout,
+    /// A reply took far longer than the first one did (the message says how long).
+    Slow(String),
     Interrupted,
     /// The process ended or closed its pipe.
     Gone,
@@ -146,9 +155,9 @@ pub enum LinkError {
     Failed(String),
 }
 
-/// One request, one reply, under the caller's deadline.
+/// One request, one reply, under the caller's deadline. `max_reply` bounds the reply's length.
 pub trait Link {
-    fn call(&mut self, request: Request) -> Result<Mark, LinkError>;
+    fn call(&mut self, request: Request, max_reply: usize) -> Result<Mark, LinkError>;
 }
 
 enum Kind {
@@ -156,16 +165,31 @@ enum Kind {
     /// Tokens after `p` replaced; positions `..= p` must match the regular row.
     Causal {
         p: usize,
+        inputs: Vec<u32>,
+        targets: Vec<u32>,
     },
     Repeat,
 }
 
+/// One row of a request: a validation row (borrowed), or a causal probe's own tokens.
 struct Job {
     row: usize,
     kind: Kind,
-    inputs: Vec<u32>,
-    targets: Vec<u32>,
 }
+
+impl Job {
+    fn tokens<'a>(&'a self, rows: &'a Rows) -> (&'a [u32], &'a [u32]) {
+        match &self.kind {
+            Kind::Causal {
+                inputs, targets, ..
+            } => (inputs, targets),
+            _ => rows.row(self.row),
+        }
+    }
+}
+
+/// Losses below this are impossible for a cross-entropy, whatever the rounding.
+const MIN_LOSS: f32 = -1e-4;
 
 /// Scores the served model on `rows` and audits it. `batch_rows` is the model's own request size.
 pub fn evaluate(
@@ -179,67 +203,76 @@ pub fn evaluate(
 ) -> Result<Scored, EvalError> {
     let n = rows.len();
     let seq = rows.seq;
+    if n == 0 || seq == 0 {
+        return Err(EvalError::Invalid("no validation rows to score".into()));
+    }
     let plan = AuditPlan::for_rows(n);
-    let batch_rows = batch_rows.clamp(1, 1024);
-    let jobs = plan_jobs(rows, &plan, batch_rows, rng);
+    // At least eight requests, so that audit rows have other requests to go to.
+    let batch_rows = batch_rows.clamp(1, n.div_ceil(8).max(1));
+    let requests_planned = plan_requests(rows, &plan, batch_rows, vocab, rng);
 
     // Scores, per job, in the order sent.
-    let mut losses: Vec<Vec<f32>> = vec![Vec::new(); jobs.len()];
+    let mut scored: Vec<(&Job, Vec<f32>)> = Vec::new();
     let mut requests = 0;
-    for (chunk_index, chunk) in jobs.chunks(batch_rows).enumerate() {
+    for chunk in &requests_planned {
         let mut inputs = Vec::with_capacity(chunk.len() * seq);
         let mut targets = Vec::with_capacity(chunk.len() * seq);
         for job in chunk {
-            inputs.extend_from_slice(&job.inputs);
-            targets.extend_from_slice(&job.targets);
+            let (x, y) = job.tokens(rows);
+            inputs.extend_from_slice(x);
+            targets.extend_from_slice(y);
         }
+        let expected = chunk.len() * seq;
         let reply = link
-            .call(Request::Losses {
-                rows: chunk.len() as u32,
-                seq: seq as u32,
-                inputs,
-                targets,
-            })
+            .call(
+                Request::Losses {
+                    rows: chunk.len() as u32,
+                    seq: seq as u32,
+                    inputs,
+                    targets,
+                },
+                expected,
+            )
             .map_err(EvalError::Link)?;
         requests += 1;
         let Mark::Losses(values) = reply else {
             return Err(EvalError::Link(LinkError::Malformed(format!(
-                "expected losses, got {reply:?}"
+                "expected losses, got {}",
+                describe(&reply)
             ))));
         };
-        if values.len() != chunk.len() * seq {
+        if values.len() != expected {
             return Err(EvalError::Invalid(format!(
-                "the model returned {} losses for {} targets",
+                "the model returned {} losses for {expected} targets",
                 values.len(),
-                chunk.len() * seq
             )));
         }
-        for (i, (job, scores)) in chunk.iter().zip(values.chunks(seq)).enumerate() {
-            for (t, &l) in scores.iter().enumerate() {
-                if !l.is_finite() || (l as f64) < -tol.atol {
+        for (job, losses) in chunk.iter().zip(values.chunks(seq)) {
+            for (t, &l) in losses.iter().enumerate() {
+                if !l.is_finite() || l < MIN_LOSS {
                     return Err(EvalError::Invalid(format!(
                         "the model scored row {}, position {t} at {l} nats: a cross-entropy is finite and never negative",
                         job.row
                     )));
                 }
             }
-            losses[chunk_index * batch_rows + i] = scores.to_vec();
+            scored.push((job, losses.to_vec()));
         }
     }
 
     // The regular scores, by row, and the metric from them.
     let mut by_row: Vec<Option<&[f32]>> = vec![None; n];
-    for (job, scores) in jobs.iter().zip(&losses) {
+    for (job, losses) in &scored {
         if matches!(job.kind, Kind::Regular) {
-            by_row[job.row] = Some(scores);
+            by_row[job.row] = Some(losses);
         }
     }
     let mut digest = TargetDigest::default();
     let (mut nats, mut bytes) = (0f64, 0u64);
-    for (r, scores) in by_row.iter().enumerate() {
-        let scores = scores.expect("every row scored once");
+    for (r, losses) in by_row.iter().enumerate() {
+        let losses = losses.expect("every row scored once");
         let (_, targets) = rows.row(r);
-        for (&l, &t) in scores.iter().zip(targets) {
+        for (&l, &t) in losses.iter().zip(targets) {
             let b = token_bytes.get(t as usize).copied().unwrap_or(0);
             if b > 0 {
                 nats += l as f64;
@@ -256,13 +289,13 @@ pub fn evaluate(
 
     // Causality and state, from what was already scored.
     let (mut max_causal, mut max_repeat) = (0f64, 0f64);
-    for (job, scores) in jobs.iter().zip(&losses) {
+    for (job, losses) in &scored {
         let regular = by_row[job.row].expect("scored");
         match job.kind {
             Kind::Regular => {}
-            Kind::Causal { p } => {
+            Kind::Causal { p, .. } => {
                 for t in 0..=p {
-                    let (a, b) = (regular[t] as f64, scores[t] as f64);
+                    let (a, b) = (regular[t] as f64, losses[t] as f64);
                     max_causal = max_causal.max((a - b).abs());
                     if !tol.close(a, b) {
                         return Err(EvalError::Invalid(format!(
@@ -274,7 +307,7 @@ pub fn evaluate(
             }
             Kind::Repeat => {
                 for t in 0..seq {
-                    let (a, b) = (regular[t] as f64, scores[t] as f64);
+                    let (a, b) = (regular[t] as f64, losses[t] as f64);
                     max_repeat = max_repeat.max((a - b).abs());
                     if !tol.close(a, b) {
                         return Err(EvalError::Invalid(format!(
@@ -287,54 +320,57 @@ pub fn evaluate(
         }
     }
 
-    // Honest losses: logit vectors at random positions of random rows.
-    let mut max_logit = 0f64;
-    let positions_per_row = plan.logit_positions.min(seq);
-    for _ in 0..plan.logit_rows {
-        let r = rng.below(n);
+    // Honest losses: the logit vector at the end of a prefix, which holds no later token.
+    let (mut max_logit, mut bias_sum) = (0f64, 0f64);
+    for _ in 0..plan.logit_prefixes {
+        let (r, p) = (rng.below(n), rng.below(seq));
         let (inputs, targets) = rows.row(r);
-        let mut positions: Vec<u32> = Vec::new();
-        while positions.len() < positions_per_row {
-            let p = rng.below(seq) as u32;
-            if !positions.contains(&p) {
-                positions.push(p);
-            }
-        }
         let reply = link
-            .call(Request::Logits {
-                inputs: inputs.to_vec(),
-                positions: positions.clone(),
-            })
+            .call(
+                Request::Logits {
+                    inputs: inputs[..=p].to_vec(),
+                    positions: vec![p as u32],
+                },
+                vocab,
+            )
             .map_err(EvalError::Link)?;
         requests += 1;
-        let Mark::Logits(values) = reply else {
+        let Mark::Logits(logits) = reply else {
             return Err(EvalError::Link(LinkError::Malformed(format!(
-                "expected logits, got {reply:?}"
+                "expected logits, got {}",
+                describe(&reply)
             ))));
         };
-        if values.len() != positions.len() * vocab {
+        if logits.len() != vocab {
             return Err(EvalError::Invalid(format!(
-                "the model returned {} logits for {} positions of a {vocab}-token vocabulary",
-                values.len(),
-                positions.len()
+                "the model returned {} logits for a {vocab}-token vocabulary",
+                logits.len()
             )));
         }
-        for (&p, logits) in positions.iter().zip(values.chunks(vocab)) {
-            let target = targets[p as usize] as usize;
-            let recomputed = cross_entropy(logits, target).ok_or_else(|| {
-                EvalError::Invalid(format!(
-                    "honest-loss audit failed: row {r}, position {p}: the logits are not finite"
-                ))
-            })?;
-            let reported = by_row[r].expect("scored")[p as usize] as f64;
-            max_logit = max_logit.max((recomputed - reported).abs());
-            if !tol.close(recomputed, reported) {
-                return Err(EvalError::Invalid(format!(
-                    "honest-loss audit failed: row {r}, position {p}: the model reported {reported:.4} nats, but the cross-entropy of its own logits there is {recomputed:.4} (tolerance {}): losses must be the logits' cross-entropy",
-                    tol.atol
-                )));
-            }
+        let recomputed = cross_entropy(&logits, targets[p] as usize).ok_or_else(|| {
+            EvalError::Invalid(format!(
+                "honest-loss audit failed: row {r}, position {p}: the logits are not finite"
+            ))
+        })?;
+        let reported = by_row[r].expect("scored")[p] as f64;
+        max_logit = max_logit.max((recomputed - reported).abs());
+        bias_sum += recomputed - reported;
+        if !tol.close(recomputed, reported) {
+            return Err(EvalError::Invalid(format!(
+                "honest-loss audit failed: row {r}, position {p}: the model reported {reported:.4} nats, but the cross-entropy of its own logits there (from the row's first {} tokens) is {recomputed:.4} (tolerance {}): losses must be the logits' cross-entropy",
+                p + 1,
+                tol.atol
+            )));
         }
+    }
+    let k = plan.logit_prefixes as f64;
+    let bias = bias_sum / k;
+    // Honest differences are rounding, of either sign: their mean shrinks as 1/sqrt(k).
+    let bias_bound = 3.0 * tol.atol / k.sqrt();
+    if bias > bias_bound {
+        return Err(EvalError::Invalid(format!(
+            "honest-loss audit failed: over {k} positions the reported losses lie {bias:.2e} nats below the cross-entropy of the model's own logits on average (bound {bias_bound:.1e}): losses must be the logits' cross-entropy"
+        )));
     }
     Ok(Scored {
         val_bpb: nats / (std::f64::consts::LN_2 * bytes as f64),
@@ -346,9 +382,21 @@ pub fn evaluate(
             max_causal_delta: max_causal,
             max_repeat_delta: max_repeat,
             max_logit_delta: max_logit,
+            mean_logit_bias: bias,
             requests,
+            request_rows: batch_rows,
         },
     })
+}
+
+fn describe(mark: &Mark) -> &'static str {
+    match mark {
+        Mark::Start => "a training-start mark",
+        Mark::Evaluate(_) => "an evaluation request",
+        Mark::Losses(_) => "losses",
+        Mark::Logits(_) => "logits",
+        Mark::Failed(_) => "a failure",
+    }
 }
 
 /// `logsumexp(logits) - logits[target]` in f64; `None` if anything is not finite.
@@ -361,21 +409,17 @@ fn cross_entropy(logits: &[f32], target: usize) -> Option<f64> {
     Some(max + sum.ln() - *logits.get(target)? as f64)
 }
 
-/// The regular rows in order, with the audit rows placed at random among them: a causal probe
-/// anywhere, a repeat in a request other than its original's.
-fn plan_jobs(rows: &Rows, plan: &AuditPlan, batch_rows: usize, rng: &mut Rng) -> Vec<Job> {
+/// The requests: the regular rows in order, in requests of `batch_rows`, with the audit rows
+/// placed at random among them, never in the same request as their original row (a request of
+/// their own at the end, where no other place is free).
+fn plan_requests(
+    rows: &Rows,
+    plan: &AuditPlan,
+    batch_rows: usize,
+    vocab: usize,
+    rng: &mut Rng,
+) -> Vec<Vec<Job>> {
     let (n, seq) = (rows.len(), rows.seq);
-    let mut jobs: Vec<Job> = (0..n)
-        .map(|r| {
-            let (x, y) = rows.row(r);
-            Job {
-                row: r,
-                kind: Kind::Regular,
-                inputs: x.to_vec(),
-                targets: y.to_vec(),
-            }
-        })
-        .collect();
     let mut extra = Vec::new();
     for _ in 0..plan.causal_rows {
         if seq < 2 || n < 2 {
@@ -395,78 +439,81 @@ fn plan_jobs(rows: &Rows, plan: &AuditPlan, batch_rows: usize, rng: &mut Rng) ->
         }
         let (dx, dy) = rows.row(donor);
         inputs[p + 1..].copy_from_slice(&dx[p + 1..]);
+        targets[p + 1..].copy_from_slice(&dy[p + 1..]);
         if inputs[p + 1] == x[p + 1] {
             // Every row has the same token there: change it by hand.
-            inputs[p + 1] = (x[p + 1] + 1) % (x.iter().copied().max().unwrap_or(0) + 2);
+            inputs[p + 1] = (x[p + 1] + 1) % vocab.max(2) as u32;
         }
-        targets[p + 1..].copy_from_slice(&dy[p + 1..]);
         extra.push(Job {
             row: r,
-            kind: Kind::Causal { p },
-            inputs,
-            targets,
+            kind: Kind::Causal { p, inputs, targets },
         });
     }
     for _ in 0..plan.repeat_rows {
-        let r = rng.below(n);
-        let (x, y) = rows.row(r);
         extra.push(Job {
-            row: r,
+            row: rng.below(n),
             kind: Kind::Repeat,
-            inputs: x.to_vec(),
-            targets: y.to_vec(),
         });
     }
+    let mut flat: Vec<Job> = (0..n)
+        .map(|r| Job {
+            row: r,
+            kind: Kind::Regular,
+        })
+        .collect();
     for job in extra {
-        let at = rng.below(jobs.len() + 1);
-        jobs.insert(at, job);
+        let at = rng.below(flat.len() + 1);
+        flat.insert(at, job);
     }
-    // A repeat that shares a request with its original row swaps places with a regular row of
-    // another request (when there is another request).
-    let batches = jobs.len().div_ceil(batch_rows);
-    let batch_of = |i: usize| i / batch_rows;
-    let conflict = |jobs: &[Job], i: usize| {
-        let start = batch_of(i) * batch_rows;
-        let end = (start + batch_rows).min(jobs.len());
-        (start..end).any(|j| {
-            j != i
-                && jobs[j].row == jobs[i].row
-                && (matches!(jobs[i].kind, Kind::Repeat) || matches!(jobs[j].kind, Kind::Repeat))
-                && (matches!(jobs[i].kind, Kind::Regular) || matches!(jobs[j].kind, Kind::Regular))
+    pack(flat, batch_rows)
+}
+
+/// Packs jobs in order into requests of at most `batch_rows`, deferring a job that would share
+/// a request with its original row (or an audit copy of it) to the next request.
+fn pack(flat: Vec<Job>, batch_rows: usize) -> Vec<Vec<Job>> {
+    let conflicts = |request: &[Job], job: &Job| {
+        request.iter().any(|j| {
+            j.row == job.row && matches!(j.kind, Kind::Regular) != matches!(job.kind, Kind::Regular)
         })
     };
-    for _ in 0..1000 {
-        if batches < 2 {
-            break;
-        }
-        let Some(i) =
-            (0..jobs.len()).find(|&i| matches!(jobs[i].kind, Kind::Repeat) && conflict(&jobs, i))
-        else {
-            break;
-        };
-        let j = rng.below(jobs.len());
-        if batch_of(j) != batch_of(i) && matches!(jobs[j].kind, Kind::Regular) {
-            jobs.swap(i, j);
-            if conflict(&jobs, i) || conflict(&jobs, j) {
-                jobs.swap(i, j);
+    let mut pending: std::collections::VecDeque<Job> = flat.into();
+    let mut requests = Vec::new();
+    while !pending.is_empty() {
+        let mut request: Vec<Job> = Vec::new();
+        let mut deferred = Vec::new();
+        while request.len() < batch_rows {
+            let Some(job) = pending.pop_front() else {
+                break;
+            };
+            if conflicts(&request, &job) {
+                deferred.push(job);
+            } else {
+                request.push(job);
             }
         }
+        for job in deferred.into_iter().rev() {
+            pending.push_front(job);
+        }
+        requests.push(request);
     }
-    jobs
+    requests
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A bigram "model" in the harness's own terms: the loss at a position depends on the inputs
-    /// up to it (honest) or also on the next one (a one-token leak), and can be scaled or made
-    /// stateful.
+    /// A bigram "model" in the harness's own terms: honest, or with a one-token leak, scaled
+    /// losses, state carried between requests, or losses shaved and logits bent to match them
+    /// wherever the row shows the target.
+    #[derive(Default)]
     struct Model {
         vocab: usize,
         leak: bool,
-        loss_scale: f32,
+        loss_scale: Option<f32>,
         stateful: bool,
+        /// Reports `nats - shave`; in logit requests boosts the target read from the next input.
+        shave: f32,
         calls: usize,
     }
 
@@ -474,10 +521,7 @@ mod tests {
         fn honest(vocab: usize) -> Model {
             Model {
                 vocab,
-                leak: false,
-                loss_scale: 1.0,
-                stateful: false,
-                calls: 0,
+                ..Model::default()
             }
         }
 
@@ -495,7 +539,7 @@ mod tests {
     }
 
     impl Link for Model {
-        fn call(&mut self, request: Request) -> Result<Mark, LinkError> {
+        fn call(&mut self, request: Request, _max: usize) -> Result<Mark, LinkError> {
             self.calls += 1;
             Ok(match request {
                 Request::Losses {
@@ -509,20 +553,37 @@ mod tests {
                     for r in 0..rows as usize {
                         let x = &inputs[r * seq..(r + 1) * seq];
                         for t in 0..seq {
-                            let ce =
-                                cross_entropy(&self.logits_at(x, t), targets[r * seq + t] as usize)
-                                    .unwrap();
-                            out.push(ce as f32 * self.loss_scale);
+                            let target = targets[r * seq + t] as usize;
+                            let ce = cross_entropy(&self.logits_at(x, t), target).unwrap() as f32;
+                            out.push(ce * self.loss_scale.unwrap_or(1.0) - self.shave);
                         }
                     }
                     Mark::Losses(out)
                 }
-                Request::Logits { inputs, positions } => Mark::Logits(
-                    positions
-                        .iter()
-                        .flat_map(|&p| self.logits_at(&inputs, p as usize))
-                        .collect(),
-                ),
+                Request::Logits { inputs, positions } => {
+                    let mut out = Vec::new();
+                    for &p in &positions {
+                        let mut l = self.logits_at(&inputs, p as usize);
+                        if self.shave > 0.0 && (p as usize) + 1 < inputs.len() {
+                            // Raise the target's logit until its cross-entropy drops by `shave`.
+                            let target = inputs[p as usize + 1] as usize;
+                            let before = cross_entropy(&l, target).unwrap();
+                            let mut lo = l[target];
+                            let mut hi = lo + 20.0;
+                            for _ in 0..60 {
+                                let mid = (lo + hi) / 2.0;
+                                l[target] = mid;
+                                if before - cross_entropy(&l, target).unwrap() < self.shave as f64 {
+                                    lo = mid;
+                                } else {
+                                    hi = mid;
+                                }
+                            }
+                        }
+                        out.extend(l);
+                    }
+                    Mark::Logits(out)
+                }
                 Request::Done => unreachable!(),
             })
         }
@@ -546,17 +607,22 @@ mod tests {
         }
     }
 
-    fn run(model: &mut Model, seed: u64) -> Result<Scored, EvalError> {
-        let rows = rows(40, 16, 32);
+    fn run_with(model: &mut Model, seed: u64, n: usize, batch: usize) -> Result<Scored, EvalError> {
+        let rows = rows(n, 16, 32);
         let bytes = vec![1u32; 32];
         let tol = Tolerance::for_device(crate::Device::Cpu);
-        evaluate(model, &rows, &bytes, 32, 8, tol, &mut Rng::new(seed))
+        evaluate(model, &rows, &bytes, 32, batch, tol, &mut Rng::new(seed))
+    }
+
+    fn run(model: &mut Model, seed: u64) -> Result<Scored, EvalError> {
+        run_with(model, seed, 40, 8)
     }
 
     fn invalid(r: Result<Scored, EvalError>) -> String {
         match r {
             Err(EvalError::Invalid(why)) => why,
-            other => panic!("expected an invalid verdict, got {other:?}"),
+            Err(other) => panic!("expected an invalid verdict, got {other:?}"),
+            Ok(s) => panic!("expected an invalid verdict, got a score {}", s.val_bpb),
         }
     }
 
@@ -567,6 +633,10 @@ mod tests {
             assert!(scored.val_bpb > 0.0 && scored.val_bpb.is_finite());
             assert_eq!(scored.audits.max_causal_delta, 0.0);
             assert_eq!(scored.spec.tokens, 40 * 16);
+        }
+        // Odd shapes: one row, requests larger than the rows, one-row requests.
+        for (n, batch) in [(1, 8), (3, 1024), (9, 1)] {
+            run_with(&mut Model::honest(32), 1, n, batch).unwrap();
         }
     }
 
@@ -584,7 +654,7 @@ mod tests {
     fn scaled_or_zero_losses_fail_the_honest_loss_audit() {
         for scale in [0.5, 0.0, 2.0] {
             let mut m = Model::honest(32);
-            m.loss_scale = scale;
+            m.loss_scale = Some(scale);
             let why = invalid(run(&mut m, 1));
             assert!(
                 why.starts_with("honest-loss audit failed"),
@@ -592,8 +662,19 @@ mod tests {
             );
         }
         let mut m = Model::honest(32);
-        m.loss_scale = -1.0;
+        m.loss_scale = Some(-1.0);
         assert!(invalid(run(&mut m, 1)).contains("never negative"));
+    }
+
+    #[test]
+    fn shaved_losses_with_logits_bent_to_match_fail() {
+        // Stateless: the logit request shows no later token, so the target cannot be boosted.
+        for seed in 0..10 {
+            let mut m = Model::honest(32);
+            m.shave = 0.05;
+            let why = invalid(run(&mut m, seed));
+            assert!(why.starts_with("honest-loss audit failed"), "{why}");
+        }
     }
 
     #[test]
@@ -608,29 +689,33 @@ mod tests {
     }
 
     #[test]
-    fn repeats_never_share_a_request_with_their_original() {
+    fn audit_rows_never_share_a_request_with_their_original_and_requests_stay_small() {
         let rows = rows(40, 16, 32);
         for seed in 0..50 {
-            let plan = AuditPlan::for_rows(40);
-            let jobs = plan_jobs(&rows, &plan, 8, &mut Rng::new(seed));
-            for (i, job) in jobs.iter().enumerate() {
-                if matches!(job.kind, Kind::Repeat) {
-                    let start = i / 8 * 8;
-                    assert!(
-                        !jobs[start..(start + 8).min(jobs.len())]
-                            .iter()
-                            .any(|j| j.row == job.row && matches!(j.kind, Kind::Regular)),
-                        "seed {seed}: repeat of row {} in its original's request",
-                        job.row
-                    );
+            for batch in [1, 3, 5] {
+                let plan = AuditPlan::for_rows(40);
+                let requests = plan_requests(&rows, &plan, batch, 32, &mut Rng::new(seed));
+                let mut regular = 0;
+                for request in &requests {
+                    assert!(request.len() <= batch);
+                    for job in request {
+                        if matches!(job.kind, Kind::Regular) {
+                            regular += 1;
+                        } else {
+                            assert!(
+                                !request
+                                    .iter()
+                                    .any(|j| j.row == job.row && matches!(j.kind, Kind::Regular)),
+                                "seed {seed}: an audit copy of row {} beside its original",
+                                job.row
+                            );
+                        }
+                    }
                 }
+                assert_eq!(regular, 40);
+                let extra: usize = requests.iter().map(Vec::len).sum::<usize>() - 40;
+                assert_eq!(extra, plan.causal_rows + plan.repeat_rows);
             }
-            assert_eq!(
-                jobs.iter()
-                    .filter(|j| matches!(j.kind, Kind::Regular))
-                    .count(),
-                40
-            );
         }
     }
 }

@@ -135,8 +135,11 @@ pub struct Experiment {
     /// The train binary's working directory: made afresh for each run (whatever was there is
     /// removed first) and removed afterwards, so no run starts from another's leftovers.
     pub run_dir: PathBuf,
-    /// Start-up (data, device, the warm-up steps) until the training-start mark.
+    /// Start-up (data, device, the warm-up steps) until the training-start mark; killed past it.
     pub startup_grace: Duration,
+    /// Start-up that is free. Past it, start-up counts as training: work done before the
+    /// training-start mark is training too.
+    pub startup_allowance: Duration,
     /// The evaluation, audits included, from the request for it.
     pub eval_grace: Duration,
     pub log_cap: LogCap,
@@ -160,6 +163,7 @@ impl Experiment {
             log_path: repo.join("runs").join("train.log"),
             run_dir: repo.join("runs").join("work"),
             startup_grace: Duration::from_secs(60),
+            startup_allowance: (budget / 10).max(Duration::from_secs(30)),
             eval_grace: budget / 2 + Duration::from_secs(60),
             log_cap: LogCap::default(),
             sandbox: true,
@@ -182,8 +186,9 @@ impl Experiment {
     /// before the budget is spent and ends after; twice the mean step, for its variance), at most
     /// 2 % of the budget or 2 s (the step count is the run's word), plus the pipes' latency.
     pub fn overrun_allowed(&self, training: Duration, timed_steps: u64) -> Duration {
-        let step = training / timed_steps.max(1) as u32 * 2;
-        step.min((self.budget / 50).max(Duration::from_secs(2))) + Duration::from_millis(250)
+        let step = 2.0 * training.as_secs_f64() / timed_steps.max(1) as f64;
+        let cap = (self.budget.as_secs_f64() / 50.0).max(2.0);
+        Duration::from_secs_f64(step.min(cap) + 0.25)
     }
 }
 
@@ -313,6 +318,7 @@ fn build_and_run(
         return Ok(verdict(Outcome::Tampered, evidence));
     }
     let phases = [child.startup, child.training, child.evaluation];
+    let first_reply = child.first_reply.unwrap_or_default();
     let (scored, stats) = match child.end {
         process::End::TimedOut(why) => {
             return Ok(verdict(
@@ -334,16 +340,31 @@ fn build_and_run(
         }
         process::End::Evaluated { scored, stats } => (scored, stats),
     };
-    let training = phases[1].unwrap_or_default();
+    // Training, by the harness's clock: training-start mark to the request for evaluation,
+    // plus the first request's round trip and any start-up past its allowance (work the run
+    // could have done outside the marks).
+    let excess_startup = phases[0]
+        .unwrap_or_default()
+        .saturating_sub(exp.startup_allowance);
+    let training = phases[1].unwrap_or_default() + first_reply + excess_startup;
     let timed_steps = stats
         .num_steps
         .saturating_sub(prepare::clock::WARMUP_STEPS + 1);
     let allowed = exp.budget + exp.overrun_allowed(training, timed_steps);
     if training > allowed {
+        let startup_note = if excess_startup.is_zero() {
+            String::new()
+        } else {
+            format!(
+                " (of which {:.2}s of start-up past its {:.0}s allowance)",
+                excess_startup.as_secs_f64(),
+                exp.startup_allowance.as_secs_f64()
+            )
+        };
         return Ok(verdict(
             Outcome::InvalidReport,
             format!(
-                "trained {:.2}s by the harness's clock, for a budget of {:.2}s (at most {:.2}s with its last step): a run must stop when prepare's budget clock is spent. Last output:\n{tail}",
+                "trained {:.2}s by the harness's clock{startup_note}, for a budget of {:.2}s (at most {:.2}s with its last step): a run must stop when prepare's budget clock is spent. Last output:\n{tail}",
                 training.as_secs_f64(),
                 exp.budget.as_secs_f64(),
                 allowed.as_secs_f64()
@@ -398,18 +419,19 @@ fn append_summary(
     let secs = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64());
     let a = &scored.audits;
     let text = format!(
-        "# harness: start-up {:.1}s, training {:.1}s, evaluation {:.1}s ({} requests; audits: {} causal, {} repeated, {}x{} logit rows; largest differences {:.1e} / {:.1e} / {:.1e} nats, tolerance {})\n{}",
+        "# harness: start-up {:.1}s, training {:.1}s (start mark to evaluation request), evaluation {:.1}s ({} requests of up to {} rows; audits: {} causal rows, {} repeated rows, {} logit prefixes; largest differences {:.1e} / {:.1e} / {:.1e} nats, mean logit bias {:.1e}, tolerance {})\n{}",
         secs(phases[0]),
         secs(phases[1]),
         secs(phases[2]),
         a.requests,
+        a.request_rows,
         a.plan.causal_rows,
         a.plan.repeat_rows,
-        a.plan.logit_rows,
-        a.plan.logit_positions,
+        a.plan.logit_prefixes,
         a.max_causal_delta,
         a.max_repeat_delta,
         a.max_logit_delta,
+        a.mean_logit_bias,
         a.tolerance.atol,
         summary.to_block()
     );

@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,6 +66,9 @@ struct CappedLog {
     head: Vec<u8>,
     tail: VecDeque<u8>,
     total: u64,
+    /// Bytes printed once the evaluation began: never kept, so no validation text leaves the
+    /// run through its log (which the agent reads).
+    hidden: u64,
 }
 
 impl CappedLog {
@@ -112,6 +116,9 @@ pub struct ChildRun {
     pub wall: Duration,
     /// Spawn to the training-start mark.
     pub startup: Option<Duration>,
+    /// The first evaluation request's round trip: the process could have gone on training
+    /// before answering it, so it counts as training time.
+    pub first_reply: Option<Duration>,
     /// Training-start mark to the request for evaluation: the harness's training time.
     pub training: Option<Duration>,
     /// The evaluation, audits included.
@@ -150,10 +157,14 @@ struct Live<'a> {
     child: Child,
     pgid: i32,
     marks: mpsc::Receiver<(Instant, Result<Mark, ProtocolError>)>,
+    /// The most values the next reply may hold (the mark reader's bound).
+    reply_limit: Arc<AtomicUsize>,
     lines: mpsc::Receiver<String>,
     on_line: &'a mut dyn FnMut(&str),
     requests: mpsc::Sender<Vec<u8>>,
     deadline: Instant,
+    /// Each evaluation request's round trip, in order.
+    latencies: Vec<Duration>,
 }
 
 impl Live<'_> {
@@ -166,6 +177,10 @@ impl Live<'_> {
     /// The next mark, exit, deadline or interruption, whichever comes first.
     fn next(&mut self) -> Result<Event, RunnerError> {
         loop {
+            // Before anything else: a process that floods marks cannot outlive its deadline.
+            if Instant::now() >= self.deadline {
+                return Ok(Event::Deadline);
+            }
             self.drain_lines();
             match self.marks.recv_timeout(Duration::from_millis(20)) {
                 Ok((at, mark)) => return Ok(Event::Mark(at, mark)),
@@ -202,18 +217,47 @@ impl Live<'_> {
 }
 
 impl evaluate::Link for Live<'_> {
-    fn call(&mut self, request: Request) -> Result<Mark, LinkError> {
+    fn call(&mut self, request: Request, max_reply: usize) -> Result<Mark, LinkError> {
+        self.reply_limit.store(max_reply, Ordering::SeqCst);
+        let sent = Instant::now();
         if self.requests.send(request.encode()).is_err() {
             return Err(LinkError::Gone);
         }
-        match self.next().map_err(|_| LinkError::Gone)? {
-            Event::Mark(_, Ok(Mark::Failed(why))) => Err(LinkError::Failed(why)),
+        // After the first reply, each must come within 8 times its time (2 s at least): a
+        // process cannot go on training between requests.
+        let overall = self.deadline;
+        let bound = self
+            .latencies
+            .first()
+            .map(|first| (*first * 8).max(Duration::from_secs(2)));
+        if let Some(bound) = bound {
+            self.deadline = overall.min(sent + bound);
+        }
+        let event = self.next().map_err(|_| LinkError::Gone);
+        self.deadline = overall;
+        let reply = match event? {
+            Event::Mark(_, Ok(Mark::Failed(why))) => {
+                // Only the start: the message must not carry validation text out.
+                Err(LinkError::Failed(why.chars().take(300).collect()))
+            }
             Event::Mark(_, Ok(mark)) => Ok(mark),
             Event::Mark(_, Err(ProtocolError::Closed)) | Event::Exited(_) => Err(LinkError::Gone),
             Event::Mark(_, Err(e)) => Err(LinkError::Malformed(e.to_string())),
+            Event::Deadline if Instant::now() < overall => Err(LinkError::Slow(format!(
+                "evaluation request {} got no reply within {:.1}s, where the first took {:.2}s",
+                self.latencies.len() + 1,
+                bound.unwrap_or_default().as_secs_f64(),
+                self.latencies
+                    .first()
+                    .copied()
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            ))),
             Event::Deadline => Err(LinkError::Timeout),
             Event::Interrupted => Err(LinkError::Interrupted),
-        }
+        };
+        self.latencies.push(sent.elapsed());
+        reply
     }
 }
 
@@ -301,7 +345,9 @@ pub(crate) fn run_child(
         head: Vec::new(),
         tail: VecDeque::new(),
         total: 0,
+        hidden: 0,
     }));
+    let evaluating = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut child = cmd
         .spawn()
@@ -317,12 +363,17 @@ pub(crate) fn run_child(
     .map(|mut pipe| {
         let log = log.clone();
         let lines = lines_tx.clone();
+        let evaluating = evaluating.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             let mut partial = Vec::new();
             while let Ok(n) = pipe.read(&mut buf) {
                 if n == 0 {
                     break;
+                }
+                if evaluating.load(Ordering::SeqCst) {
+                    log.lock().unwrap().hidden += n as u64;
+                    continue;
                 }
                 log.lock().unwrap().push(&buf[..n]);
                 // Lines for live progress; dropped rather than slowing a flood down.
@@ -343,11 +394,13 @@ pub(crate) fn run_child(
     drop(lines_tx);
     // Marks in, stamped as they arrive; requests out, on threads of their own so that no read or
     // write ever blocks the clock. Neither is joined: a pipe held open elsewhere cannot hang us.
-    let (marks_tx, marks_rx) = mpsc::channel();
+    let (marks_tx, marks_rx) = mpsc::sync_channel(2);
+    let reply_limit = Arc::new(AtomicUsize::new(0));
+    let limit = reply_limit.clone();
     std::thread::spawn(move || {
         let mut pipe = std::io::BufReader::new(std::fs::File::from(marks_read));
         loop {
-            let mark = Mark::read(&mut pipe);
+            let mark = Mark::read_at_most(&mut pipe, || limit.load(Ordering::SeqCst));
             let last = mark.is_err();
             if marks_tx.send((Instant::now(), mark)).is_err() || last {
                 break;
@@ -368,20 +421,26 @@ pub(crate) fn run_child(
         child,
         pgid,
         marks: marks_rx,
+        reply_limit,
         lines: lines_rx,
         on_line: &mut on_line,
         requests: requests_tx,
         deadline: start + exp.startup_grace,
+        latencies: Vec::new(),
     };
     let mut phases = Phases::default();
-    let end = drive(exp, setup, &mut live, start, &mut phases)?;
+    let end = drive(exp, setup, &mut live, start, &mut phases, &evaluating)?;
     let wall = start.elapsed();
     // Anything the run left in its group goes too.
     live.kill();
     drop(live.requests);
-    for reader in readers {
-        let _ = reader.join();
+    // The output pipes close when the last process holding them ends; one that escaped the
+    // group could hold them for ever, so the readers get a few seconds, not a join.
+    let waited = Instant::now();
+    while readers.iter().any(|r| !r.is_finished()) && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let held_open = readers.iter().any(|r| !r.is_finished());
     while let Ok(line) = live.lines.try_recv() {
         (live.on_line)(&line);
     }
@@ -397,7 +456,21 @@ pub(crate) fn run_child(
         if log.omitted() > 0 {
             writeln!(file, "\n[... {} bytes omitted ...]", log.omitted())?;
         }
-        file.write_all(&tail)
+        file.write_all(&tail)?;
+        if log.hidden > 0 {
+            writeln!(
+                file,
+                "[{} bytes printed during the evaluation, not kept: validation text must not leave the run]",
+                log.hidden
+            )?;
+        }
+        if held_open {
+            writeln!(
+                file,
+                "[the output pipes were still held open after the run was killed: a process escaped its group]"
+            )?;
+        }
+        Ok(())
     })();
     write.map_err(io_err(format!("writing {}", exp.log_path.display())))?;
     // The whole output when nothing was dropped, else the tail.
@@ -407,6 +480,7 @@ pub(crate) fn run_child(
         end,
         wall,
         startup: phases.startup,
+        first_reply: live.latencies.first().copied(),
         training: phases.training,
         evaluation: phases.evaluation,
         tail: String::from_utf8_lossy(&tail_bytes).into_owned(),
@@ -430,6 +504,7 @@ fn drive(
     live: &mut Live,
     start: Instant,
     phases: &mut Phases,
+    evaluating: &AtomicBool,
 ) -> Result<End, RunnerError> {
     let exited = |status: ExitStatus, phase: &str| {
         if status.success() {
@@ -501,6 +576,7 @@ fn drive(
         }
     };
     phases.training = Some(asked - started);
+    evaluating.store(true, Ordering::SeqCst);
     // Evaluation, under its own deadline.
     live.deadline = asked + exp.eval_grace;
     let mut rng = prepare::loader::Rng::new(audit_seed());
@@ -530,6 +606,9 @@ fn drive(
             "the evaluation took longer than {:.0}s",
             exp.eval_grace.as_secs_f64()
         )),
+        Err(EvalError::Link(LinkError::Slow(why))) => {
+            End::TimedOut(format!("{why}: no training during the evaluation"))
+        }
         Err(EvalError::Link(LinkError::Interrupted)) => return interrupted(live),
         Err(EvalError::Link(LinkError::Failed(why))) => {
             End::Invalid(format!("the model failed during the evaluation: {why}"))

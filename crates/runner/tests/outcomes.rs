@@ -85,6 +85,7 @@ impl Scenario {
         exp.log_path = repo.join("runs").join("test").join("run.log");
         // Generous: scenarios run in parallel on two cores, so steps can be 10x slower.
         exp.startup_grace = Duration::from_secs(180);
+        exp.startup_allowance = Duration::from_secs(180);
         exp.eval_grace = Duration::from_secs(120);
         Scenario { dir, exp }
     }
@@ -95,6 +96,14 @@ impl Scenario {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.exp.log_path).unwrap()
+    }
+}
+
+/// The train file with `old`, which must be there, replaced by `new`.
+fn replacing(old: &'static str, new: &'static str) -> impl FnOnce(&str) -> String {
+    move |src: &str| {
+        assert!(src.contains(old), "the train file no longer has `{old}`");
+        src.replace(old, new)
     }
 }
 
@@ -152,12 +161,10 @@ fn a_syntax_error_is_a_compile_error_at_its_line() {
 #[test]
 fn a_panic_mid_training_is_a_crash_with_its_message() {
     let s = Scenario::new(
-        |src| {
-            src.replace(
-                "        opt.step(&grads, &settings)?;",
-                "        if clock.steps() == 3 { panic!(\"boom at step 3\"); }\n        opt.step(&grads, &settings)?;",
-            )
-        },
+        replacing(
+            "        opt.step(&grads, &settings)?;",
+            "        if clock.steps() == 3 { panic!(\"boom at step 3\"); }\n        opt.step(&grads, &settings)?;",
+        ),
         5.0,
     );
     let v = s.run();
@@ -204,12 +211,10 @@ fn a_printed_summary_or_a_report_forged_with_the_manifests_record_is_invalid() {
     // Its own JSON report with the manifest's evaluation record (it is public), after training
     // honestly: the harness never reads a report.
     let s = Scenario::new(
-        |src| {
-            src.replace(
-                "    run.finish(stats, |x| model.logits(x))?;",
-                "    let eval = run.data.manifest.eval.clone();\n    let summary = prepare::Summary { val_bpb: 0.1, training_seconds: stats.training_seconds, total_seconds: 5.0, peak_vram_mb: 0.0, mfu_percent: 0.0, total_tokens_m: 0.1, num_steps: stats.num_steps, num_params_m: 1.3, depth: 4 };\n    prepare::RunReport { summary, eval, preset: \"tiny\".into(), device: \"cpu\".into() }.emit()?;\n    let _ = &model;",
-            )
-        },
+        replacing(
+            "    run.finish(stats, |x| model.logits(x))?;",
+            "    let eval = run.data.manifest.eval.clone();\n    let summary = prepare::Summary { val_bpb: 0.1, training_seconds: stats.training_seconds, total_seconds: 5.0, peak_vram_mb: 0.0, mfu_percent: 0.0, total_tokens_m: 0.1, num_steps: stats.num_steps, num_params_m: 1.3, depth: 4 };\n    prepare::RunReport { summary, eval, preset: \"tiny\".into(), device: \"cpu\".into() }.emit()?;\n    let _ = &model;",
+        ),
         3.0,
     );
     let v = s.run();
@@ -226,16 +231,24 @@ fn a_printed_summary_or_a_report_forged_with_the_manifests_record_is_invalid() {
 /// Replaces the served evaluation with the train file's own answers to the protocol: losses
 /// from `loss` (an expression over `nats`, the honest per-token losses), honest logits.
 fn own_protocol(loss: &str) -> impl FnOnce(&str) -> String {
+    own_protocol_with(loss, "")
+}
+
+/// The same, running `before_reply` (code that sees `inputs`, `replies`) before each loss reply.
+fn own_protocol_with(loss: &str, before_reply: &str) -> impl FnOnce(&str) -> String {
     let body = format!(
         r#"    use prepare::protocol::{{Mark, Request, send}};
     use std::os::fd::FromRawFd;
     let mut out = unsafe {{ std::fs::File::from_raw_fd(3) }};
     send(&mut out, &Mark::Evaluate(stats).encode())?;
     let mut input = std::io::stdin().lock();
+    let mut replies = 0u32;
     loop {{
+        replies += 1;
         let reply = match Request::read(&mut input)? {{
             Request::Losses {{ rows, seq, inputs, targets }} => {{
                 let shape = (rows as usize, seq as usize);
+                {before_reply}
                 let x = Tensor::from_vec(inputs, shape, &run.device)?;
                 let y = Tensor::from_vec(targets, shape, &run.device)?;
                 let nats = per_token_cross_entropy(&model.logits(&x)?, &y)?;
@@ -260,11 +273,65 @@ fn own_protocol(loss: &str) -> impl FnOnce(&str) -> String {
 }
 
 #[test]
-fn the_protocol_spoken_honestly_by_hand_is_ok() {
-    // The same answers prepare's `Run::finish` gives: the audits pass.
-    let s = Scenario::new(own_protocol("nats"), 3.0);
+fn the_protocol_spoken_honestly_by_hand_is_ok_and_what_it_prints_meanwhile_is_not_kept() {
+    // The same answers prepare's `Run::finish` gives: the audits pass. It also prints the rows
+    // it is sent, which would carry validation text into the log and so to the agent.
+    let s = Scenario::new(
+        own_protocol_with(
+            "nats",
+            "println!(\"VALROW {:?}\", &inputs[..8]); let _ = replies;",
+        ),
+        3.0,
+    );
     let v = s.run();
     assert_eq!(v.outcome, Outcome::Ok, "{}", v.evidence);
+    let log = s.log();
+    assert!(!log.contains("VALROW"), "{log}");
+    assert!(
+        log.contains("bytes printed during the evaluation, not kept"),
+        "{log}"
+    );
+}
+
+#[test]
+fn training_on_after_asking_for_evaluation_is_cut_short() {
+    // Replies after the first come no later than 8 times the first's time (2 s at least).
+    let s = Scenario::new(
+        own_protocol_with(
+            "nats",
+            "if replies > 1 { std::thread::sleep(std::time::Duration::from_secs(4)); }",
+        ),
+        3.0,
+    );
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::Timeout, "{}", v.evidence);
+    assert!(
+        v.evidence
+            .contains("evaluation request 2 got no reply within"),
+        "{}",
+        v.evidence
+    );
+}
+
+#[test]
+fn work_before_the_training_start_mark_counts_as_training() {
+    // An extra phase before the clock starts (here: idle; an extra training loop is the same
+    // to the harness) past the start-up allowance is charged to the budget.
+    let mut s = Scenario::new(
+        replacing(
+            "    let run = Run::from_env()?;",
+            "    let run = Run::from_env()?;\n    std::thread::sleep(std::time::Duration::from_secs(8));",
+        ),
+        3.0,
+    );
+    s.exp.startup_allowance = Duration::from_secs(2);
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::InvalidReport, "{}", v.evidence);
+    assert!(
+        v.evidence.contains("of start-up past its 2s allowance"),
+        "{}",
+        v.evidence
+    );
 }
 
 #[test]
@@ -285,14 +352,11 @@ fn halved_or_zero_losses_fail_the_honest_loss_audit() {
 #[test]
 fn an_attention_mask_that_sees_one_token_ahead_fails_causality() {
     let s = Scenario::new(
-        |src| {
-            assert!(src.contains("            if j <= i && i - j <= window {"));
-            // The off-by-one: query i also sees key i + 1, its own target.
-            src.replace(
-                "            if j <= i && i - j <= window {",
-                "            if j <= i + 1 && j + window >= i {",
-            )
-        },
+        // The off-by-one: query i also sees key i + 1, its own target.
+        replacing(
+            "            if j <= i && i - j <= window {",
+            "            if j <= i + 1 && j + window >= i {",
+        ),
         4.0,
     );
     let v = s.run();
@@ -308,12 +372,10 @@ fn an_attention_mask_that_sees_one_token_ahead_fails_causality() {
 #[test]
 fn a_run_that_reads_the_validation_data_is_refused_the_read() {
     let s = Scenario::new(
-        |src| {
-            src.replace(
-                "    let run = Run::from_env()?;",
-                "    let run = Run::from_env()?;\n    let val = run.data.shard_paths(Split::Val)[0].clone();\n    let stolen = std::fs::read(&val).with_context(|| format!(\"reading the validation shard {}\", val.display()))?;\n    println!(\"read {} validation bytes\", stolen.len());",
-            )
-        },
+        replacing(
+            "    let run = Run::from_env()?;",
+            "    let run = Run::from_env()?;\n    let val = run.data.shard_paths(Split::Val)[0].clone();\n    let stolen = std::fs::read(&val).with_context(|| format!(\"reading the validation shard {}\", val.display()))?;\n    println!(\"read {} validation bytes\", stolen.len());",
+        ),
         3.0,
     );
     let v = s.run();
@@ -336,12 +398,10 @@ fn a_run_that_reads_the_validation_data_is_refused_the_read() {
 fn a_run_that_raises_its_own_budget_is_refused_or_killed() {
     // A little more time: it stops inside the kill window, and is refused by the harness's clock.
     let s = Scenario::new(
-        |src| {
-            src.replace(
-                "    let run = Run::from_env()?;",
-                "    let mut run = Run::from_env()?;\n    run.budget += std::time::Duration::from_secs(3);",
-            )
-        },
+        replacing(
+            "    let run = Run::from_env()?;",
+            "    let mut run = Run::from_env()?;\n    run.budget += std::time::Duration::from_secs(3);",
+        ),
         4.0,
     );
     let v = s.run();
@@ -353,12 +413,10 @@ fn a_run_that_raises_its_own_budget_is_refused_or_killed() {
     );
     // Much more: killed once past the budget and the room for a last step.
     let s = Scenario::new(
-        |src| {
-            src.replace(
-                "    let run = Run::from_env()?;",
-                "    let mut run = Run::from_env()?;\n    run.budget *= 10;",
-            )
-        },
+        replacing(
+            "    let run = Run::from_env()?;",
+            "    let mut run = Run::from_env()?;\n    run.budget *= 10;",
+        ),
         2.0,
     );
     let v = s.run();
@@ -372,10 +430,9 @@ fn nothing_a_run_leaves_behind_reaches_the_next_one() {
     // Looks for state where a previous run could have left it (its working directory, its
     // TMPDIR, /dev/shm), reports it, and leaves some for the next run.
     let s = Scenario::new(
-        |src| {
-            src.replace(
-                "    let run = Run::from_env()?;",
-                r#"    let run = Run::from_env()?;
+        replacing(
+            "    let run = Run::from_env()?;",
+            r#"    let run = Run::from_env()?;
     let tmp = std::env::var("TMPDIR").unwrap_or_default();
     for place in ["leftover.bin".to_string(), format!("{tmp}/leftover.bin"), "/dev/shm/autoresearch-leftover.bin".into()] {
         match std::fs::read(&place) {
@@ -387,8 +444,7 @@ fn nothing_a_run_leaves_behind_reaches_the_next_one() {
             Err(e) => println!("leftover: cannot leave at {place}: {e}"),
         }
     }"#,
-            )
-        },
+        ),
         2.0,
     );
     let first = s.run();
