@@ -99,8 +99,15 @@ mod tests {
     #[test]
     fn warmup_steps_are_not_counted() {
         let mut clock = BudgetClock::with_warmup(Duration::from_millis(30), 2);
-        for _ in 0..3 {
+        let marks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = marks.clone();
+        clock.on_start(Box::new(move || seen.lock().unwrap().push(())));
+        for step in 0..3 {
             clock.begin_step();
+            assert!(
+                marks.lock().unwrap().is_empty(),
+                "marked at warm-up step {step}"
+            );
             std::thread::sleep(Duration::from_millis(5));
             clock.end_step();
         }
@@ -116,6 +123,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
             clock.end_step();
         }
+        // The training-start mark: once, as the first timed step (index 3 here) began.
+        assert_eq!(marks.lock().unwrap().len(), 1);
         assert_eq!(clock.progress(), 1.0);
         assert!(clock.remaining().is_zero());
     }
