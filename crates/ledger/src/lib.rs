@@ -18,7 +18,7 @@ use git2::{Oid, Repository, Signature, build::TreeUpdateBuilder};
 use serde::{Deserialize, Serialize};
 
 pub use journal::{Begin, End, Event, Finish, SessionMeta};
-pub use keep::{KeepRule, StrictImprovement};
+pub use keep::{Decision, KeepRule, Margins, StrictImprovement, decide, pooled_sigma};
 pub use results::ResultRow;
 pub use worktree::Worktree;
 

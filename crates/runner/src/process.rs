@@ -223,15 +223,17 @@ impl evaluate::Link for Live<'_> {
         if self.requests.send(request.encode()).is_err() {
             return Err(LinkError::Gone);
         }
-        // After the first reply, each must come within 8 times its time (2 s at least): a
-        // process cannot go on training between requests.
+        // After the first reply, each must come within 8 times its time (2 s at least), and all
+        // of them together within 3 times as many first replies, + 10 s: a process cannot go on
+        // training between requests.
         let overall = self.deadline;
-        let bound = self
-            .latencies
-            .first()
-            .map(|first| (*first * 8).max(Duration::from_secs(2)));
-        if let Some(bound) = bound {
-            self.deadline = overall.min(sent + bound);
+        let first = self.latencies.first().copied();
+        if let Some(first) = first {
+            let bound = (first * 8).max(Duration::from_secs(2));
+            let so_far: Duration = self.latencies.iter().sum();
+            let total = first * 3 * (self.latencies.len() as u32 + 1) + Duration::from_secs(10);
+            let left = total.saturating_sub(so_far);
+            self.deadline = overall.min(sent + bound.min(left));
         }
         let event = self.next().map_err(|_| LinkError::Gone);
         self.deadline = overall;
@@ -244,14 +246,10 @@ impl evaluate::Link for Live<'_> {
             Event::Mark(_, Err(ProtocolError::Closed)) | Event::Exited(_) => Err(LinkError::Gone),
             Event::Mark(_, Err(e)) => Err(LinkError::Malformed(e.to_string())),
             Event::Deadline if Instant::now() < overall => Err(LinkError::Slow(format!(
-                "evaluation request {} got no reply within {:.1}s, where the first took {:.2}s",
+                "evaluation request {} got no reply within {:.1}s (each may take 8 times the first's {:.2}s, and all together 3 times as many first replies + 10s)",
                 self.latencies.len() + 1,
-                bound.unwrap_or_default().as_secs_f64(),
-                self.latencies
-                    .first()
-                    .copied()
-                    .unwrap_or_default()
-                    .as_secs_f64()
+                sent.elapsed().as_secs_f64(),
+                first.unwrap_or_default().as_secs_f64()
             ))),
             Event::Deadline => Err(LinkError::Timeout),
             Event::Interrupted => Err(LinkError::Interrupted),
