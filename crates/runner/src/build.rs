@@ -2,8 +2,10 @@
 //! errors returned as structured diagnostics (warnings left out).
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -80,10 +82,14 @@ fn mark_sources_newer(repo: &Path, target_dir: &Path) -> Result<(), RunnerError>
         .map_err(io_err("writing the checkout marker"))
 }
 
+/// Builds `train/`. `timeout` bounds the time since cargo last finished a dependency: the train
+/// crate's own compile (a const evaluation or a type that never ends stalls it for ever), never
+/// a cold build of candle, whose crates each report as they finish.
 pub fn build_train(
     repo: &Path,
     target_dir: &Path,
     device: Device,
+    timeout: Duration,
 ) -> Result<BuildOutput, RunnerError> {
     mark_sources_newer(repo, target_dir)?;
     let mut cmd = Command::new("cargo");
@@ -110,7 +116,9 @@ pub fn build_train(
         .current_dir(repo)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Its own group, so that a timeout kills rustc with it.
+        .process_group(0);
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => RunnerError::NoCargo,
         _ => io_err("starting cargo")(e),
@@ -125,10 +133,45 @@ pub fn build_train(
         }
         text
     });
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut diagnostics = Vec::new();
     let mut executable = None;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.map_err(io_err("reading cargo's output"))?;
+    let mut progress = Instant::now();
+    loop {
+        let line = match lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if crate::interrupted() || progress.elapsed() >= timeout {
+                    // SAFETY: plain syscall; a negative pid names cargo's process group.
+                    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                    let _ = child.wait();
+                    if crate::interrupted() {
+                        return Err(RunnerError::Interrupted);
+                    }
+                    let message = format!(
+                        "the build did not finish within {:.0}s of its last dependency (a constant evaluation, a recursion or a type that never ends?): stopped",
+                        timeout.as_secs_f64()
+                    );
+                    return Ok(BuildOutput::Failed(vec![Diagnostic {
+                        file: crate::TRAIN_FILE.into(),
+                        line: 0,
+                        column: 0,
+                        rendered: format!("error: {message}"),
+                        message,
+                    }]));
+                }
+                continue;
+            }
+        };
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
@@ -143,6 +186,7 @@ pub fn build_train(
                     executable = Some(PathBuf::from(exe));
                 }
             }
+            Some("compiler-artifact") | Some("build-script-executed") => progress = Instant::now(),
             _ => {}
         }
     }

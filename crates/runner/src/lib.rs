@@ -148,6 +148,9 @@ pub struct Experiment {
     pub sandbox: bool,
     /// More paths the run may read (a GPU stack outside the usual places, say).
     pub sandbox_allow: Vec<PathBuf>,
+    /// How long the build may go on after its last dependency is built: the train crate's own
+    /// compile. Past it the build is stopped and reported as a compile error.
+    pub build_timeout: Duration,
 }
 
 impl Experiment {
@@ -168,6 +171,9 @@ impl Experiment {
             log_cap: LogCap::default(),
             sandbox: true,
             sandbox_allow: Vec::new(),
+            // An edited train file rebuilds in seconds; its crate alone, fresh, in about a
+            // minute. Ten leaves room for a loaded machine.
+            build_timeout: Duration::from_secs(600),
         }
     }
 
@@ -257,7 +263,7 @@ fn build_and_run(
     // a private copy of it under a file lock (other harness processes included).
     let built = {
         let _lock = lock_file(&exp.target_dir.join("runner.lock"))?;
-        match build_train(&exp.repo, &exp.target_dir, exp.device)? {
+        match build_train(&exp.repo, &exp.target_dir, exp.device, exp.build_timeout)? {
             BuildOutput::Built(exe) => {
                 let private = exp.run_dir.join("train-bin");
                 copy_fresh(&exe, &private)?;
@@ -481,7 +487,7 @@ fn copy_fresh(from: &Path, to: &Path) -> Result<(), RunnerError> {
 /// Builds the checkout's train file without running it: the compiler's errors, none if it builds.
 pub fn check(exp: &Experiment) -> Result<Vec<Diagnostic>, RunnerError> {
     let _lock = lock_file(&exp.target_dir.join("runner.lock"))?;
-    let built = build_train(&exp.repo, &exp.target_dir, exp.device)?;
+    let built = build_train(&exp.repo, &exp.target_dir, exp.device, exp.build_timeout)?;
     if interrupted() {
         return Err(RunnerError::Interrupted);
     }

@@ -660,3 +660,33 @@ fn killing_the_harness_kills_the_run() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_build_that_never_ends_is_stopped_and_reported_as_a_compile_error() {
+    // A constant whose evaluation runs for ever once rustc's guard against it is allowed off.
+    let mut s = Scenario::new(
+        |src| {
+            let never = "#![allow(long_running_const_eval)]\nconst NEVER: u64 = {\n    let mut i = 0u64;\n    while i < u64::MAX {\n        i += 1;\n    }\n    i\n};\n\nuse std::collections::BTreeMap;";
+            replacing("use std::collections::BTreeMap;", never)(src).replace(
+                "    let run = Run::from_env()?;",
+                "    let run = Run::from_env()?;\n    println!(\"{NEVER}\");",
+            )
+        },
+        2.0,
+    );
+    s.exp.build_timeout = Duration::from_secs(20);
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::CompileError, "{}", v.evidence);
+    assert!(
+        v.diagnostics[0]
+            .message
+            .contains("did not finish within 20s"),
+        "{:?}",
+        v.diagnostics
+    );
+    assert_eq!(v.diagnostics[0].file, TRAIN_FILE);
+    assert!(v.build_seconds < 120.0, "{}", v.build_seconds);
+    // The runner goes on: the next build of an honest file in the same target dir works.
+    let honest = Scenario::new(str::to_string, 2.0);
+    assert_eq!(honest.run().outcome, Outcome::Ok);
+}
