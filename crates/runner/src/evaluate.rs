@@ -102,11 +102,6 @@ impl AuditPlan {
             logit_prefixes: (n / 32).max(4),
         }
     }
-
-    /// Extra forward passes, in rows, on top of the evaluation's.
-    pub fn extra_rows(&self) -> f64 {
-        (self.causal_rows + self.repeat_rows) as f64 + self.logit_prefixes as f64 / 2.0
-    }
 }
 
 /// What the harness measured.
@@ -390,7 +385,8 @@ pub fn evaluate(
     })
 }
 
-fn describe(mark: &Mark) -> &'static str {
+/// What kind of mark this is, for a message (never its contents, which may be huge).
+pub(crate) fn describe(mark: &Mark) -> &'static str {
     match mark {
         Mark::Start => "a training-start mark",
         Mark::Evaluate(_) => "an evaluation request",

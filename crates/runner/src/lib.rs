@@ -183,11 +183,6 @@ impl Experiment {
         (self.budget / 10).max(Duration::from_secs(5))
     }
 
-    /// The longest a run can live: every phase's deadline.
-    pub fn hard_timeout(&self) -> Duration {
-        self.startup_grace + self.budget + self.step_grace() + self.eval_grace
-    }
-
     /// How much past the budget the harness's training time may be: the last step (it starts
     /// before the budget is spent and ends after; twice the mean step, for its variance), at most
     /// 2 % of the budget or 2 s (the step count is the run's word), plus the pipes' latency.
@@ -294,7 +289,6 @@ fn build_and_run(
     };
 
     let setup = process::Setup {
-        preset: &data.preset().name,
         exe: &exe,
         data,
         rows,

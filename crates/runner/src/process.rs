@@ -261,7 +261,6 @@ impl evaluate::Link for Live<'_> {
 
 /// Everything the child needs from the harness beyond the experiment.
 pub(crate) struct Setup<'a> {
-    pub preset: &'a str,
     pub exe: &'a Path,
     pub data: &'a prepare::Dataset,
     pub rows: &'a Rows,
@@ -283,7 +282,7 @@ pub(crate) fn run_child(
         }
     }
     cmd.env(env::CACHE, &exp.cache)
-        .env(env::PRESET, setup.preset)
+        .env(env::PRESET, &setup.data.preset().name)
         .env(env::DEVICE, exp.device.as_str())
         .env(env::TIME_BUDGET, format!("{}", exp.budget.as_secs_f64()))
         .env(env::SEED, exp.seed.to_string())
@@ -504,74 +503,52 @@ fn drive(
     phases: &mut Phases,
     evaluating: &AtomicBool,
 ) -> Result<End, RunnerError> {
-    let exited = |status: ExitStatus, phase: &str| {
-        if status.success() {
-            End::Invalid(format!(
-                "the run exited {phase} without serving its model for evaluation: it must end with prepare's `Run::finish`"
-            ))
-        } else {
-            End::Exited(status)
-        }
-    };
     let interrupted = |live: &mut Live| {
         live.kill();
         Err(RunnerError::Interrupted)
     };
     // Start-up: data, device, the warm-up steps.
-    let started = loop {
-        match live.next()? {
-            Event::Mark(at, Ok(Mark::Start)) => break at,
-            Event::Mark(_, Ok(Mark::Evaluate(_))) => {
-                return Ok(End::Invalid(
-                    "the run asked for evaluation without marking the start of training: the budget clock must come from prepare's `Run::clock`".into(),
-                ));
-            }
-            Event::Mark(_, Ok(other)) => {
-                return Ok(End::Invalid(format!(
-                    "unexpected mark {other:?} during start-up"
-                )));
-            }
-            // The pipe closed: the process is exiting (or closed fd 3); its exit decides.
-            Event::Mark(_, Err(ProtocolError::Closed)) => {
-                live.deadline = live.deadline.min(Instant::now() + Duration::from_secs(10));
-            }
-            Event::Mark(_, Err(e)) => return Ok(End::Invalid(format!("training-start mark: {e}"))),
-            Event::Exited(status) => return Ok(exited(status, "during start-up")),
-            Event::Interrupted => return interrupted(live),
-            Event::Deadline => {
-                return Ok(End::TimedOut(format!(
-                    "no training-start mark within {:.0}s of start-up (data, device and the {} warm-up steps must fit in it)",
-                    exp.startup_grace.as_secs_f64(),
-                    prepare::clock::WARMUP_STEPS + 1
-                )));
-            }
+    let deadline_note = || {
+        format!(
+            "no training-start mark within {:.0}s of start-up (data, device and the {} warm-up steps must fit in it)",
+            exp.startup_grace.as_secs_f64(),
+            prepare::clock::WARMUP_STEPS + 1
+        )
+    };
+    let started = match next_mark(live, "during start-up", &deadline_note)? {
+        Ok((at, Mark::Start)) => at,
+        Ok((_, Mark::Evaluate(_))) => {
+            return Ok(End::Invalid(
+                "the run asked for evaluation without marking the start of training: the budget clock must come from prepare's `Run::clock`".into(),
+            ));
         }
+        Ok((_, other)) => {
+            return Ok(End::Invalid(format!(
+                "unexpected {} during start-up",
+                evaluate::describe(&other)
+            )));
+        }
+        Err(end) => return Ok(end),
     };
     phases.startup = Some(started - start);
     // Training: the budget plus room for the last step, then killed.
     live.deadline = started + exp.budget + exp.step_grace();
-    let (asked, stats) = loop {
-        match live.next()? {
-            Event::Mark(at, Ok(Mark::Evaluate(stats))) => break (at, stats),
-            Event::Mark(_, Ok(other)) => {
-                return Ok(End::Invalid(format!(
-                    "unexpected mark {other:?} during training"
-                )));
-            }
-            Event::Mark(_, Err(ProtocolError::Closed)) => {
-                live.deadline = live.deadline.min(Instant::now() + Duration::from_secs(10));
-            }
-            Event::Mark(_, Err(e)) => return Ok(End::Invalid(format!("evaluation request: {e}"))),
-            Event::Exited(status) => return Ok(exited(status, "during training")),
-            Event::Interrupted => return interrupted(live),
-            Event::Deadline => {
-                return Ok(End::TimedOut(format!(
-                    "still training {:.1}s after its training started, for a budget of {:.1}s: the harness keeps the time",
-                    (Instant::now() - started).as_secs_f64(),
-                    exp.budget.as_secs_f64()
-                )));
-            }
+    let deadline_note = || {
+        format!(
+            "still training {:.1}s after its training started, for a budget of {:.1}s: the harness keeps the time",
+            started.elapsed().as_secs_f64(),
+            exp.budget.as_secs_f64()
+        )
+    };
+    let (asked, stats) = match next_mark(live, "during training", &deadline_note)? {
+        Ok((at, Mark::Evaluate(stats))) => (at, stats),
+        Ok((_, other)) => {
+            return Ok(End::Invalid(format!(
+                "unexpected {} during training",
+                evaluate::describe(&other)
+            )));
         }
+        Err(end) => return Ok(end),
     };
     phases.training = Some(asked - started);
     evaluating.store(true, Ordering::SeqCst);
@@ -631,6 +608,35 @@ fn drive(
         }
     };
     Ok(end)
+}
+
+/// The next mark of a phase (`during start-up`, ...), or how the run ended instead.
+fn next_mark(
+    live: &mut Live,
+    phase: &str,
+    deadline_note: &dyn Fn() -> String,
+) -> Result<Result<(Instant, Mark), End>, RunnerError> {
+    loop {
+        let end = match live.next()? {
+            Event::Mark(at, Ok(mark)) => return Ok(Ok((at, mark))),
+            // The pipe closed: the process is exiting (or closed fd 3); its exit decides.
+            Event::Mark(_, Err(ProtocolError::Closed)) => {
+                live.deadline = live.deadline.min(Instant::now() + Duration::from_secs(10));
+                continue;
+            }
+            Event::Mark(_, Err(e)) => End::Invalid(format!("a mark {phase}: {e}")),
+            Event::Exited(status) if status.success() => End::Invalid(format!(
+                "the run exited {phase} without serving its model for evaluation: it must end with prepare's `Run::finish`"
+            )),
+            Event::Exited(status) => End::Exited(status),
+            Event::Interrupted => {
+                live.kill();
+                return Err(RunnerError::Interrupted);
+            }
+            Event::Deadline => End::TimedOut(deadline_note()),
+        };
+        return Ok(Err(end));
+    }
 }
 
 /// Fresh randomness for where the audits look: the run cannot predict it from its seed.
