@@ -85,6 +85,7 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
         device: runner::Device::Cpu,
         budget: Some(Duration::from_secs(3)),
         seed: 42,
+        keep: session::KeepSettings::default(),
         sandbox: true,
         sandbox_allow: Vec::new(),
         max_experiments: Some(2),

@@ -86,11 +86,12 @@ impl LlmAgent {
     fn opening(&self, bench: &dyn Workbench) -> Result<String, ToolError> {
         let info = bench.info();
         let mut out = format!(
-            "Experiment #{} of session `{}` is next. Best val_bpb so far: {}.\n\n## Results so far\n",
+            "Experiment #{} of session `{}` is next. Best val_bpb so far: {}.\n{}\n\n## Results so far\n",
             info.experiments,
             info.tag,
             info.best_val_bpb
-                .map_or("none yet".into(), |v| format!("{v:.6}"))
+                .map_or("none yet".into(), |v| format!("{v:.6}")),
+            noise_line(&info)
         );
         out += &results_table(&bench.results(), self.limits.result_rows);
         let notes = bench.notes();
@@ -124,18 +125,35 @@ impl LlmAgent {
     }
 }
 
+/// What the noise is, so the model stops chasing differences inside it.
+fn noise_line(info: &workbench::SessionInfo) -> String {
+    let sigma = match info.noise_sigma {
+        Some(s) => format!(
+            "Seed noise in this session: σ = {s:.6} val_bpb per run ({} degrees of freedom); a difference smaller than about 2σ is luck, not a result.",
+            info.noise_samples
+        ),
+        None => "Seed noise not measured yet.".into(),
+    };
+    format!(
+        "{sigma} The harness decides what is kept; {}. val_bpb below is the mean of an experiment's runs; runs > 1 means it was re-run with other seeds to confirm.",
+        info.keep_rule
+    )
+}
+
 /// The results as a compact table: the latest `rows`, and the best kept if older.
 pub fn results_table(results: &[ResultLine], rows: usize) -> String {
     let mut out = String::from(
-        "| # | commit | val_bpb | mem GB | status | description |\n|---|---|---|---|---|---|\n",
+        "| # | commit | val_bpb | runs | gain σ | mem GB | status | description |\n|---|---|---|---|---|---|---|---|\n",
     );
     let line = |r: &ResultLine| {
         let desc: String = r.description.chars().take(100).collect();
         format!(
-            "| {} | {} | {} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} |\n",
             r.index,
             r.hash,
             r.val_bpb.map_or("-".into(), |v| format!("{v:.6}")),
+            r.runs,
+            r.gain_sigma.map_or("-".into(), |g| format!("{g:+.1}")),
             r.memory_gb,
             r.status,
             desc
@@ -150,7 +168,7 @@ pub fn results_table(results: &[ResultLine], rows: usize) -> String {
         .map(|(_, r)| r);
     if start > 0 {
         out += &format!(
-            "| … | {start} earlier experiments not shown (show_results lists all) | | | | |\n"
+            "| … | {start} earlier experiments not shown (show_results lists all) | | | | | | |\n"
         );
         if let Some(b) = best.filter(|b| b.index < start) {
             out += &line(b);
@@ -303,6 +321,8 @@ mod tests {
             val_bpb: Some(v),
             memory_gb: 1.0,
             status: status.into(),
+            runs: 1,
+            gain_sigma: None,
             description: format!("experiment {i}"),
         }
     }

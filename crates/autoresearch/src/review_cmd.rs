@@ -63,6 +63,8 @@ pub fn log(args: LogArgs) -> Result<()> {
                     "val_bpb": v,
                     "delta_prev": v.zip(prev).map(|(a, b)| a - b),
                     "delta_baseline": v.zip(baseline).map(|(a, b)| a - b),
+                    "runs": r.values().len(),
+                    "gain_sigma": gain_sigma(r),
                     "description": r.begin.description,
                     "finished_unix": r.end.as_ref().map(|e| e.finished_unix),
                 });
@@ -84,11 +86,16 @@ pub fn log(args: LogArgs) -> Result<()> {
                     "best_hash": best.map(|r| r.begin.hash.clone()),
                     "cost_usd": cost(&s),
                 },
+                "noise": s.noise().map(|n| json!({"sigma": n.sigma, "dof": n.dof})),
             }))?
         );
         return Ok(());
     }
     print_log(&repo, &tag)
+}
+
+fn gain_sigma(r: &Record) -> Option<f64> {
+    r.end.as_ref()?.judgement.as_ref()?.gain_sigma
 }
 
 fn cost(s: &Session) -> Option<f64> {
@@ -108,9 +115,17 @@ pub fn print_log(repo: &Path, tag: &str) -> Result<()> {
         "Session {} ({}, preset {}, {}, {:.0}s budget): branch autoresearch/{}",
         m.tag, m.agent, m.preset, m.device, m.budget_s, m.tag
     );
+    println!("  {}", session::describe_rule(&m.keep));
+    match s.noise() {
+        Some(n) => println!(
+            "  seed noise σ = {:.6} per run ({} degrees of freedom, from every experiment run more than once)",
+            n.sigma, n.dof
+        ),
+        None => println!("  seed noise: not measured (no experiment ran twice)"),
+    }
     println!(
-        "  {:>4}  {:<7}  {:>9}  {:>9}  {:>9}  {:>5}  description",
-        "#", "commit", "val_bpb", "Δprev", "Δbase", "time"
+        "  {:>4}  {:<7}  {:>9}  {:>9}  {:>9}  {:>6}  {:>4}  {:>5}  description",
+        "#", "commit", "val_bpb", "Δprev", "Δbase", "gain", "runs", "time"
     );
     let kept = s.kept();
     let baseline = kept.first().and_then(|r| r.val_bpb());
@@ -122,12 +137,14 @@ pub fn print_log(repo: &Path, tag: &str) -> Result<()> {
     for r in &kept {
         let v = r.val_bpb();
         println!(
-            "  {:>4}  {:<7}  {:>9}  {:>9}  {:>9}  {:>5}  {}",
+            "  {:>4}  {:<7}  {:>9}  {:>9}  {:>9}  {:>6}  {:>4}  {:>5}  {}",
             r.begin.index,
             r.short(),
             v.map_or("-".into(), |v| format!("{v:.6}")),
             delta(v, prev),
             delta(v, baseline),
+            gain_sigma(r).map_or("-".into(), |g| format!("{g:+.1}σ")),
+            r.values().len(),
             r.end
                 .as_ref()
                 .map_or("-".into(), |e| crate::clock::hh_mm(e.finished_unix)),
@@ -323,6 +340,9 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
                 "recorded_val_bpb": replay.recorded,
                 "replayed_val_bpb": replay.replayed(),
                 "drift": replay.drift(),
+                "sigma": replay.sigma,
+                "drift_sigma": replay.drift_sigma(),
+                "seed": replay.seed,
                 "log": replay.verdict.log_path,
             }))?
         );
@@ -334,11 +354,29 @@ pub fn replay(args: ReplayArgs) -> Result<()> {
             replay.tag,
             replay.verdict.outcome.as_str()
         );
-        println!("  recorded val_bpb: {}", fmt(replay.recorded));
-        println!("  replayed val_bpb: {}", fmt(replay.replayed()));
+        let runs = replay.record.values().len();
+        println!(
+            "  recorded val_bpb: {} (mean of {runs} run{})",
+            fmt(replay.recorded),
+            if runs == 1 { "" } else { "s" }
+        );
+        println!(
+            "  replayed val_bpb: {} (seed {}, its first run's)",
+            fmt(replay.replayed()),
+            replay.seed
+        );
         if let Some(d) = replay.drift() {
             let rel = replay.recorded.map_or(0.0, |r| 100.0 * d / r);
-            println!("  drift:            {d:+.6} ({rel:+.2}%)");
+            let verdict = match (replay.drift_sigma(), replay.sigma) {
+                (Some(z), Some(s)) if z.abs() <= 2.0 => {
+                    format!("; {z:+.1} σ (σ = {s:.6}): reproduces within the noise")
+                }
+                (Some(z), Some(s)) => format!(
+                    "; {z:+.1} σ (σ = {s:.6}): outside the noise, this result does not reproduce"
+                ),
+                _ => "; the session has no σ to judge it by".into(),
+            };
+            println!("  drift:            {d:+.6} ({rel:+.2}%){verdict}");
         }
         println!("  log: {}", replay.verdict.log_path.display());
         if replay.verdict.outcome != runner::Outcome::Ok {

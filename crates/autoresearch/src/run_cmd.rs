@@ -41,8 +41,11 @@ pub struct RunArgs {
     /// Data cache [default: $AUTORESEARCH_CACHE or ~/.cache/autoresearch].
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// The session's seed: the baseline's first run gets it, every other run one derived from it.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    #[command(flatten)]
+    keep: KeepArgs,
     /// Run experiments without Landlock confinement (the environment is still scrubbed and the
     /// tracked files still guarded).
     #[arg(long)]
@@ -69,6 +72,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         device: parse_device(&args.device)?,
         budget: args.budget.map(Duration::from_secs_f64),
         seed: args.seed,
+        keep: args.keep.settings()?,
         sandbox: !args.no_sandbox,
         sandbox_allow: args.sandbox_allow.clone(),
         max_experiments: args.max_experiments,
@@ -138,6 +142,17 @@ fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> R
                 show_training_line(b, line);
             }
         }
+        Progress::Again { run, why } => {
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            let val = run
+                .finish
+                .val_bpb
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
+            println!("     .. run {} val_bpb {val}: {why}", run.run + 1);
+            bar = Some(training_bar());
+        }
         Progress::Finished(record) => {
             if let Some(b) = bar.take() {
                 b.finish_and_clear();
@@ -147,8 +162,18 @@ fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> R
                 .finish
                 .val_bpb
                 .map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
+            let noise = match &end.judgement {
+                Some(j) if j.runs > 1 || j.gain_sigma.is_some() => format!(
+                    "{} run{}{}; ",
+                    j.runs,
+                    if j.runs == 1 { "" } else { "s" },
+                    j.gain_sigma
+                        .map_or_else(String::new, |g| format!(", {g:+.1} σ"))
+                ),
+                _ => String::new(),
+            };
             println!(
-                "     -> {:<7} val_bpb {val}  ({}; build {:.0}s, run {:.0}s)",
+                "     -> {:<7} val_bpb {val}  ({noise}{}; build {:.0}s, run {:.0}s)",
                 end.status.as_str(),
                 end.finish.outcome,
                 end.finish.build_seconds,
@@ -175,6 +200,68 @@ fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> R
         Stop::Exhausted(why) => println!("Stopped: {why}."),
     }
     Ok(stop)
+}
+
+/// How experiments are kept (fixed when a session starts; a resumed session keeps its own).
+#[derive(Args)]
+pub struct KeepArgs {
+    /// `noise`: measure the seed noise σ, keep clear wins at once, re-run close calls with other
+    /// seeds and decide on the mean; `strict`: the original's rule, one run kept when below
+    /// the best.
+    #[arg(long, default_value = "noise")]
+    keep_rule: String,
+    /// Runs of the baseline, each with its own seed: the first measure of σ [default: 3 for
+    /// noise, 1 for strict].
+    #[arg(long)]
+    baseline_runs: Option<usize>,
+    /// Runs an experiment may take when too close to call, the first included.
+    #[arg(long, default_value_t = ledger::Margins::default().max_runs)]
+    max_runs: usize,
+    /// Kept at once when better than the best by this many standard errors.
+    #[arg(long, default_value_t = ledger::Margins::default().win)]
+    win_margin: f64,
+    /// Discarded at once when better by less than this many standard errors.
+    #[arg(long, default_value_t = ledger::Margins::default().loss)]
+    loss_margin: f64,
+    /// After the last run: kept when better by this many standard errors on the mean.
+    #[arg(long, default_value_t = ledger::Margins::default().confirm)]
+    confirm_margin: f64,
+}
+
+impl KeepArgs {
+    fn settings(&self) -> Result<ledger::KeepSettings> {
+        let mut k = match self.keep_rule.as_str() {
+            "noise" => ledger::KeepSettings::default(),
+            "strict" => {
+                return Ok(ledger::KeepSettings {
+                    baseline_runs: self.baseline_runs.unwrap_or(1),
+                    ..ledger::KeepSettings::strict()
+                });
+            }
+            other => bail!(
+                "unknown --keep-rule `{other}`: use `noise` (the default) or `strict` (the original's)"
+            ),
+        };
+        k.baseline_runs = self.baseline_runs.unwrap_or(k.baseline_runs);
+        k.margins = ledger::Margins {
+            win: self.win_margin,
+            loss: self.loss_margin,
+            confirm: self.confirm_margin,
+            max_runs: self.max_runs,
+        };
+        if k.baseline_runs == 0 || k.margins.max_runs == 0 {
+            bail!("--baseline-runs and --max-runs count runs: give 1 or more");
+        }
+        if !(k.margins.loss <= k.margins.confirm && k.margins.confirm <= k.margins.win) {
+            bail!(
+                "the margins must satisfy --loss-margin <= --confirm-margin <= --win-margin (got {}, {}, {})",
+                k.margins.loss,
+                k.margins.confirm,
+                k.margins.win
+            );
+        }
+        Ok(k)
+    }
 }
 
 #[derive(Args)]
@@ -227,6 +314,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         device: Device::Cpu,
         budget: Some(Duration::from_secs_f64(args.budget)),
         seed: 42,
+        keep: ledger::KeepSettings::default(),
         sandbox: true,
         sandbox_allow: Vec::new(),
         max_experiments: Some(args.experiments),

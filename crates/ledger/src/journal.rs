@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{LedgerError, io_err};
+use crate::{LedgerError, io_err, keep::KeepSettings};
 
 /// The session's settings, written once when it starts, so resume and replay use the same.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -22,6 +22,10 @@ pub struct SessionMeta {
     /// The proposer: `sweep`, or the LLM's provider/model.
     pub agent: String,
     pub started_unix: u64,
+    /// How experiments are kept. Sessions from before the noise-aware rule kept on a single
+    /// run, strictly below the best: they resume with that rule.
+    #[serde(default = "KeepSettings::strict")]
+    pub keep: KeepSettings,
 }
 
 /// An experiment committed and about to run.
@@ -57,14 +61,49 @@ pub struct Finish {
     pub cost_usd: Option<f64>,
 }
 
+/// One training run of an experiment, with the seed it was given. An experiment too close to
+/// call runs again with other seeds; each run is journaled as it ends, so a kill between runs
+/// resumes with the next one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunEnd {
+    pub hash: String,
+    /// 0 for the first run of the experiment.
+    pub run: usize,
+    pub seed: u64,
+    #[serde(flatten)]
+    pub finish: Finish,
+}
+
+/// How the keep rule came to its decision: what the user and the agent see of the noise.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Judgement {
+    /// `noise` or `strict`.
+    pub rule: String,
+    /// Successful runs behind the experiment's val_bpb (their mean).
+    pub runs: usize,
+    /// The session's seed noise (one run's standard deviation) when it decided.
+    pub sigma: Option<f64>,
+    /// The best's val_bpb (the mean of its runs) it was compared with.
+    pub best: Option<f64>,
+    /// (best − val_bpb) / σ: the gain in units of one run's noise.
+    pub gain_sigma: Option<f64>,
+    /// Runs with different seeds gave bit-identical results: the train file ignores
+    /// `AUTORESEARCH_SEED`, so its repeats measure nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seed_ignored: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct End {
     pub index: usize,
     pub hash: String,
     pub status: crate::Status,
     pub finished_unix: u64,
+    /// val_bpb here is the value the decision used: the mean of the runs.
     #[serde(flatten)]
     pub finish: Finish,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judgement: Option<Judgement>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,6 +111,7 @@ pub struct End {
 pub enum Event {
     Session(SessionMeta),
     Begin(Begin),
+    Run(RunEnd),
     End(End),
 }
 

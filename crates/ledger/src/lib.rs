@@ -17,8 +17,10 @@ use std::path::{Path, PathBuf};
 use git2::{Oid, Repository, Signature, build::TreeUpdateBuilder};
 use serde::{Deserialize, Serialize};
 
-pub use journal::{Begin, End, Event, Finish, SessionMeta};
-pub use keep::{Decision, KeepRule, Margins, StrictImprovement, decide, pooled_sigma};
+pub use journal::{Begin, End, Event, Finish, Judgement, RunEnd, SessionMeta};
+pub use keep::{
+    Decision, KeepSettings, Margins, Noise, RuleKind, decide, judge, pooled_sigma, run_seed,
+};
 pub use results::ResultRow;
 pub use worktree::Worktree;
 
@@ -102,10 +104,40 @@ impl Status {
 pub struct Record {
     #[serde(flatten)]
     pub begin: Begin,
+    /// Its runs so far, each with its own seed (empty in journals from before runs were kept).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<RunEnd>,
     pub end: Option<End>,
 }
 
 impl Record {
+    /// The val_bpb of each successful run: the samples behind its value.
+    pub fn values(&self) -> Vec<f64> {
+        if self.runs.is_empty() {
+            return self.val_bpb().into_iter().collect();
+        }
+        self.runs
+            .iter()
+            .filter(|r| r.finish.outcome == "ok")
+            .filter_map(|r| r.finish.val_bpb)
+            .collect()
+    }
+
+    /// Runs with different seeds that came out bit-identical: the train file ignores the seed.
+    pub fn seed_ignored(&self) -> bool {
+        let ok: Vec<&RunEnd> = self
+            .runs
+            .iter()
+            .filter(|r| r.finish.outcome == "ok" && r.finish.val_bpb.is_some())
+            .collect();
+        ok.len() >= 2
+            && ok.windows(2).all(|w| {
+                w[0].seed != w[1].seed
+                    && w[0].finish.val_bpb.map(f64::to_bits)
+                        == w[1].finish.val_bpb.map(f64::to_bits)
+            })
+    }
+
     pub fn status(&self) -> Option<Status> {
         self.end.as_ref().map(|e| e.status)
     }
@@ -161,8 +193,19 @@ impl Session {
                 Event::Session(m) => meta = Some(m),
                 Event::Begin(b) => records.push(Record {
                     begin: b,
+                    runs: Vec::new(),
                     end: None,
                 }),
+                Event::Run(run) => match records.iter_mut().find(|r| r.begin.hash == run.hash) {
+                    Some(r) => r.runs.push(run),
+                    None => {
+                        return Err(LedgerError::Journal(format!(
+                            "{}: a run of {} that never began",
+                            path.display(),
+                            run.hash
+                        )));
+                    }
+                },
                 Event::End(e) => match records.iter_mut().find(|r| r.begin.hash == e.hash) {
                     Some(r) => r.end = Some(e),
                     None => {
@@ -193,6 +236,19 @@ impl Session {
             .into_iter()
             .filter(|r| r.val_bpb().is_some())
             .min_by(|a, b| a.val_bpb().partial_cmp(&b.val_bpb()).expect("finite"))
+    }
+
+    /// The seed noise of one run, pooled over every experiment run more than once (the
+    /// baseline, confirmations). Experiments whose seeds change nothing are left out: their
+    /// zero spread is not noise measured.
+    pub fn noise(&self) -> Option<keep::Noise> {
+        let groups: Vec<Vec<f64>> = self
+            .records
+            .iter()
+            .filter(|r| !r.seed_ignored())
+            .map(Record::values)
+            .collect();
+        pooled_sigma(groups.iter().map(Vec::as_slice))
     }
 
     /// The experiment committed but not finished (a kill mid-run), if any.
@@ -517,16 +573,53 @@ impl Ledger {
         journal::append(&self.journal_path(), &Event::Begin(begin.clone()))?;
         self.session.records.push(Record {
             begin: begin.clone(),
+            runs: Vec::new(),
             end: None,
         });
         self.set_branch(oid, &format!("autoresearch: experiment {}", begin.index))?;
         Ok(begin)
     }
 
+    /// The seed for the next run of the experiment in flight.
+    pub fn next_seed(&self) -> Option<u64> {
+        let p = self.session.pending()?;
+        Some(run_seed(
+            self.session.meta.seed,
+            p.begin.index,
+            p.runs.len(),
+        ))
+    }
+
+    /// Records one finished run of the experiment in flight (synced before anything else).
+    pub fn record_run(&mut self, seed: u64, finish: Finish) -> Result<RunEnd, LedgerError> {
+        let Some(pending) = self.session.pending() else {
+            return Err(LedgerError::State("no experiment in flight".into()));
+        };
+        let run = RunEnd {
+            hash: pending.begin.hash.clone(),
+            run: pending.runs.len(),
+            seed,
+            finish,
+        };
+        journal::append(&self.journal_path(), &Event::Run(run.clone()))?;
+        self.session
+            .records
+            .last_mut()
+            .expect("pending exists")
+            .runs
+            .push(run.clone());
+        Ok(run)
+    }
+
     /// Records how the experiment in flight ended and moves git accordingly: kept, the branch
     /// stays; otherwise the commit goes under `refs/autoresearch/TAG/discarded/` and the branch
     /// and train file go back to its parent.
-    pub fn finish(&mut self, finish: Finish, status: Status) -> Result<End, LedgerError> {
+    pub fn finish(
+        &mut self,
+        finish: Finish,
+        status: Status,
+        judgement: Option<Judgement>,
+    ) -> Result<End, LedgerError> {
         let Some(pending) = self.session.pending().cloned() else {
             return Err(LedgerError::State("no experiment in flight".into()));
         };
@@ -541,6 +634,7 @@ impl Ledger {
             status,
             finished_unix: now_unix(),
             finish,
+            judgement,
         };
         journal::append(&self.journal_path(), &Event::End(end.clone()))?;
         self.session.records.last_mut().expect("pending exists").end = Some(end.clone());
@@ -636,6 +730,12 @@ fn note_text(tag: &str, end: &End) -> String {
             if let Some(v) = summary.get(key) {
                 text += &format!("{key}: {v}\n");
             }
+        }
+    }
+    if let Some(j) = &end.judgement {
+        text += &format!("runs: {}\n", j.runs);
+        if let Some(g) = j.gain_sigma {
+            text += &format!("gain_sigma: {g:.2}\n");
         }
     }
     if let Some(cost) = f.cost_usd {

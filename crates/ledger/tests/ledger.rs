@@ -3,7 +3,10 @@
 use std::path::Path;
 
 use git2::{Oid, Repository};
-use ledger::{Finish, Ledger, LedgerError, SessionMeta, Status, TRAIN_FILE, results};
+use ledger::{
+    Decision, Finish, KeepSettings, Ledger, LedgerError, SessionMeta, Status, TRAIN_FILE, judge,
+    results,
+};
 
 fn repo_with_train_file() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -34,6 +37,7 @@ fn meta(tag: &str) -> SessionMeta {
         seed: 42,
         agent: "test".into(),
         started_unix: 0,
+        keep: KeepSettings::default(),
     }
 }
 
@@ -71,13 +75,13 @@ fn kept_on_the_branch_discarded_under_refs_notes_everywhere() {
     let root = dir.path();
     let mut ledger = Ledger::start(root, meta("t1")).unwrap();
     let base = ledger.begin("baseline", "").unwrap();
-    ledger.finish(ok(1.0), Status::Keep).unwrap();
+    ledger.finish(ok(1.0), Status::Keep, None).unwrap();
     set_lr(root, "0.05");
     let better = ledger.begin("lr 0.05", "higher rate").unwrap();
-    ledger.finish(ok(0.9), Status::Keep).unwrap();
+    ledger.finish(ok(0.9), Status::Keep, None).unwrap();
     set_lr(root, "0.08");
     let worse = ledger.begin("lr 0.08", "").unwrap();
-    ledger.finish(ok(0.95), Status::Discard).unwrap();
+    ledger.finish(ok(0.95), Status::Discard, None).unwrap();
     // The train file is back to the kept state after a discard.
     assert_eq!(
         std::fs::read_to_string(root.join(TRAIN_FILE)).unwrap(),
@@ -91,7 +95,7 @@ fn kept_on_the_branch_discarded_under_refs_notes_everywhere() {
     };
     // A failed outcome is a crash whatever the caller says.
     assert_eq!(
-        ledger.finish(crash, Status::Keep).unwrap().status,
+        ledger.finish(crash, Status::Keep, None).unwrap().status,
         Status::Crash
     );
 
@@ -183,7 +187,7 @@ fn resume_puts_the_branch_on_the_experiment_in_flight() {
     let root = dir.path();
     let mut ledger = Ledger::start(root, meta("t3")).unwrap();
     ledger.begin("baseline", "").unwrap();
-    ledger.finish(ok(1.0), Status::Keep).unwrap();
+    ledger.finish(ok(1.0), Status::Keep, None).unwrap();
     set_lr(root, "0.06");
     let flying = ledger.begin("lr 0.06", "").unwrap();
     drop(ledger);
@@ -212,7 +216,7 @@ fn resume_puts_the_branch_on_the_experiment_in_flight() {
         std::fs::read_to_string(root.join(TRAIN_FILE)).unwrap(),
         "const LR: f64 = 0.06;\n"
     );
-    ledger.finish(ok(0.8), Status::Keep).unwrap();
+    ledger.finish(ok(0.8), Status::Keep, None).unwrap();
     let session = ledger::Session::load(root, "t3").unwrap();
     assert_eq!(session.records.len(), 2, "no experiment lost or doubled");
     assert_eq!(
@@ -246,4 +250,122 @@ fn the_reference_overnight_log_reads() {
             .any(|r| r.status == Status::Crash && r.val_bpb.is_none())
     );
     assert!(results::parse("commit\tval\n", "x").is_err());
+}
+
+/// Records one run of the experiment in flight with the seed the ledger gives it.
+fn run(ledger: &mut Ledger, val: f64) -> u64 {
+    let seed = ledger.next_seed().unwrap();
+    ledger.record_run(seed, ok(val)).unwrap();
+    seed
+}
+
+#[test]
+fn runs_are_journaled_one_by_one_and_a_kill_mid_confirmation_resumes_at_the_next() {
+    let dir = repo_with_train_file();
+    let root = dir.path();
+    let settings = KeepSettings::default();
+    let mut ledger = Ledger::start(root, meta("t5")).unwrap();
+    ledger.begin("baseline", "").unwrap();
+    let mut seeds = vec![run(&mut ledger, 1.000)];
+    assert_eq!(
+        seeds[0], 42,
+        "the baseline's first run has the session's seed"
+    );
+    assert_eq!(judge(&settings, ledger.session()).0, Decision::Confirm);
+    seeds.push(run(&mut ledger, 1.002));
+    seeds.push(run(&mut ledger, 0.998));
+    let (decision, j) = judge(&settings, ledger.session());
+    assert_eq!(
+        decision,
+        Decision::Keep,
+        "the baseline is kept with its 3 runs"
+    );
+    assert_eq!(j.runs, 3);
+    ledger.finish(ok(1.0), Status::Keep, Some(j)).unwrap();
+    let noise = ledger.session().noise().unwrap();
+    assert_eq!(noise.dof, 2);
+    assert!((noise.sigma - 0.002).abs() < 1e-9, "{noise:?}");
+
+    // A candidate 3 σ better on one run: too close to call while σ rests on 2 dof.
+    set_lr(root, "0.05");
+    ledger.begin("lr 0.05", "").unwrap();
+    seeds.push(run(&mut ledger, 0.994));
+    assert_eq!(judge(&settings, ledger.session()).0, Decision::Confirm);
+    drop(ledger); // killed during its confirmation run
+
+    let mut ledger = Ledger::resume(root, "t5").unwrap();
+    let pending = ledger.session().pending().unwrap().clone();
+    assert_eq!(pending.runs.len(), 1, "the first run kept, not doubled");
+    assert_eq!(pending.values(), vec![0.994]);
+    seeds.push(run(&mut ledger, 0.9945));
+    let mut unique = seeds.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        seeds.len(),
+        "every run its own seed: {seeds:?}"
+    );
+    let (decision, j) = judge(&settings, ledger.session());
+    assert_eq!(
+        decision,
+        Decision::Keep,
+        "confirmed on the mean of two runs"
+    );
+    assert_eq!(j.runs, 2);
+    assert_eq!(j.best, Some(1.0));
+    // The confirmation refines σ: one more degree of freedom.
+    assert_eq!(ledger.session().noise().unwrap().dof, 3);
+    ledger.finish(ok(0.99425), Status::Keep, Some(j)).unwrap();
+    let session = ledger::Session::load(root, "t5").unwrap();
+    assert_eq!(session.records[1].runs.len(), 2);
+    let j = session.records[1]
+        .end
+        .as_ref()
+        .unwrap()
+        .judgement
+        .clone()
+        .unwrap();
+    assert_eq!(j.runs, 2);
+    assert!(j.gain_sigma.unwrap() > 3.0, "{j:?}");
+}
+
+#[test]
+fn repeats_that_ignore_the_seed_are_flagged_and_measure_no_noise() {
+    let dir = repo_with_train_file();
+    let root = dir.path();
+    let mut ledger = Ledger::start(root, meta("t6")).unwrap();
+    ledger.begin("baseline", "").unwrap();
+    for _ in 0..3 {
+        run(&mut ledger, 0.987654321);
+    }
+    let (decision, j) = judge(&KeepSettings::default(), ledger.session());
+    assert_eq!(decision, Decision::Keep);
+    assert!(j.seed_ignored, "three seeds, one bit-identical result");
+    assert!(
+        ledger.session().noise().is_none(),
+        "a zero spread is not noise measured"
+    );
+}
+
+#[test]
+fn journals_from_before_runs_resume_with_the_strict_rule() {
+    let dir = repo_with_train_file();
+    let root = dir.path();
+    drop(Ledger::start(root, meta("t7")).unwrap());
+    // A session line as written before the keep settings existed.
+    let journal = root.join("runs/t7/journal.jsonl");
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let mut line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    line.as_object_mut().unwrap().remove("keep");
+    std::fs::write(&journal, format!("{line}\n")).unwrap();
+    let mut ledger = Ledger::resume(root, "t7").unwrap();
+    assert_eq!(ledger.session().meta.keep, KeepSettings::strict());
+    ledger.begin("baseline", "").unwrap();
+    run(&mut ledger, 1.0);
+    assert_eq!(
+        judge(&ledger.session().meta.keep, ledger.session()).0,
+        Decision::Keep,
+        "one baseline run under the strict rule"
+    );
 }

@@ -1,6 +1,6 @@
 //! The workbench a proposer works through during one episode.
 
-use ledger::{KeepRule, Ledger, Record, TRAIN_FILE};
+use ledger::{Ledger, Record, TRAIN_FILE};
 use runner::{Experiment, RunnerError};
 use workbench::{
     CheckReport, ExperimentReport, ResultLine, SessionInfo, Spend, ToolError, Workbench,
@@ -14,7 +14,6 @@ const MAX_TRAIN_FILE: usize = 1 << 20;
 pub struct Bench<'a> {
     ledger: &'a mut Ledger,
     exp: &'a Experiment,
-    keep_rule: &'a dyn KeepRule,
     progress: &'a mut dyn FnMut(Progress),
     ran: bool,
     /// The proposer's spend not yet recorded with an experiment.
@@ -25,14 +24,12 @@ impl<'a> Bench<'a> {
     pub fn new(
         ledger: &'a mut Ledger,
         exp: &'a Experiment,
-        keep_rule: &'a dyn KeepRule,
         progress: &'a mut dyn FnMut(Progress),
         spend: &'a mut Spend,
     ) -> Self {
         Bench {
             ledger,
             exp,
-            keep_rule,
             progress,
             ran: false,
             spend,
@@ -67,6 +64,9 @@ impl Workbench for Bench<'_> {
             budget_s: s.meta.budget_s,
             experiments: s.records.len(),
             best_val_bpb: s.best().and_then(Record::val_bpb),
+            noise_sigma: s.noise().map(|n| n.sigma),
+            noise_samples: s.noise().map_or(0, |n| n.dof),
+            keep_rule: crate::describe_rule(&s.meta.keep),
         }
     }
 
@@ -176,14 +176,8 @@ impl Workbench for Bench<'_> {
         self.ran = true;
         (self.progress)(Progress::Started(&begin));
         let spend = std::mem::take(self.spend);
-        let interrupted = crate::run_pending(
-            self.ledger,
-            self.exp,
-            self.keep_rule,
-            &mut *self.progress,
-            spend,
-        )
-        .map_err(fatal)?;
+        let interrupted =
+            crate::run_pending(self.ledger, self.exp, &mut *self.progress, spend).map_err(fatal)?;
         if interrupted {
             return Err(ToolError::Interrupted);
         }
@@ -201,6 +195,9 @@ impl Workbench for Bench<'_> {
             outcome: end.finish.outcome.clone(),
             status: end.status.as_str().to_string(),
             val_bpb: end.finish.val_bpb,
+            runs: record.values(),
+            sigma: end.judgement.as_ref().and_then(|j| j.sigma),
+            gain_sigma: end.judgement.as_ref().and_then(|j| j.gain_sigma),
             best_before,
             summary: end
                 .finish
@@ -225,6 +222,13 @@ impl Workbench for Bench<'_> {
                     val_bpb: row.val_bpb,
                     memory_gb: row.memory_gb,
                     status: row.status.as_str().into(),
+                    runs: r.values().len(),
+                    gain_sigma: r
+                        .end
+                        .as_ref()?
+                        .judgement
+                        .as_ref()
+                        .and_then(|j| j.gain_sigma),
                     description: row.description,
                 })
             })

@@ -9,11 +9,12 @@ mod replay;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use ledger::{Begin, Finish, KeepRule, Ledger, Record, SessionMeta, Status, StrictImprovement};
-use runner::{Device, Experiment, Outcome, RunnerError};
+use ledger::{Begin, Decision, Finish, Judgement, Ledger, Record, RunEnd, SessionMeta, Status};
+use runner::{Device, Experiment, RunnerError};
 use workbench::{Proposer, ProposerError, Spend};
 
 pub use bench::{Bench, describe};
+pub use ledger::{KeepSettings, Margins, RuleKind};
 pub use paths::resolve_readable;
 pub use replay::{Replay, replay};
 
@@ -43,6 +44,8 @@ pub struct Settings {
     /// Training budget; `None` = the prepared preset's.
     pub budget: Option<Duration>,
     pub seed: u64,
+    /// The keep rule of a new session (a resumed one keeps its own).
+    pub keep: KeepSettings,
     pub sandbox: bool,
     /// More paths experiments may read.
     pub sandbox_allow: Vec<PathBuf>,
@@ -61,6 +64,11 @@ pub struct Settings {
 pub enum Progress<'a> {
     Started(&'a Begin),
     Line(&'a str),
+    /// One run ended and the experiment runs again with another seed (`why`).
+    Again {
+        run: &'a RunEnd,
+        why: String,
+    },
     Finished(&'a Record),
     /// An episode ended without an experiment.
     Abandoned(&'a str),
@@ -128,6 +136,7 @@ pub fn run(
                 seed: settings.seed,
                 agent: proposer.name(),
                 started_unix: 0,
+                keep: settings.keep,
             },
         )?
     };
@@ -144,12 +153,13 @@ pub fn run(
         device,
         Duration::from_secs_f64(meta.budget_s),
     );
-    exp.seed = meta.seed;
     exp.sandbox = settings.sandbox;
     exp.sandbox_allow = settings.sandbox_allow.clone();
     exp.target_dir = settings.target_dir.clone();
     exp.run_dir = ledger.dir().join("work");
-    let keep_rule = StrictImprovement;
+    if ledger.session().records.is_empty() {
+        tracing::info!("{}", describe_rule(&meta.keep));
+    }
     // Spend of episodes that ended without an experiment, carried to the next one's record.
     let mut spend = Spend::default();
     let mut abandoned = 0u32;
@@ -163,7 +173,7 @@ pub fn run(
                 pending.short()
             );
             progress(Progress::Started(&pending.begin));
-            if run_pending(&mut ledger, &exp, &keep_rule, progress, Spend::default())? {
+            if run_pending(&mut ledger, &exp, progress, Spend::default())? {
                 break Stop::Interrupted;
             }
             continue;
@@ -191,7 +201,7 @@ pub fn run(
             ledger.restore_train_file()?;
             let begin = ledger.begin("baseline", "the train file as the session found it")?;
             progress(Progress::Started(&begin));
-            if run_pending(&mut ledger, &exp, &keep_rule, progress, Spend::default())? {
+            if run_pending(&mut ledger, &exp, progress, Spend::default())? {
                 break Stop::Interrupted;
             }
             let baseline = ledger.session().records.last().expect("just ran");
@@ -207,7 +217,7 @@ pub fn run(
             continue;
         }
         let (outcome, ran) = {
-            let mut bench = Bench::new(&mut ledger, &exp, &keep_rule, progress, &mut spend);
+            let mut bench = Bench::new(&mut ledger, &exp, progress, &mut spend);
             (proposer.episode(&mut bench), bench.ran())
         };
         ledger.restore_train_file()?;
@@ -243,32 +253,94 @@ pub fn run(
     Ok(stop)
 }
 
-/// Runs the experiment in flight and records it. True when it was interrupted.
+/// The keep rule in a line, for the log and the proposer.
+pub fn describe_rule(k: &KeepSettings) -> String {
+    match k.rule {
+        ledger::RuleKind::Strict => {
+            "keep rule: strict (one run each, kept when below the best)".into()
+        }
+        ledger::RuleKind::Noise => format!(
+            "keep rule: noise (baseline × {}; kept at once {} standard errors better, discarded under {}, otherwise run again, up to {} runs, and kept {} better on the mean)",
+            k.baseline_runs, k.margins.win, k.margins.loss, k.margins.max_runs, k.margins.confirm
+        ),
+    }
+}
+
+/// Runs the experiment in flight, as many times as the keep rule asks, and records it. A run
+/// already journaled (a kill between runs) is not run again. True when it was interrupted.
 fn run_pending(
     ledger: &mut Ledger,
     exp: &Experiment,
-    keep_rule: &dyn KeepRule,
     progress: &mut dyn FnMut(Progress),
     spend: Spend,
 ) -> Result<bool, SessionError> {
-    let pending = ledger
-        .session()
-        .pending()
-        .cloned()
-        .expect("an experiment in flight");
+    let settings = ledger.session().meta.keep;
+    loop {
+        let pending = ledger
+            .session()
+            .pending()
+            .cloned()
+            .expect("an experiment in flight");
+        let failed = pending.runs.iter().any(|r| r.finish.outcome != "ok");
+        let (decision, judgement) = ledger::judge(&settings, ledger.session());
+        let max_runs = if ledger.session().best().is_none() {
+            settings.baseline_runs.max(1)
+        } else {
+            settings.margins.max_runs.max(1)
+        };
+        if !pending.runs.is_empty() && (failed || decision != Decision::Confirm) {
+            finish_pending(ledger, &pending, decision, judgement, spend, progress)?;
+            return Ok(false);
+        }
+        if let Some(last) = pending.runs.last() {
+            let why = match judgement.gain_sigma {
+                None => format!(
+                    "the baseline's runs for σ: run {} of {max_runs}",
+                    pending.runs.len() + 1
+                ),
+                Some(g) => format!(
+                    "{g:+.1} σ from the best: too close to call, run {} of at most {max_runs}",
+                    pending.runs.len() + 1
+                ),
+            };
+            progress(Progress::Again { run: last, why });
+        }
+        let seed = ledger.next_seed().expect("in flight");
+        let (mut finish, interrupted) = run_once(ledger, exp, &pending, seed, progress);
+        if interrupted {
+            // Ctrl-C ends the experiment (a crash the user caused, not the code).
+            charge(&mut finish, spend);
+            ledger.finish(finish, Status::Crash, Some(judgement))?;
+            let record = ledger.session().records.last().expect("finished").clone();
+            progress(Progress::Finished(&record));
+            return Ok(true);
+        }
+        ledger.record_run(seed, finish)?;
+    }
+}
+
+/// One training run of the experiment in flight with `seed`. True when it was interrupted.
+fn run_once(
+    ledger: &Ledger,
+    exp: &Experiment,
+    pending: &Record,
+    seed: u64,
+    progress: &mut dyn FnMut(Progress),
+) -> (Finish, bool) {
     let mut exp = exp.clone();
-    let log = ledger
-        .dir()
-        .join("logs")
-        .join(format!("{}.log", pending.begin.hash));
+    exp.seed = seed;
+    let name = match pending.runs.len() {
+        0 => format!("{}.log", pending.begin.hash),
+        n => format!("{}-{n}.log", pending.begin.hash),
+    };
+    let log = ledger.dir().join("logs").join(name);
     exp.log_path = log.clone();
     let rel_log = log
         .strip_prefix(ledger.root())
         .unwrap_or(&log)
         .to_string_lossy()
         .into_owned();
-    let (finish, interrupted) = match runner::run(&exp, &mut |line| progress(Progress::Line(line)))
-    {
+    match runner::run(&exp, &mut |line| progress(Progress::Line(line))) {
         Ok(verdict) => {
             let summary = verdict.report.as_ref().map(|r| &r.summary);
             (
@@ -306,24 +378,68 @@ fn run_pending(
             },
             false,
         ),
-    };
-    let mut finish = finish;
+    }
+}
+
+/// The proposer's spend on the experiment goes on its record.
+fn charge(finish: &mut Finish, spend: Spend) {
     if spend != Spend::default() {
         finish.tokens_in = Some(spend.tokens_in);
         finish.tokens_out = Some(spend.tokens_out);
         finish.cost_usd = spend.cost_usd;
     }
-    let status = match finish.val_bpb {
-        Some(v) if finish.outcome == Outcome::Ok.as_str() => {
-            if keep_rule.keep(ledger.session(), v) {
-                Status::Keep
-            } else {
-                Status::Discard
+}
+
+/// Ends the experiment in flight from its runs: val_bpb is the mean of its runs (the value the
+/// decision used); a run that failed fails the experiment, whatever seed it had.
+fn finish_pending(
+    ledger: &mut Ledger,
+    pending: &Record,
+    decision: Decision,
+    judgement: Judgement,
+    spend: Spend,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(), SessionError> {
+    let runs = &pending.runs;
+    let first = &runs[0].finish;
+    let failed = runs.iter().find(|r| r.finish.outcome != "ok");
+    let values = pending.values();
+    let mut finish = match failed {
+        Some(bad) => {
+            let mut f = bad.finish.clone();
+            if bad.run > 0 {
+                f.evidence = format!(
+                    "run {} (seed {}) of this experiment failed after {} that did not:\n{}",
+                    bad.run + 1,
+                    bad.seed,
+                    bad.run,
+                    f.evidence
+                );
             }
+            f
         }
-        _ => Status::Crash,
+        None => Finish {
+            val_bpb: Some(values.iter().sum::<f64>() / values.len() as f64),
+            memory_gb: runs.iter().map(|r| r.finish.memory_gb).fold(0.0, f64::max),
+            ..first.clone()
+        },
     };
-    ledger.finish(finish, status)?;
+    finish.build_seconds = runs.iter().map(|r| r.finish.build_seconds).sum();
+    finish.run_seconds = runs.iter().map(|r| r.finish.run_seconds).sum();
+    charge(&mut finish, spend);
+    let status = match (failed, decision) {
+        (Some(_), _) => Status::Crash,
+        (None, Decision::Keep) => Status::Keep,
+        (None, _) => Status::Discard,
+    };
+    if judgement.seed_ignored {
+        tracing::warn!(
+            "experiment {} gave bit-identical results with {} different seeds: its train file ignores AUTORESEARCH_SEED, so its repeats measure no noise",
+            pending.short(),
+            runs.len()
+        );
+    }
+    ledger.finish(finish, status, Some(judgement))?;
     let record = ledger
         .session()
         .records
@@ -331,7 +447,7 @@ fn run_pending(
         .expect("just finished")
         .clone();
     progress(Progress::Finished(&record));
-    Ok(interrupted)
+    Ok(())
 }
 
 pub const TARGET_DIR_ENV: &str = "AUTORESEARCH_TARGET_DIR";

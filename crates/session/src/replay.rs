@@ -12,7 +12,11 @@ use crate::SessionError;
 pub struct Replay {
     pub tag: String,
     pub record: Record,
+    /// The value its decision used (the mean of its runs).
     pub recorded: Option<f64>,
+    /// The session's seed noise, to read the drift against.
+    pub sigma: Option<f64>,
+    pub seed: u64,
     pub verdict: Verdict,
 }
 
@@ -24,6 +28,12 @@ impl Replay {
     /// Replayed minus recorded.
     pub fn drift(&self) -> Option<f64> {
         Some(self.replayed()? - self.recorded?)
+    }
+
+    /// The drift in units of the session's σ: within ±2 it reproduces as well as noise allows.
+    pub fn drift_sigma(&self) -> Option<f64> {
+        let sigma = self.sigma.filter(|s| *s > 0.0)?;
+        Some(self.drift()? / sigma)
     }
 }
 
@@ -59,7 +69,8 @@ pub fn replay(
         device,
         Duration::from_secs_f64(meta.budget_s),
     );
-    exp.seed = meta.seed;
+    // The seed of its first run: a replay reproduces the run, so what drifts is the machine's.
+    exp.seed = record.runs.first().map_or(meta.seed, |r| r.seed);
     exp.sandbox = sandbox;
     exp.target_dir = target_dir.to_path_buf();
     let stamp = std::time::SystemTime::now()
@@ -73,6 +84,8 @@ pub fn replay(
     Ok(Replay {
         tag: meta.tag.clone(),
         recorded: record.val_bpb(),
+        sigma: session.noise().map(|n| n.sigma),
+        seed: exp.seed,
         record,
         verdict,
     })

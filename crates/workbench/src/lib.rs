@@ -18,7 +18,14 @@ pub struct SessionInfo {
     pub device: String,
     pub budget_s: f64,
     pub experiments: usize,
+    /// The best's val_bpb: the mean of its runs.
     pub best_val_bpb: Option<f64>,
+    /// The seed noise of one run, measured in this session (None until something ran twice).
+    pub noise_sigma: Option<f64>,
+    /// The degrees of freedom behind `noise_sigma`.
+    pub noise_samples: usize,
+    /// The keep rule, in a line.
+    pub keep_rule: String,
 }
 
 /// A past experiment, one line of the results table.
@@ -30,6 +37,10 @@ pub struct ResultLine {
     pub memory_gb: f64,
     /// keep, discard or crash.
     pub status: String,
+    /// Successful runs (seeds) behind val_bpb, their mean; more than one = confirmed.
+    pub runs: usize,
+    /// Gain over the best before it, in units of one run's noise σ.
+    pub gain_sigma: Option<f64>,
     pub description: String,
 }
 
@@ -50,7 +61,14 @@ pub struct ExperimentReport {
     pub outcome: String,
     /// keep, discard or crash.
     pub status: String,
+    /// The mean of its runs.
     pub val_bpb: Option<f64>,
+    /// Each successful run's val_bpb (a run with another seed each).
+    pub runs: Vec<f64>,
+    /// The session's seed noise σ when it was decided.
+    pub sigma: Option<f64>,
+    /// (best before − val_bpb) / σ.
+    pub gain_sigma: Option<f64>,
     /// The best kept val_bpb before this experiment.
     pub best_before: Option<f64>,
     /// The run's summary block, when it reported.
