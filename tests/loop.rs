@@ -80,6 +80,19 @@ fn kill_nine_at_any_point_then_resume_loses_nothing() {
     assert_eq!(ends(&p), 0);
     // During training.
     kill_when(&p, "k", true, &|pid| !children(pid, "train-bin").is_empty());
+    // Mid-confirmation: the baseline's first run journaled, its second training.
+    kill_when(&p, "k", true, &|pid| {
+        let journal = std::fs::read_to_string(p.repo.join("runs/k/journal.jsonl")).unwrap();
+        journal.contains("\"event\":\"run\"")
+            && !journal.contains("\"event\":\"end\"")
+            && !children(pid, "train-bin").is_empty()
+    });
+    let journaled = p
+        .journal("k")
+        .iter()
+        .filter(|e| e["event"] == "run")
+        .count();
+    assert!((1..3).contains(&journaled), "{journaled}");
     // Right after a verdict is journaled, while git may still be moving.
     let before = ends(&p);
     kill_when(&p, "k", true, &|_| {
@@ -96,6 +109,16 @@ fn kill_nine_at_any_point_then_resume_loses_nothing() {
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let experiments = check_consistent(&p, "k");
     assert_eq!(experiments.len(), 4, "{experiments:?}");
+    let journal = p.journal("k");
+    let baseline: Vec<&Value> = journal
+        .iter()
+        .filter(|e| e["event"] == "run" && e["hash"] == experiments[0].0.as_str())
+        .collect();
+    assert_eq!(
+        baseline.len(),
+        3,
+        "the baseline's 3 runs, none lost or doubled"
+    );
 }
 
 #[test]

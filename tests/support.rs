@@ -217,6 +217,33 @@ pub fn check_consistent(p: &Project, tag: &str) -> Vec<(String, String)> {
     hashes.dedup();
     assert_eq!(hashes.len(), experiments.len(), "no experiment twice");
 
+    // Runs: numbered 0.. per experiment without gaps or doubles, every one its own seed, and
+    // a successful experiment's val_bpb the mean of its runs.
+    let runs: Vec<&Value> = events.iter().filter(|e| e["event"] == "run").collect();
+    let mut seeds: Vec<u64> = runs.iter().map(|r| r["seed"].as_u64().unwrap()).collect();
+    seeds.sort();
+    seeds.dedup();
+    assert_eq!(seeds.len(), runs.len(), "a seed used twice");
+    for ((hash, _), end) in experiments.iter().zip(&ends) {
+        let mine: Vec<&&Value> = runs.iter().filter(|r| r["hash"] == hash.as_str()).collect();
+        for (n, r) in mine.iter().enumerate() {
+            assert_eq!(r["run"], n as u64, "{hash}: runs out of order or doubled");
+        }
+        if end["outcome"] == "ok" {
+            let vals: Vec<f64> = mine
+                .iter()
+                .map(|r| r["val_bpb"].as_f64().unwrap())
+                .collect();
+            assert!(!vals.is_empty(), "{hash}: ok without a run");
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            assert!(
+                (end["val_bpb"].as_f64().unwrap() - mean).abs() < 1e-12,
+                "{hash}"
+            );
+            assert_eq!(end["judgement"]["runs"], vals.len() as u64);
+        }
+    }
+
     let branch = format!("autoresearch/{tag}");
     let on_branch: Vec<String> = git(
         &p.repo,

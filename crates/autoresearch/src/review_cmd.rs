@@ -420,9 +420,10 @@ fn points(rows: &[ResultRow]) -> Vec<plot::Point> {
 
 pub fn plot_session(repo: &Path, tag: &str, out: &Path) -> Result<()> {
     let s = Session::load(repo, tag)?;
-    plot::render_png(
+    plot::render_png_with_noise(
         &points(&s.result_rows()),
         &format!("autoresearch: session {tag}"),
+        s.noise().map(|n| n.sigma),
         out,
     )?;
     Ok(())

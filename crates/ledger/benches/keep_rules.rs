@@ -68,6 +68,9 @@ enum Rule {
 struct Tally {
     keeps: usize,
     false_keeps: usize,
+    /// Proposals with no effect at all (a comment, an unused constant), and how many were kept.
+    no_effect: usize,
+    no_effect_kept: usize,
     real_wins: usize,
     missed_wins: usize,
     proposals: usize,
@@ -142,6 +145,10 @@ fn night(rule: Rule, sigma: f64, rng: &mut Rng, t: &mut Tally) {
 }
 
 fn tally(t: &mut Tally, effect: f64, kept: bool, sigma: f64) {
+    if effect == 0.0 {
+        t.no_effect += 1;
+        t.no_effect_kept += kept as usize;
+    }
     if kept {
         t.keeps += 1;
         t.false_keeps += (effect >= 0.0) as usize;
@@ -231,9 +238,9 @@ fn main() {
     }
     println!("{trials} simulated nights of {RUNS_PER_NIGHT} runs per row\n");
     println!(
-        "| σ | rule | false keeps | real wins missed (gain ≥ σ) | runs / proposal | kept / night | true gain / GPU-hour |"
+        "| σ | rule | false keeps | no-effect changes kept | real wins missed (gain ≥ σ) | runs / proposal | kept / night | true gain / GPU-hour |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let d = Margins::default();
     for sigma in [2e-4f64, 7e-4, 2e-3] {
         let rules = [
@@ -280,8 +287,9 @@ fn main() {
                 night(rule, sigma, &mut rng, &mut t);
             }
             println!(
-                "| {sigma:.0e} | {name} | {:.1} % | {:.1} % | {:.2} | {:.1} | {:.2e} |",
+                "| {sigma:.0e} | {name} | {:.1} % | {:.2} % | {:.1} % | {:.2} | {:.1} | {:.2e} |",
                 100.0 * t.false_keeps as f64 / t.keeps.max(1) as f64,
+                100.0 * t.no_effect_kept as f64 / t.no_effect.max(1) as f64,
                 100.0 * t.missed_wins as f64 / t.real_wins.max(1) as f64,
                 t.runs as f64 / t.proposals.max(1) as f64,
                 t.keeps as f64 / t.nights as f64,

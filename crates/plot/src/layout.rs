@@ -109,6 +109,11 @@ impl Layout {
         self.left + (index - self.x_min) / (self.x_max - self.x_min) * (self.right - self.left)
     }
 
+    /// Pixels per unit of val_bpb on the y axis.
+    pub(crate) fn y_scale(&self) -> f64 {
+        (self.bottom - self.top) / (self.y_max - self.y_min)
+    }
+
     pub(crate) fn y_to_canvas(&self, val_bpb: f64) -> f64 {
         let v = if val_bpb.is_finite() {
             val_bpb.clamp(self.y_min, self.y_max)

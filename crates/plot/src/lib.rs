@@ -122,7 +122,29 @@ pub fn render_png(points: &[Point], title: &str, path: &Path) -> Result<(), Plot
     render(points, title, WIDTH, HEIGHT).write_png(path)
 }
 
+/// As [`render_png`], with the noise band: the running best ± `sigma` (one run's seed noise).
+pub fn render_png_with_noise(
+    points: &[Point],
+    title: &str,
+    sigma: Option<f64>,
+    path: &Path,
+) -> Result<(), PlotError> {
+    render_with_noise(points, title, sigma, WIDTH, HEIGHT).write_png(path)
+}
+
 pub fn render(points: &[Point], title: &str, width: u32, height: u32) -> Chart {
+    render_with_noise(points, title, None, width, height)
+}
+
+/// The chart; with `sigma`, a faint band of ± σ around the running best shows which results
+/// lie within the noise of it.
+pub fn render_with_noise(
+    points: &[Point],
+    title: &str,
+    sigma: Option<f64>,
+    width: u32,
+    height: u32,
+) -> Chart {
     let lay = layout(points, width, height);
     let mut c = Canvas::new(width, height, BACKGROUND);
 
@@ -155,6 +177,14 @@ pub fn render(points: &[Point], title: &str, width: u32, height: u32) -> Chart {
     }
 
     let steps = best_steps(&lay, &kept, sorted.last().map_or(0, |p| p.index));
+    if let Some(sigma) = sigma.filter(|s| s.is_finite() && *s > 0.0) {
+        let px = (sigma * lay.y_scale()).round() as i64;
+        for s in &steps {
+            if let Segment::H { x0, x1, y } = *s {
+                c.fill_rect(x0, y - px, x1, y + px, BEST_LINE, 0.12);
+            }
+        }
+    }
     for s in &steps {
         match *s {
             Segment::H { x0, x1, y } => c.hline(x0, x1, y, 3, BEST_LINE, 1.0),
@@ -745,6 +775,27 @@ mod tests {
 
     fn run() -> Vec<Point> {
         run_with(true)
+    }
+
+    #[test]
+    fn the_noise_band_shades_sigma_around_the_running_best_and_no_further() {
+        let points = run_with(false);
+        let lay = layout(&points, 800, 500);
+        let sigma = 0.002;
+        let plain = render(&points, "test", 800, 500);
+        let banded = render_with_noise(&points, "test", Some(sigma), 800, 500);
+        // Between kept points 6 and 9 the best is 0.985: half a σ above it is shaded, two σ
+        // above it is not.
+        let (x, _) = lay.to_pixel(7, 0.985);
+        let (_, inside) = lay.to_pixel(7, 0.985 + sigma / 2.0);
+        let (_, outside) = lay.to_pixel(7, 0.985 + 2.0 * sigma);
+        assert_eq!(plain.pixel(x, inside), BACKGROUND);
+        assert_ne!(banded.pixel(x, inside), BACKGROUND, "inside the band");
+        assert_eq!(
+            banded.pixel(x, outside),
+            plain.pixel(x, outside),
+            "outside the band"
+        );
     }
 
     #[test]
