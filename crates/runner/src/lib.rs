@@ -435,8 +435,10 @@ fn append_summary(
         a.tolerance.atol,
         summary.to_block()
     );
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&exp.log_path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .map_err(io_err(format!("writing {}", exp.log_path.display())))

@@ -443,8 +443,18 @@ pub(crate) fn run_child(
     }
 
     let log = log.lock().unwrap();
-    let mut file = std::fs::File::create(&exp.log_path)
-        .map_err(io_err(format!("writing {}", exp.log_path.display())))?;
+    // The log lives outside the run directory; O_NOFOLLOW as well, so a link planted there by
+    // an unconfined run (--no-sandbox) is refused rather than written through.
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&exp.log_path)
+            .map_err(io_err(format!("writing {}", exp.log_path.display())))?
+    };
     let head = redact(&log.head, &secrets);
     let tail = redact(&log.tail.iter().copied().collect::<Vec<u8>>(), &secrets);
     let write = (|| {

@@ -296,9 +296,33 @@ pub fn describe(r: &Record) -> String {
         if let Some(v) = end.finish.val_bpb {
             out += &format!("val_bpb: {v:.6}\n");
         }
-        if !end.finish.evidence.is_empty() {
-            out += &format!("evidence:\n{}\n", end.finish.evidence);
+        if let Some(j) = &end.judgement {
+            out += &format!("decided by the {} rule", j.rule);
+            if let (Some(g), Some(sigma)) = (j.gain_sigma, j.sigma) {
+                out += &format!(": {g:+.1} σ against the best (σ = {sigma:.6})");
+            }
+            out += "\n";
+            if j.seed_ignored {
+                out +=
+                    "warning: its runs ignore AUTORESEARCH_SEED (bit-identical with other seeds)\n";
+            }
         }
+    }
+    if r.runs.len() > 1 || r.end.is_none() {
+        for run in &r.runs {
+            out += &format!(
+                "run {} (seed {}): {} {}\n",
+                run.run + 1,
+                run.seed,
+                run.finish.outcome,
+                run.finish
+                    .val_bpb
+                    .map_or_else(String::new, |v| format!("val_bpb {v:.6}"))
+            );
+        }
+    }
+    if let Some(end) = r.end.as_ref().filter(|e| !e.finish.evidence.is_empty()) {
+        out += &format!("evidence:\n{}\n", end.finish.evidence);
     }
     out
 }
