@@ -246,7 +246,7 @@ fn main() {
         let rules = [
             ("strict", Rule::Strict),
             (
-                "noise (defaults: 2.5 / 1.0 / 2.0 SE, ≤ 2 runs, baseline × 3)",
+                "noise (defaults: 3.0 / 1.0 / 2.0 SE, ≤ 4 runs, baseline × 3)",
                 Rule::Margin(d, 3, false),
             ),
             (

@@ -156,10 +156,10 @@ pub struct Margins {
 impl Default for Margins {
     fn default() -> Self {
         Margins {
-            win: 2.5,
+            win: 3.0,
             loss: 1.0,
             confirm: 2.0,
-            max_runs: 2,
+            max_runs: 4,
         }
     }
 }
@@ -184,8 +184,8 @@ impl Noise {
         }
     }
 
-    /// How much wider the margins get because σ is itself estimated: Student's t over the
-    /// normal at 97.5 %. Three baseline runs (2 dof) more than double them; they come back
+    /// How much wider the margins to keep get because σ is itself estimated: Student's t over
+    /// the normal at 97.5 %. Three baseline runs (2 dof) more than double them; they come back
     /// towards 1 as confirmations add samples.
     fn widening(&self) -> f64 {
         const T975: [f64; 30] = [
@@ -216,13 +216,16 @@ pub fn decide(candidate: &[f64], best: &[f64], noise: Noise, m: &Margins) -> Dec
             Decision::Discard
         };
     }
-    let z = gain / se / noise.widening();
-    if z >= m.win {
+    let z = gain / se;
+    // An uncertain σ makes keeping harder, never discarding easier: a close call on a rough σ
+    // is run again rather than thrown away.
+    let z_keep = z / noise.widening();
+    if z_keep >= m.win {
         Decision::Keep
     } else if z < m.loss {
         Decision::Discard
     } else if candidate.len() >= m.max_runs {
-        if z >= m.confirm {
+        if z_keep >= m.confirm {
             Decision::Keep
         } else {
             Decision::Discard
@@ -265,7 +268,18 @@ mod tests {
             decide(&[0.9985, 1.0005], &best, sigma, &m),
             Decision::Discard
         );
-        assert_eq!(decide(&[0.9985, 0.9975], &best, sigma, &m), Decision::Keep);
+        assert_eq!(
+            decide(&[0.9985, 0.9975], &best, sigma, &m),
+            Decision::Confirm
+        );
+        assert_eq!(
+            decide(&[0.9985, 0.9975, 0.9980], &best, sigma, &m),
+            Decision::Confirm
+        );
+        assert_eq!(
+            decide(&[0.9985, 0.9975, 0.9980, 0.9980], &best, sigma, &m),
+            Decision::Keep
+        );
     }
 
     #[test]
@@ -274,7 +288,12 @@ mod tests {
         // The best's luckiest run (0.990) would hide this real, confirmed improvement.
         let best = [0.990, 1.010, 1.000];
         assert_eq!(
-            decide(&[0.9950, 0.9960, 0.9955], &best, Noise::known(2e-3), &m),
+            decide(
+                &[0.9950, 0.9960, 0.9955, 0.9955],
+                &best,
+                Noise::known(2e-3),
+                &m
+            ),
             Decision::Keep
         );
     }
@@ -293,8 +312,8 @@ mod tests {
     fn an_estimated_sigma_widens_the_margins_until_it_has_samples() {
         let m = Margins::default();
         let best = [1.000, 1.001, 0.999];
-        // 3 σ better on one run against three: a clear win when σ is known ...
-        let x = [1.0 - 3.0 * 1e-3 * (4f64 / 3.0).sqrt()];
+        // 3.5 SE better on one run against three: a clear win when σ is known ...
+        let x = [1.0 - 3.5 * 1e-3 * (4f64 / 3.0).sqrt()];
         assert_eq!(decide(&x, &best, Noise::known(1e-3), &m), Decision::Keep);
         // ... too close to call on a σ from two degrees of freedom, a win again on thirty.
         let two = Noise {

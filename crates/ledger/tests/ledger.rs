@@ -298,6 +298,8 @@ fn runs_are_journaled_one_by_one_and_a_kill_mid_confirmation_resumes_at_the_next
     assert_eq!(pending.runs.len(), 1, "the first run kept, not doubled");
     assert_eq!(pending.values(), vec![0.994]);
     seeds.push(run(&mut ledger, 0.9945));
+    assert_eq!(judge(&settings, ledger.session()).0, Decision::Confirm);
+    seeds.push(run(&mut ledger, 0.9940));
     let mut unique = seeds.clone();
     unique.sort();
     unique.dedup();
@@ -310,15 +312,15 @@ fn runs_are_journaled_one_by_one_and_a_kill_mid_confirmation_resumes_at_the_next
     assert_eq!(
         decision,
         Decision::Keep,
-        "confirmed on the mean of two runs"
+        "confirmed on the mean of three runs"
     );
-    assert_eq!(j.runs, 2);
+    assert_eq!(j.runs, 3);
     assert_eq!(j.best, Some(1.0));
-    // The confirmation refines σ: one more degree of freedom.
-    assert_eq!(ledger.session().noise().unwrap().dof, 3);
-    ledger.finish(ok(0.99425), Status::Keep, Some(j)).unwrap();
+    // The confirmations refine σ: two more degrees of freedom.
+    assert_eq!(ledger.session().noise().unwrap().dof, 4);
+    ledger.finish(ok(0.99417), Status::Keep, Some(j)).unwrap();
     let session = ledger::Session::load(root, "t5").unwrap();
-    assert_eq!(session.records[1].runs.len(), 2);
+    assert_eq!(session.records[1].runs.len(), 3);
     let j = session.records[1]
         .end
         .as_ref()
@@ -326,7 +328,7 @@ fn runs_are_journaled_one_by_one_and_a_kill_mid_confirmation_resumes_at_the_next
         .judgement
         .clone()
         .unwrap();
-    assert_eq!(j.runs, 2);
+    assert_eq!(j.runs, 3);
     assert!(j.gain_sigma.unwrap() > 3.0, "{j:?}");
 }
 
