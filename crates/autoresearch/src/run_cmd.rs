@@ -46,8 +46,8 @@ pub struct RunArgs {
     seed: u64,
     #[command(flatten)]
     keep: KeepArgs,
-    /// Run experiments without Landlock confinement (the environment is still scrubbed and the
-    /// tracked files still guarded).
+    /// Run experiments unconfined (no Landlock, no seccomp filter: reads, writes and the network
+    /// open; the environment is still scrubbed and the tracked files still guarded).
     #[arg(long)]
     no_sandbox: bool,
     /// Let experiments read PATH too (repeatable): a GPU stack the sandbox does not know.

@@ -22,7 +22,7 @@ pub struct TrainArgs {
     cache: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Run without Landlock confinement (reads and writes anywhere, network allowed). The
+    /// Run unconfined (no Landlock, no seccomp filter: reads and writes anywhere, network). The
     /// environment is still scrubbed and the tracked files still guarded.
     #[arg(long)]
     no_sandbox: bool,

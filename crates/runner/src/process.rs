@@ -298,17 +298,30 @@ pub(crate) fn run_child(
     let tmp = exp.run_dir.join("tmp");
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the run's tmp dir"))?;
     cmd.env("TMPDIR", &tmp);
-    let sandbox = if exp.sandbox {
+    let (sandbox, filter) = if exp.sandbox {
         let rules = crate::sandbox::rules(&exp.run_dir, setup.data, &exp.sandbox_allow)
             .map_err(RunnerError::Other)?;
-        crate::sandbox::Sandbox::new(&rules)
+        // Fail closed: a run the harness cannot confine does not start.
+        let sandbox = crate::sandbox::Sandbox::new(&rules).ok_or_else(|| {
+            RunnerError::Other(
+                "this kernel has no Landlock (Linux 5.13+ with `landlock` in its lsm= list), so the experiment cannot be confined: it could read the validation data and your home directory. Enable Landlock, or pass --no-sandbox to run experiments unconfined at your own risk".into(),
+            )
+        })?;
+        let filter = crate::sandbox::syscall_filter().map_err(|e| {
+            RunnerError::Other(format!(
+                "{e}: the experiment cannot be confined; pass --no-sandbox to run it unconfined at your own risk"
+            ))
+        })?;
+        (Some(sandbox), Some(filter))
     } else {
-        None
+        (None, None)
     };
-    let sandbox_line = match (&sandbox, exp.sandbox) {
-        (Some(s), _) => s.describe(&exp.run_dir),
-        (None, true) => "# sandbox: environment scrubbed to an allowlist; this kernel has no Landlock, so reads (the validation data included), network and file-system writes are not confined".into(),
-        (None, false) => "# sandbox: environment scrubbed to an allowlist; Landlock turned off".into(),
+    let sandbox_line = match &sandbox {
+        Some(s) => s.describe(&exp.run_dir),
+        None => {
+            "# sandbox: environment scrubbed to an allowlist; confinement turned off (--no-sandbox)"
+                .into()
+        }
     };
     let ruleset = sandbox.as_ref().map(|s| s.raw_fd());
     let (marks_read, marks_write) = mark_pipe()?;
@@ -324,6 +337,9 @@ pub(crate) fn run_child(
             // Confine first: the ruleset's descriptor may be the number fd 3 takes next.
             if let Some(fd) = ruleset {
                 crate::sandbox::Sandbox::restrict_self(fd)?;
+            }
+            if let Some(filter) = &filter {
+                seccompiler::apply_filter(filter).map_err(|_| std::io::Error::last_os_error())?;
             }
             // The mark pipe becomes fd 3, open across exec.
             if marks_fd == HARNESS_FD {

@@ -1,8 +1,14 @@
-//! Landlock: the run may read only what an allowlist names (system and toolchain paths, the GPU
-//! stack, the prepared data's training files: not the validation files, not the user's home),
-//! write only under its run directory and to a few device files, may not open TCP connections or
-//! listen, and (ABI 6+) may not signal processes or use abstract sockets outside its own domain.
-//! Without root; where the kernel lacks Landlock the run goes on unconfined and the log says so.
+//! The run's confinement, without root, in two layers:
+//! - Landlock: the run may read only what an allowlist names (system and toolchain paths, the
+//!   GPU stack, the prepared data's training files: not the validation files, not the user's
+//!   home), write only under its run directory and to a few device files, and (ABI 6+) may not
+//!   signal processes or use abstract sockets outside its own domain.
+//! - seccomp (`seccompiler`): no socket of any family (TCP, UDP, Unix sockets to programs
+//!   outside the run), no io_uring (which would reach the network around those checks), and no
+//!   access to another process's memory, on every kernel whatever its Landlock ABI.
+//!
+//! Fails closed: where the kernel has no Landlock, experiments are refused (`--no-sandbox` runs
+//! them unconfined).
 
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -160,10 +166,31 @@ impl Sandbox {
         std::os::fd::AsRawFd::as_raw_fd(&self.ruleset)
     }
 
-    /// In the child, between fork and exec: async-signal-safe syscalls only.
+    /// In the child, between fork and exec: async-signal-safe syscalls only. The run may read
+    /// its own `/proc/PID` (the ruleset grants it here, where the PID is known), never another
+    /// process's: their `environ` holds the user's exported keys.
     pub fn restrict_self(fd: RawFd) -> std::io::Result<()> {
-        // SAFETY: plain syscalls with integer arguments.
+        // SAFETY: plain syscalls on a static path, a stack struct and descriptors we own.
         unsafe {
+            let own = libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            if own < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rule = PathBeneathAttr {
+                allowed_access: READ_FILE | READ_DIR,
+                parent_fd: own,
+            };
+            let added = libc::syscall(
+                libc::SYS_landlock_add_rule,
+                fd,
+                RULE_PATH_BENEATH,
+                &rule,
+                0u32,
+            );
+            libc::close(own);
+            if added != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
                 || libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) != 0
             {
@@ -175,23 +202,68 @@ impl Sandbox {
 
     pub fn describe(&self, run_dir: &Path) -> String {
         format!(
-            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files{}",
+            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files; seccomp: no sockets (TCP, UDP, Unix), no io_uring, no other process's memory",
             self.abi,
             run_dir.display(),
-            if self.abi >= 4 {
-                "; TCP connect and bind denied"
-            } else {
-                "; network not restricted (Landlock ABI < 4)"
-            }
         )
     }
 }
 
-/// System paths a run reads: libraries, the loader's configuration, `/proc` and `/sys` (CPU
-/// counts, the GPU driver's files), `/dev`. Not `/home`, `/root`, `/tmp`, `/var` or `/run`.
+/// The system calls a run may not make, each answered EPERM: `socket` of any family (the
+/// network, UDP included, and Unix sockets to the session bus, tmux or docker), io_uring (its
+/// own path to sockets and files), and reading, writing or tracing another process
+/// (`process_vm_*`, `ptrace`, `pidfd_getfd`, which could borrow a socket). `socketpair` stays:
+/// it reaches nothing outside the run. Compiled before the fork; installing it allocates
+/// nothing.
+pub fn syscall_filter() -> Result<seccompiler::BpfProgram, String> {
+    let denied = [
+        libc::SYS_socket,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_ptrace,
+        libc::SYS_pidfd_getfd,
+    ];
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| format!("no seccomp filter for {}", std::env::consts::ARCH))?;
+    let filter = seccompiler::SeccompFilter::new(
+        denied.iter().map(|&n| (n, Vec::new())).collect(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| format!("building the seccomp filter: {e}"))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| format!("compiling the seccomp filter: {e}"))
+}
+
+/// System paths a run reads: libraries, the loader's configuration, `/sys` (CPU counts, the
+/// GPU driver's files), `/dev`, and of `/proc` only the machine-wide files (CPU, memory, kernel
+/// settings, the NVIDIA driver's) and the run's own `/proc/PID` (granted at exec). Not `/home`,
+/// `/root`, `/tmp`, `/var`, `/run`, or other processes' `/proc` entries.
 const SYSTEM_READ: &[&str] = &[
-    "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/opt", "/proc",
-    "/sys", "/dev",
+    "/usr",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/bin",
+    "/sbin",
+    "/etc",
+    "/opt",
+    "/sys",
+    "/dev",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/sys",
+    "/proc/driver",
+    "/proc/devices",
+    "/proc/filesystems",
 ];
 
 /// Device files a run may write to: the usual character devices and the NVIDIA driver's nodes.

@@ -533,26 +533,92 @@ fn writing_outside_the_train_file_is_tampering_and_is_undone() {
 }
 
 #[test]
-fn a_confined_run_cannot_connect_out() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
+fn a_confined_run_reaches_no_socket_tcp_udp_or_unix_and_no_io_uring() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let sock_path = outside.path().join("bus.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+    let (tcp_addr, udp_addr) = (tcp.local_addr().unwrap(), udp.local_addr().unwrap());
     let body = format!(
-        "    match std::net::TcpStream::connect(\"{addr}\") {{ Ok(_) => println!(\"connect: ok\"), Err(e) => println!(\"connect: refused: {{e}}\") }}"
+        r#"    let show = |what: &str, r: std::io::Result<()>| match r {{
+        Ok(()) => println!("{{what}}: reached"),
+        Err(e) => println!("{{what}}: refused: {{e}}"),
+    }};
+    show("tcp", std::net::TcpStream::connect("{tcp_addr}").map(drop));
+    show("udp", std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.send_to(b"leak", "{udp_addr}")).map(drop));
+    show("unix", std::os::unix::net::UnixStream::connect("{path}").map(drop));
+    unsafe extern "C" {{
+        fn syscall(n: std::ffi::c_long, ...) -> std::ffi::c_long;
+    }}
+    let mut params = [0u8; 120];
+    // io_uring_setup(8, &params)
+    let fd = unsafe {{ syscall(425, 8 as std::ffi::c_long, params.as_mut_ptr()) }};
+    show("io_uring", if fd < 0 {{ Err(std::io::Error::last_os_error()) }} else {{ Ok(()) }});"#,
+        path = sock_path.display()
     );
     let s = Scenario::new(program(&body), 2.0);
     s.run();
     let log = s.log();
-    if sandboxed(&log)
-        && log
-            .lines()
-            .next()
-            .unwrap()
-            .contains("TCP connect and bind denied")
-    {
-        assert!(log.contains("connect: refused"), "{log}");
-    } else {
-        assert!(log.contains("connect: ok"), "{log}");
+    assert!(sandboxed(&log), "{log}");
+    for what in ["tcp", "udp", "unix", "io_uring"] {
+        assert!(
+            log.contains(&format!("{what}: refused: Operation not permitted")),
+            "{what}: {log}"
+        );
     }
+    // And nothing arrived.
+    tcp.set_nonblocking(true).unwrap();
+    assert!(tcp.accept().is_err(), "a TCP connection arrived");
+    unix.set_nonblocking(true).unwrap();
+    assert!(unix.accept().is_err(), "a Unix connection arrived");
+    udp.set_nonblocking(true).unwrap();
+    assert!(udp.recv(&mut [0u8; 16]).is_err(), "a datagram arrived");
+}
+
+#[test]
+fn a_run_reads_no_other_process_and_no_secret_under_home() {
+    // Another process of the user's, with a key in its environment (the user's shell, say).
+    let mut shell = Command::new("sleep")
+        .arg("60")
+        .env("SHELL_SECRET", "sk-shell-do-not-leak")
+        .spawn()
+        .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join(".ssh")).unwrap();
+    let key = home.path().join(".ssh/id_ed25519");
+    std::fs::write(&key, "ssh-key-do-not-leak").unwrap();
+    let body = format!(
+        r#"    for path in ["/proc/{pid}/environ", "/proc/{parent}/environ", "/proc/1/environ", "{key}"] {{
+        match std::fs::read(path) {{
+            Ok(b) => println!("{{path}}: read {{}}", String::from_utf8_lossy(&b).replace('\0', " ")),
+            Err(e) => println!("{{path}}: refused: {{e}}"),
+        }}
+    }}
+    match std::fs::read_to_string("/proc/self/status") {{
+        Ok(s) => println!("own status: {{}}", s.lines().next().unwrap_or_default()),
+        Err(e) => println!("own status: refused: {{e}}"),
+    }}"#,
+        pid = shell.id(),
+        parent = std::process::id(),
+        key = key.display()
+    );
+    let s = Scenario::new(program(&body), 2.0);
+    s.run();
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    let log = s.log();
+    assert!(sandboxed(&log), "{log}");
+    assert!(!log.contains("do-not-leak"), "{log}");
+    assert_eq!(
+        log.matches(": refused: Permission denied").count(),
+        4,
+        "{log}"
+    );
+    assert!(
+        log.contains("own status: Name:"),
+        "its own /proc stays readable: {log}"
+    );
 }
 
 #[test]
