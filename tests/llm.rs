@@ -43,6 +43,9 @@ fn session(p: &Project, fake: &FakeLlm, tag: &str, max: usize, budget: &str) -> 
         budget,
         "--device",
         "cpu",
+        // These sessions test the agent; the noise rule's extra runs are tested elsewhere.
+        "--keep-rule",
+        "strict",
     ])
     .env(var, &fake.key)
     .env_remove(other)
