@@ -54,7 +54,7 @@ fn changes_that_cannot_matter_are_not_kept_and_a_large_effect_is_kept_at_once() 
     git(&p.repo, &["commit", "-qam", "slow rates"]);
 
     let mut keep = session::KeepSettings::default();
-    // Stricter than the defaults, whose false keeps of a no-effect change (0.3 to 0.8 % each,
+    // Stricter than the defaults, whose false keeps of a no-effect change (0.2 to 0.7 % each,
     // simulated) would fail CI now and then; a large effect clears these margins as easily.
     keep.margins.win = 4.0;
     keep.margins.confirm = 3.5;
