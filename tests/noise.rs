@@ -68,6 +68,7 @@ fn changes_that_cannot_matter_are_not_kept_and_a_large_effect_is_kept_at_once() 
         keep,
         sandbox: true,
         sandbox_allow: Vec::new(),
+        limits: runner::Limits::for_machine(),
         max_experiments: Some(NO_OPS + 2),
         until: None,
         max_cost: None,

@@ -88,6 +88,7 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
         keep: session::KeepSettings::default(),
         sandbox: true,
         sandbox_allow: Vec::new(),
+        limits: runner::Limits::for_machine(),
         max_experiments: Some(2),
         until: None,
         max_cost: None,

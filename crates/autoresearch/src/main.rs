@@ -31,7 +31,7 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// The research loop: a proposer changes train/src/main.rs, each change is trained and kept
     /// or reverted as a git commit on branch autoresearch/TAG.
-    Run(run_cmd::RunArgs),
+    Run(Box<run_cmd::RunArgs>),
     /// The whole loop on CPU with builtin data and the sweep proposer, in a temporary copy of
     /// the repository (a few minutes, no API key).
     Demo(run_cmd::DemoArgs),
@@ -48,6 +48,39 @@ enum Command {
 }
 
 /// The data cache: `--cache`, else `$AUTORESEARCH_CACHE`, else `~/.cache/autoresearch`.
+/// How experiments are confined: shared by `run` and `train`.
+#[derive(clap::Args)]
+struct SandboxArgs {
+    /// Run experiments unconfined (no Landlock, no seccomp filter, no caps on tasks or memory:
+    /// reads, writes and the network open; the environment is still scrubbed, the tracked files
+    /// still guarded, and no process of a run outlives it).
+    #[arg(long)]
+    no_sandbox: bool,
+    /// Let experiments read PATH too (repeatable): a GPU stack the sandbox does not know.
+    #[arg(long, value_name = "PATH")]
+    sandbox_allow: Vec<PathBuf>,
+    /// Tasks (processes and threads) one run may have at once; 0 for no cap [default: 256 + 64
+    /// per CPU].
+    #[arg(long, value_name = "N")]
+    max_run_tasks: Option<u64>,
+    /// Memory each process of a run may map, in GiB (address space on CPU, data on CUDA); 0 for
+    /// no cap [default: three quarters of the machine's memory].
+    #[arg(long, value_name = "GIB")]
+    max_run_memory: Option<f64>,
+}
+
+impl SandboxArgs {
+    fn limits(&self) -> runner::Limits {
+        let machine = runner::Limits::for_machine();
+        runner::Limits {
+            tasks: self.max_run_tasks.unwrap_or(machine.tasks),
+            memory: self
+                .max_run_memory
+                .map_or(machine.memory, |gib| (gib * (1u64 << 30) as f64) as u64),
+        }
+    }
+}
+
 fn cache_dir(flag: Option<PathBuf>) -> PathBuf {
     flag.unwrap_or_else(prepare::default_cache_dir)
 }
@@ -69,7 +102,7 @@ fn main() -> std::process::ExitCode {
     let result: Result<()> = match cli.command {
         Command::Prepare(args) => prepare_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
-        Command::Run(args) => run_cmd::run(args),
+        Command::Run(args) => run_cmd::run(*args),
         Command::Demo(args) => run_cmd::demo(args),
         Command::Log(args) => review_cmd::log(args),
         Command::Results(args) => review_cmd::results(args),

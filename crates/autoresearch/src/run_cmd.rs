@@ -46,13 +46,8 @@ pub struct RunArgs {
     seed: u64,
     #[command(flatten)]
     keep: KeepArgs,
-    /// Run experiments unconfined (no Landlock, no seccomp filter: reads, writes and the network
-    /// open; the environment is still scrubbed and the tracked files still guarded).
-    #[arg(long)]
-    no_sandbox: bool,
-    /// Let experiments read PATH too (repeatable): a GPU stack the sandbox does not know.
-    #[arg(long, value_name = "PATH")]
-    sandbox_allow: Vec<PathBuf>,
+    #[command(flatten)]
+    sandbox: crate::SandboxArgs,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -73,8 +68,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         budget: args.budget.map(Duration::from_secs_f64),
         seed: args.seed,
         keep: args.keep.settings()?,
-        sandbox: !args.no_sandbox,
-        sandbox_allow: args.sandbox_allow.clone(),
+        sandbox: !args.sandbox.no_sandbox,
+        sandbox_allow: args.sandbox.sandbox_allow.clone(),
+        limits: args.sandbox.limits(),
         max_experiments: args.max_experiments,
         until: args
             .until
@@ -317,6 +313,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         keep: ledger::KeepSettings::default(),
         sandbox: true,
         sandbox_allow: Vec::new(),
+        limits: runner::Limits::for_machine(),
         max_experiments: Some(args.experiments),
         until: None,
         max_cost: None,

@@ -22,13 +22,8 @@ pub struct TrainArgs {
     cache: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Run unconfined (no Landlock, no seccomp filter: reads and writes anywhere, network). The
-    /// environment is still scrubbed and the tracked files still guarded.
-    #[arg(long)]
-    no_sandbox: bool,
-    /// Let experiments read PATH too (repeatable): a GPU stack the sandbox does not know.
-    #[arg(long, value_name = "PATH")]
-    sandbox_allow: Vec<PathBuf>,
+    #[command(flatten)]
+    sandbox: crate::SandboxArgs,
 }
 
 /// A bar for one experiment: building, then training progress and loss from the step lines.
@@ -102,8 +97,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .map_or(0, |d| d.as_secs());
     let mut exp = Experiment::new(&repo, &cache, device, budget);
     exp.seed = args.seed;
-    exp.sandbox = !args.no_sandbox;
-    exp.sandbox_allow = args.sandbox_allow;
+    exp.sandbox = !args.sandbox.no_sandbox;
+    exp.limits = args.sandbox.limits();
+    exp.sandbox_allow = args.sandbox.sandbox_allow;
     exp.run_dir = repo.join("runs").join("train").join("work");
     exp.log_path = repo
         .join("runs")

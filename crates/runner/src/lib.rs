@@ -12,8 +12,10 @@
 mod build;
 pub mod evaluate;
 mod guard;
+mod limits;
 mod process;
 mod sandbox;
+mod supervise;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,6 +26,7 @@ use serde::Serialize;
 pub use build::{BuildOutput, Diagnostic, build_train};
 pub use evaluate::AuditSummary;
 pub use guard::Snapshot;
+pub use limits::Limits;
 pub use process::{ChildRun, End, LogCap, last_lines};
 
 /// The file the agent may change; everything else tracked is guarded.
@@ -148,6 +151,8 @@ pub struct Experiment {
     pub sandbox: bool,
     /// More paths the run may read (a GPU stack outside the usual places, say).
     pub sandbox_allow: Vec<PathBuf>,
+    /// What the run may take of the machine (with the sandbox): tasks and memory.
+    pub limits: Limits,
     /// How long the build may go on after its last dependency is built: the train crate's own
     /// compile. Past it the build is stopped and reported as a compile error.
     pub build_timeout: Duration,
@@ -171,6 +176,7 @@ impl Experiment {
             log_cap: LogCap::default(),
             sandbox: true,
             sandbox_allow: Vec::new(),
+            limits: Limits::for_machine(),
             // An edited train file rebuilds in seconds; its crate alone, fresh, in about a
             // minute. Ten leaves room for a loaded machine.
             build_timeout: Duration::from_secs(600),
@@ -207,9 +213,6 @@ pub struct Verdict {
     pub run_seconds: f64,
     /// What the audits saw (a run that was evaluated).
     pub audits: Option<AuditSummary>,
-    /// The run's process group (its leader's pid), gone by the time the verdict exists.
-    #[serde(skip)]
-    pub pgid: Option<i32>,
 }
 
 /// Builds and runs `exp`, calling `on_line` with each line the train binary prints.
@@ -233,7 +236,6 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
         build_seconds: 0.0,
         run_seconds: 0.0,
         audits: None,
-        pgid: None,
     };
 
     fresh_dir(&exp.run_dir)?;
@@ -303,7 +305,6 @@ fn build_and_run(
     let verdict = |outcome, evidence| Verdict {
         build_seconds,
         run_seconds: child.wall.as_secs_f64(),
-        pgid: Some(child.pgid),
         ..verdict(outcome, evidence)
     };
     let tail = last_lines(&child.tail, 40);

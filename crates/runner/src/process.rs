@@ -126,8 +126,6 @@ pub struct ChildRun {
     /// The end of the output (up to the tail cap), for the evidence.
     pub tail: String,
     pub output_bytes: u64,
-    /// The process group the run had (its pid): gone once this returns.
-    pub pgid: i32,
 }
 
 /// A pipe pair end for the child's marks: the read end stays here, the write end becomes the
@@ -155,6 +153,7 @@ enum Event {
 /// The live child: its marks, its output lines, its exit.
 struct Live<'a> {
     child: Child,
+    /// The supervisor's pid, which leads a process group of its own.
     pgid: i32,
     marks: mpsc::Receiver<(Instant, Result<Mark, ProtocolError>)>,
     /// The most values the next reply may hold (the mark reader's bound).
@@ -209,8 +208,20 @@ impl Live<'_> {
         }
     }
 
+    /// Ends the run: the supervisor kills every process of it, then exits. Should it not
+    /// within a few seconds, its group goes too.
     fn kill(&mut self) {
-        // SAFETY: plain syscall; a negative pid names the process group.
+        // SAFETY: plain syscalls on our own child and its group.
+        unsafe { libc::kill(self.pgid, crate::supervise::STOP) };
+        let asked = Instant::now();
+        while asked.elapsed() < Duration::from_secs(10) {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tracing::warn!("the run's supervisor did not stop within 10 s; killing it");
+        // SAFETY: as above.
         unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
         let _ = self.child.wait();
     }
@@ -324,16 +335,38 @@ pub(crate) fn run_child(
         }
     };
     let ruleset = sandbox.as_ref().map(|s| s.raw_fd());
+    // The limits come with the confinement: made here, joined by the train process.
+    let tasks = if exp.sandbox {
+        crate::limits::TaskCap::new(exp.limits.tasks).map_err(RunnerError::Other)?
+    } else {
+        crate::limits::TaskCap::None
+    };
+    let (procs_fd, nproc) = (tasks.procs_fd(), tasks.rlimit());
+    let memory = if exp.sandbox { exp.limits.memory } else { 0 };
+    let data_only = exp.device != crate::Device::Cpu;
+    let sandbox_line = if exp.sandbox {
+        format!(
+            "{sandbox_line}; {}; memory capped at {:.1} GiB per process",
+            tasks.describe(),
+            memory as f64 / (1u64 << 30) as f64
+        )
+    } else {
+        sandbox_line
+    };
+    if !crate::supervise::available() {
+        return Err(RunnerError::Other(
+            "this kernel does not list a process's children (/proc/PID/task/TID/children, CONFIG_PROC_CHILDREN), which the harness needs to stop every process a run starts: use a kernel built with it".into(),
+        ));
+    }
     let (marks_read, marks_write) = mark_pipe()?;
     let marks_fd = marks_write.as_raw_fd();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            // Die with the harness, even when it is killed with SIGKILL.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::getppid() != harness {
-                libc::_exit(1);
-            }
+            // The harness's child stays behind as the run's supervisor (it dies with the
+            // harness); what returns here is the train process.
+            crate::supervise::split(harness)?;
+            crate::limits::apply(procs_fd, nproc, memory, data_only)?;
             // Confine first: the ruleset's descriptor may be the number fd 3 takes next.
             if let Some(fd) = ruleset {
                 crate::sandbox::Sandbox::restrict_self(fd)?;
@@ -459,14 +492,20 @@ pub(crate) fn run_child(
     }
 
     let log = log.lock().unwrap();
-    // The log lives outside the run directory; O_NOFOLLOW as well, so a link planted there by
-    // an unconfined run (--no-sandbox) is refused rather than written through.
+    // The log lives outside the run directory. Still, an unconfined run (--no-sandbox) could
+    // have planted a link there: whatever is at the path goes (a link is removed, not followed)
+    // and the log is made afresh, exclusive and no-follow. No process of the run is left to race.
     let mut file = {
         use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::remove_file(&exp.log_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err(format!("replacing {}", exp.log_path.display()))(e));
+            }
+            _ => {}
+        }
         std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&exp.log_path)
             .map_err(io_err(format!("writing {}", exp.log_path.display())))?
@@ -508,7 +547,6 @@ pub(crate) fn run_child(
         evaluation: phases.evaluation,
         tail: String::from_utf8_lossy(&tail_bytes).into_owned(),
         output_bytes: log.total,
-        pgid,
     })
 }
 

@@ -212,10 +212,12 @@ impl Sandbox {
 /// The system calls a run may not make, each answered EPERM: `socket` of any family (the
 /// network, UDP included, and Unix sockets to the session bus, tmux or docker), io_uring (its
 /// own path to sockets and files), and reading, writing or tracing another process
-/// (`process_vm_*`, `ptrace`, `pidfd_getfd`, which could borrow a socket). `socketpair` stays:
+/// (`process_vm_*`, `ptrace`, `pidfd_getfd`, which could borrow a socket), and raising its own
+/// limits (`setrlimit`, `prlimit64` with a new limit). `socketpair` stays:
 /// it reaches nothing outside the run. Compiled before the fork; installing it allocates
 /// nothing.
 pub fn syscall_filter() -> Result<seccompiler::BpfProgram, String> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let denied = [
         libc::SYS_socket,
         libc::SYS_io_uring_setup,
@@ -225,12 +227,21 @@ pub fn syscall_filter() -> Result<seccompiler::BpfProgram, String> {
         libc::SYS_process_vm_writev,
         libc::SYS_ptrace,
         libc::SYS_pidfd_getfd,
+        // The run's limits stay where the harness set them (root could raise them).
+        libc::SYS_setrlimit,
     ];
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        denied.iter().map(|&n| (n, Vec::new())).collect();
+    // prlimit64 only when it sets a limit: its third argument, the new limit, is null to read.
+    let setting = SeccompCondition::new(2, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| format!("building the seccomp filter: {e}"))?;
+    rules.insert(libc::SYS_prlimit64, vec![setting]);
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|_| format!("no seccomp filter for {}", std::env::consts::ARCH))?;
     let filter = seccompiler::SeccompFilter::new(
-        denied.iter().map(|&n| (n, Vec::new())).collect(),
+        rules,
         seccompiler::SeccompAction::Allow,
         seccompiler::SeccompAction::Errno(libc::EPERM as u32),
         arch,

@@ -190,10 +190,37 @@ fn an_infinite_loop_times_out_and_its_group_is_gone() {
         "{}",
         v.evidence
     );
-    let pgid = v.pgid.unwrap();
-    // SAFETY: signal 0 only asks whether the group exists.
-    let alive = unsafe { libc::kill(-pgid, 0) } == 0;
-    assert!(!alive, "process group {pgid} still exists");
+    assert_eq!(survivors(&s.exp.run_dir), Vec::<u32>::new());
+}
+
+/// Processes still running the run's binary (its private copy in the run dir).
+fn survivors(run_dir: &Path) -> Vec<u32> {
+    let exe = run_dir.join("train-bin");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|p| p.to_string_lossy().starts_with(&*exe.to_string_lossy()))
+                && proc_stat(*pid).is_some()
+        })
+        .collect()
+}
+
+/// No file under the scenario's `runs/` holds `secret`.
+fn assert_no_secret_under_runs(s: &Scenario, secret: &str) {
+    let mut stack = vec![s.exp.repo.join("runs")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(!text.contains(secret), "{} holds {secret}", path.display());
+            }
+        }
+    }
 }
 
 #[test]
@@ -610,6 +637,7 @@ fn a_run_reads_no_other_process_and_no_secret_under_home() {
     let log = s.log();
     assert!(sandboxed(&log), "{log}");
     assert!(!log.contains("do-not-leak"), "{log}");
+    assert_no_secret_under_runs(&s, "do-not-leak");
     assert_eq!(
         log.matches(": refused: Permission denied").count(),
         4,
@@ -703,7 +731,10 @@ fn killing_the_harness_kills_the_run() {
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
             .find(|&pid| {
-                proc_stat(pid).is_some_and(|(ppid, name)| ppid == hp && name == "train-bin")
+                // The harness's child is the run's supervisor; the train process is its child.
+                proc_stat(pid).is_some_and(|(ppid, name)| {
+                    name == "train-bin" && proc_stat(ppid).is_some_and(|(pp, _)| pp == hp)
+                })
             });
         if let Some(pid) = found {
             break pid;
@@ -755,4 +786,123 @@ fn a_build_that_never_ends_is_stopped_and_reported_as_a_compile_error() {
     // The runner goes on: the next build of an honest file in the same target dir works.
     let honest = Scenario::new(str::to_string, 2.0);
     assert_eq!(honest.run().outcome, Outcome::Ok);
+}
+
+/// `fork` and `setsid` for the std-only hostile programs below.
+const LIBC: &str =
+    "    unsafe extern \"C\" {\n        fn fork() -> i32;\n        fn setsid() -> i32;\n    }\n";
+
+#[test]
+fn a_setsid_daemon_holding_stdout_is_stopped_with_its_run() {
+    // The daemon leaves the run's process group and session, loses its parent, and keeps the
+    // output pipe open; the train process exits at once.
+    let body = format!(
+        r#"{LIBC}    if unsafe {{ fork() }} == 0 {{
+        unsafe {{ setsid() }};
+        if unsafe {{ fork() }} == 0 {{
+            loop {{
+                println!("daemon alive");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }}
+        }}
+        std::process::exit(0);
+    }}
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    println!("train process exits");"#
+    );
+    let s = Scenario::new(program(&body), 2.0);
+    let t = std::time::Instant::now();
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::InvalidReport, "{}", v.evidence);
+    let log = s.log();
+    assert!(
+        log.contains("daemon alive") && log.contains("train process exits"),
+        "{log}"
+    );
+    // Stopped with the run, not by the harness giving up on the pipe after 5 s.
+    assert!(!log.contains("still held open"), "{log}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert_eq!(survivors(&s.exp.run_dir), Vec::<u32>::new());
+}
+
+#[test]
+fn a_fork_bomb_stops_at_the_task_cap_and_leaves_nothing_behind() {
+    let body = format!(
+        r#"{LIBC}    let mut forked = 0;
+    for _ in 0..100_000 {{
+        match unsafe {{ fork() }} {{
+            0 => loop {{ std::thread::sleep(std::time::Duration::from_secs(1)) }},
+            -1 => break,
+            _ => forked += 1,
+        }}
+    }}
+    println!("forked {{forked}}");
+    std::process::exit(3);"#
+    );
+    let mut s = Scenario::new(program(&body), 2.0);
+    s.exp.limits.tasks = 64;
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::Crash, "{}", v.evidence);
+    let log = s.log();
+    assert!(sandboxed(&log), "{log}");
+    let forked: u64 = log
+        .split("forked ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!((1..64).contains(&forked), "forked {forked}: {log}");
+    assert_eq!(survivors(&s.exp.run_dir), Vec::<u32>::new());
+}
+
+#[test]
+fn allocating_past_the_memory_cap_fails_the_allocation() {
+    let body = "    let mut held = Vec::new();\n    for i in 1..=16 {\n        held.push(vec![1u8; 64 << 20]);\n        println!(\"holding {} MiB\", i * 64);\n    }\n    println!(\"held it all\");";
+    let mut s = Scenario::new(program(body), 2.0);
+    s.exp.limits.memory = 512 << 20;
+    let v = s.run();
+    assert_eq!(v.outcome, Outcome::Crash, "{}", v.evidence);
+    let log = s.log();
+    assert!(sandboxed(&log), "{log}");
+    assert!(log.contains("holding 64 MiB"), "{log}");
+    assert!(log.contains("memory allocation of"), "{log}");
+    assert!(!log.contains("held it all"), "{log}");
+}
+
+#[test]
+fn links_planted_where_the_harness_writes_are_not_followed() {
+    // The harness writes the log (beside the run dir) and removes the run dir after the run.
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("bashrc");
+    std::fs::write(&victim, "precious").unwrap();
+    let body = format!(
+        r#"    for (link, to) in [("../run.log", "{victim}"), ("victim-dir", "{dir}"), ("tmp", "{dir}")] {{
+        let _ = std::fs::remove_dir_all(link);
+        match std::os::unix::fs::symlink(to, link) {{
+            Ok(()) => println!("planted {{link}}"),
+            Err(e) => println!("could not plant {{link}}: {{e}}"),
+        }}
+    }}"#,
+        victim = victim.display(),
+        dir = outside.path().display()
+    );
+    for sandbox in [true, false] {
+        let mut s = Scenario::new(program(&body), 2.0);
+        s.exp.sandbox = sandbox;
+        s.run();
+        let log = s.log();
+        assert_eq!(sandboxed(&log), sandbox, "{log}");
+        // Confined, the link beside the run dir cannot even be made; unconfined it is, and the
+        // harness replaces it rather than writing through it.
+        assert_eq!(log.contains("planted ../run.log"), !sandbox, "{log}");
+        assert!(log.contains("planted victim-dir"), "{log}");
+        assert!(
+            !std::fs::symlink_metadata(&s.exp.log_path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!s.exp.run_dir.exists());
+    }
 }

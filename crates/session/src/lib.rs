@@ -49,6 +49,8 @@ pub struct Settings {
     pub sandbox: bool,
     /// More paths experiments may read.
     pub sandbox_allow: Vec<PathBuf>,
+    /// What each run may take of the machine (with the sandbox).
+    pub limits: runner::Limits,
     /// Stop once the session holds this many experiments (the baseline included).
     pub max_experiments: Option<usize>,
     /// Start no experiment after this time.
@@ -155,6 +157,7 @@ pub fn run(
     );
     exp.sandbox = settings.sandbox;
     exp.sandbox_allow = settings.sandbox_allow.clone();
+    exp.limits = settings.limits;
     exp.target_dir = settings.target_dir.clone();
     exp.run_dir = ledger.dir().join("work");
     if ledger.session().records.is_empty() {
