@@ -313,10 +313,8 @@ pub(crate) fn run_child(
         let rules = crate::sandbox::rules(&exp.run_dir, setup.data, &exp.sandbox_allow)
             .map_err(RunnerError::Other)?;
         // Fail closed: a run the harness cannot confine does not start.
-        let sandbox = crate::sandbox::Sandbox::new(&rules).ok_or_else(|| {
-            RunnerError::Other(
-                "this kernel has no Landlock (Linux 5.13+ with `landlock` in its lsm= list), so the experiment cannot be confined: it could read the validation data and your home directory. Enable Landlock, or pass --no-sandbox to run experiments unconfined at your own risk".into(),
-            )
+        let sandbox = crate::sandbox::Sandbox::new(&rules).map_err(|why| {
+            RunnerError::Other(why.unwrap_or_else(|| "this kernel has no Landlock (Linux 5.13+ with `landlock` in its lsm= list), so the experiment cannot be confined: it could read the validation data and your home directory. Enable Landlock, or pass --no-sandbox to run experiments unconfined at your own risk".into()))
         })?;
         let filter = crate::sandbox::syscall_filter().map_err(|e| {
             RunnerError::Other(format!(
@@ -334,7 +332,7 @@ pub(crate) fn run_child(
                 .into()
         }
     };
-    let ruleset = sandbox.as_ref().map(|s| s.raw_fd());
+    let mut ruleset = sandbox.map(crate::sandbox::Sandbox::into_ruleset);
     // The limits come with the confinement: made here, joined by the train process.
     let tasks = if exp.sandbox {
         crate::limits::TaskCap::new(exp.limits.tasks).map_err(RunnerError::Other)?
@@ -368,8 +366,8 @@ pub(crate) fn run_child(
             crate::supervise::split(harness)?;
             crate::limits::apply(procs_fd, nproc, memory, data_only)?;
             // Confine first: the ruleset's descriptor may be the number fd 3 takes next.
-            if let Some(fd) = ruleset {
-                crate::sandbox::Sandbox::restrict_self(fd)?;
+            if let Some(ruleset) = ruleset.take() {
+                crate::sandbox::Sandbox::restrict_self(ruleset)?;
             }
             if let Some(filter) = &filter {
                 seccompiler::apply_filter(filter).map_err(|_| std::io::Error::last_os_error())?;

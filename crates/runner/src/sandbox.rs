@@ -10,52 +10,23 @@
 //! Fails closed: where the kernel has no Landlock, experiments are refused (`--no-sandbox` runs
 //! them unconfined).
 
-use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-const CREATE_RULESET_VERSION: u32 = 1;
-const RULE_PATH_BENEATH: u32 = 1;
+use landlock::{
+    ABI, Access as _, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+    RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope,
+};
 
-// Filesystem rights (landlock.h).
-const EXECUTE: u64 = 1 << 0;
-const WRITE_FILE: u64 = 1 << 1;
-const READ_FILE: u64 = 1 << 2;
-const READ_DIR: u64 = 1 << 3;
-const REMOVE_DIR: u64 = 1 << 4;
-const REMOVE_FILE: u64 = 1 << 5;
-const MAKE_CHAR: u64 = 1 << 6;
-const MAKE_DIR: u64 = 1 << 7;
-const MAKE_REG: u64 = 1 << 8;
-const MAKE_SOCK: u64 = 1 << 9;
-const MAKE_FIFO: u64 = 1 << 10;
-const MAKE_BLOCK: u64 = 1 << 11;
-const MAKE_SYM: u64 = 1 << 12;
-const REFER: u64 = 1 << 13; // ABI 2
-const TRUNCATE: u64 = 1 << 14; // ABI 3
-// Network rights (ABI 4) and scopes (ABI 6).
-const BIND_TCP: u64 = 1 << 0;
-const CONNECT_TCP: u64 = 1 << 1;
-const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
-const SCOPE_SIGNAL: u64 = 1 << 1;
-
-#[repr(C)]
-struct RulesetAttr {
-    handled_access_fs: u64,
-    handled_access_net: u64,
-    scoped: u64,
-}
-
-#[repr(C, packed)]
-struct PathBeneathAttr {
-    allowed_access: u64,
-    parent_fd: i32,
-}
+/// The Landlock features asked for: every filesystem right through ABI 5 (device ioctls
+/// included), TCP (4), and the signal and abstract-socket scopes (6). An older kernel gets what
+/// it has; ABI 1 at least, or no run.
+const TARGET: ABI = ABI::V6;
 
 /// A ruleset ready to be applied in the child between fork and exec.
 pub struct Sandbox {
-    ruleset: OwnedFd,
+    ruleset: RulesetCreated,
+    /// The kernel's Landlock ABI, for the log.
     pub abi: i64,
 }
 
@@ -64,138 +35,89 @@ pub struct Sandbox {
 pub enum Access {
     /// Read and execute.
     Read,
-    /// Everything: read, execute, create, write, remove.
+    /// Everything: read, execute, create, write, remove, device ioctls.
     Write,
 }
 
-/// Rights that apply to a file (the rest only make sense on a directory).
-const FILE_RIGHTS: u64 = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE;
+/// The kernel's Landlock ABI (0 without Landlock): only to say so in the log, the crate decides
+/// what to enforce.
+fn kernel_abi() -> i64 {
+    // SAFETY: the version query takes no pointers.
+    unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    }
+}
 
 impl Sandbox {
-    /// Builds the ruleset; `None` when this kernel has no Landlock. Paths that do not exist are
+    /// Builds the ruleset (with the `landlock` crate); `Err(None)` when this kernel has no
+    /// Landlock, `Err(Some(why))` when the ruleset cannot be built. Paths that do not exist are
     /// skipped.
-    pub fn new(rules: &[(PathBuf, Access)]) -> Option<Sandbox> {
-        // SAFETY: the version query takes no pointers.
-        let abi = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_create_ruleset,
-                std::ptr::null::<RulesetAttr>(),
-                0usize,
-                CREATE_RULESET_VERSION,
-            )
-        };
+    pub fn new(rules: &[(PathBuf, Access)]) -> Result<Sandbox, Option<String>> {
+        let abi = kernel_abi();
         if abi < 1 {
-            return None;
+            return Err(None);
         }
-        let mut fs = EXECUTE
-            | READ_FILE
-            | READ_DIR
-            | WRITE_FILE
-            | REMOVE_DIR
-            | REMOVE_FILE
-            | MAKE_CHAR
-            | MAKE_DIR
-            | MAKE_REG
-            | MAKE_SOCK
-            | MAKE_FIFO
-            | MAKE_BLOCK
-            | MAKE_SYM;
-        if abi >= 2 {
-            fs |= REFER;
-        }
-        if abi >= 3 {
-            fs |= TRUNCATE;
-        }
-        let attr = RulesetAttr {
-            handled_access_fs: fs,
-            handled_access_net: if abi >= 4 { BIND_TCP | CONNECT_TCP } else { 0 },
-            scoped: if abi >= 6 {
-                SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
-            } else {
-                0
-            },
-        };
-        let size = match abi {
-            1..=3 => 8,
-            4 | 5 => 16,
-            _ => std::mem::size_of::<RulesetAttr>(),
-        };
-        // SAFETY: `attr` outlives the call and `size` does not exceed it.
-        let fd = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, &attr, size, 0u32) };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: the kernel just returned this descriptor to us.
-        let ruleset = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let fail = |e: landlock::RulesetError| Some(format!("building the Landlock ruleset: {e}"));
+        let all = AccessFs::from_all(TARGET);
+        let mut ruleset = Ruleset::default()
+            .set_compatibility(CompatLevel::HardRequirement)
+            .handle_access(AccessFs::from_all(ABI::V1))
+            .map_err(fail)?
+            .set_compatibility(CompatLevel::BestEffort)
+            .handle_access(all)
+            .and_then(|r| r.handle_access(AccessNet::from_all(TARGET)))
+            .and_then(|r| r.scope(Scope::from_all(TARGET)))
+            .and_then(|r| r.create())
+            .map_err(fail)?;
         for (path, access) in rules {
-            let Ok(cpath) = CString::new(path.as_os_str().as_bytes()) else {
+            let Ok(fd) = PathFd::new(path) else {
                 continue;
             };
-            // SAFETY: a NUL-terminated path; the descriptor is closed below.
-            let parent = unsafe { libc::open(cpath.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-            if parent < 0 {
-                continue;
-            }
             let mut allowed = match access {
-                Access::Read => EXECUTE | READ_FILE | READ_DIR,
-                Access::Write => fs,
+                Access::Read => AccessFs::from_read(TARGET),
+                Access::Write => all,
             };
             if !path.is_dir() {
-                allowed &= FILE_RIGHTS;
+                allowed &= AccessFs::from_file(TARGET);
             }
-            let rule = PathBeneathAttr {
-                allowed_access: allowed & fs,
-                parent_fd: parent,
-            };
-            // SAFETY: `rule` outlives the call; both descriptors are valid.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_landlock_add_rule,
-                    std::os::fd::AsRawFd::as_raw_fd(&ruleset),
-                    RULE_PATH_BENEATH,
-                    &rule,
-                    0u32,
-                );
-                libc::close(parent);
-            }
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd, allowed))
+                .map_err(fail)?;
         }
-        Some(Sandbox { ruleset, abi })
+        Ok(Sandbox { ruleset, abi })
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.ruleset)
+    pub fn into_ruleset(self) -> RulesetCreated {
+        self.ruleset
     }
 
-    /// In the child, between fork and exec: async-signal-safe syscalls only. The run may read
-    /// its own `/proc/PID` (the ruleset grants it here, where the PID is known), never another
-    /// process's: their `environ` holds the user's exported keys.
-    pub fn restrict_self(fd: RawFd) -> std::io::Result<()> {
-        // SAFETY: plain syscalls on a static path, a stack struct and descriptors we own.
-        unsafe {
-            let own = libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-            if own < 0 {
+    /// In the child, between fork and exec: no allocation on success. The run may read its own
+    /// `/proc/PID` (granted here, where the PID is known), never another process's: their
+    /// `environ` holds the user's exported keys.
+    pub fn restrict_self(ruleset: RulesetCreated) -> std::io::Result<()> {
+        // SAFETY: a static path; the descriptor is ours.
+        let own = unsafe {
+            let fd = libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let rule = PathBeneathAttr {
-                allowed_access: READ_FILE | READ_DIR,
-                parent_fd: own,
-            };
-            let added = libc::syscall(
-                libc::SYS_landlock_add_rule,
-                fd,
-                RULE_PATH_BENEATH,
-                &rule,
-                0u32,
-            );
-            libc::close(own);
-            if added != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::syscall(libc::SYS_landlock_restrict_self, fd, 0u32) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            OwnedFd::from_raw_fd(fd)
+        };
+        let refused = || std::io::Error::from_raw_os_error(libc::EPERM);
+        let status = ruleset
+            .add_rule(PathBeneath::new(
+                own,
+                AccessFs::ReadFile | AccessFs::ReadDir,
+            ))
+            .and_then(|r| r.restrict_self())
+            .map_err(|_| refused())?;
+        if status.ruleset == RulesetStatus::NotEnforced || !status.no_new_privs {
+            return Err(refused());
         }
         Ok(())
     }
