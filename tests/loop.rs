@@ -5,7 +5,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use autoresearch_tests::{
-    Project, autoresearch_bin, check_consistent, children, git, project, stderr, stdout, workspace,
+    Project, autoresearch_bin, check_consistent, descendants, git, project, stderr, stdout,
+    workspace,
 };
 use serde_json::Value;
 
@@ -76,16 +77,18 @@ fn kill_nine_at_any_point_then_resume_loses_nothing() {
             .count()
     };
     // During the baseline's build.
-    kill_when(&p, "k", false, &|pid| !children(pid, "cargo").is_empty());
+    kill_when(&p, "k", false, &|pid| !descendants(pid, "cargo").is_empty());
     assert_eq!(ends(&p), 0);
     // During training.
-    kill_when(&p, "k", true, &|pid| !children(pid, "train-bin").is_empty());
+    kill_when(&p, "k", true, &|pid| {
+        !descendants(pid, "train-bin").is_empty()
+    });
     // Mid-confirmation: the baseline's first run journaled, its second training.
     kill_when(&p, "k", true, &|pid| {
         let journal = std::fs::read_to_string(p.repo.join("runs/k/journal.jsonl")).unwrap();
         journal.contains("\"event\":\"run\"")
             && !journal.contains("\"event\":\"end\"")
-            && !children(pid, "train-bin").is_empty()
+            && !descendants(pid, "train-bin").is_empty()
     });
     let journaled = p
         .journal("k")
@@ -129,7 +132,7 @@ fn ctrl_c_stops_cleanly_and_the_session_goes_on() {
     // Interrupt the second experiment (the first proposal) mid-training.
     let mut trained = 0;
     loop {
-        let training = !children(child.id(), "train-bin").is_empty();
+        let training = !descendants(child.id(), "train-bin").is_empty();
         let ends = std::fs::read_to_string(p.repo.join("runs/c/journal.jsonl"))
             .map_or(0, |t| t.matches("\"event\":\"end\"").count());
         if training && ends == 1 {

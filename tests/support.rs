@@ -310,9 +310,10 @@ pub fn check_consistent(p: &Project, tag: &str) -> Vec<(String, String)> {
     experiments
 }
 
-/// Children of `pid` whose command name starts with `name`.
-pub fn children(pid: u32, name: &str) -> Vec<u32> {
-    let mut found = Vec::new();
+/// Descendants of `pid` whose command name starts with `name` (a run's train process is a
+/// grandchild: the harness's child is its supervisor).
+pub fn descendants(pid: u32, name: &str) -> Vec<u32> {
+    let mut procs = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -323,15 +324,26 @@ pub fn children(pid: u32, name: &str) -> Vec<u32> {
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
             continue;
         };
-        let comm = &stat[open + 1..close];
-        let ppid: u32 = stat[close + 2..]
+        let comm = stat[open + 1..close].to_string();
+        let Some(ppid) = stat[close + 2..]
             .split(' ')
             .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        if ppid == pid && comm.starts_with(name) {
-            found.push(child);
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        procs.push((child, ppid, comm));
+    }
+    let mut tree = vec![pid];
+    let mut found = Vec::new();
+    while let Some(parent) = tree.pop() {
+        for (child, ppid, comm) in &procs {
+            if *ppid == parent {
+                tree.push(*child);
+                if comm.starts_with(name) {
+                    found.push(*child);
+                }
+            }
         }
     }
     found
