@@ -128,7 +128,9 @@ fn cgroup(tasks: u64) -> Option<TaskCap> {
         let Some(mount) = cgroup_mount(&mounts, v2) else {
             continue;
         };
-        let dir = mount.join(path.trim_start_matches('/')).join(&name);
+        let parent = mount.join(path.trim_start_matches('/'));
+        remove_stale(&parent);
+        let dir = parent.join(&name);
         if std::fs::create_dir(&dir).is_err() {
             continue;
         }
@@ -149,6 +151,22 @@ fn cgroup(tasks: u64) -> Option<TaskCap> {
         }
     }
     None
+}
+
+/// Removes the (empty) cgroups a killed harness left: those of processes no longer alive.
+fn remove_stale(parent: &std::path::Path) {
+    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("autoresearch-run-")
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
 }
 
 /// Where the cgroup hierarchy is mounted: v2's, or v1's with the `pids` controller.

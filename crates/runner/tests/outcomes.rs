@@ -851,7 +851,14 @@ fn a_fork_bomb_stops_at_the_task_cap_and_leaves_nothing_behind() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{log}"));
-    assert!((1..64).contains(&forked), "forked {forked}: {log}");
+    // A cgroup counts the run's tasks alone; RLIMIT_NPROC (a user other than root) all the
+    // user's, which other scenarios running beside this one make and end meanwhile.
+    let cap = if log.lines().next().unwrap().contains("cgroup") {
+        64
+    } else {
+        1000
+    };
+    assert!((1..cap).contains(&forked), "forked {forked}: {log}");
     assert_eq!(survivors(&s.exp.run_dir), Vec::<u32>::new());
 }
 
