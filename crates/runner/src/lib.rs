@@ -330,13 +330,17 @@ fn build_and_run(
         process::End::Exited(status) => {
             return Ok(verdict(
                 Outcome::Crash,
-                format!("{}; last output:\n{tail}", describe(&status)),
+                format!(
+                    "{}; last output:\n{tail}{}",
+                    describe(&status),
+                    refusal_note(exp, &tail)
+                ),
             ));
         }
         process::End::Invalid(why) => {
             return Ok(verdict(
                 Outcome::InvalidReport,
-                format!("{why}. Last output:\n{tail}"),
+                format!("{why}. Last output:\n{tail}{}", refusal_note(exp, &tail)),
             ));
         }
         process::End::Evaluated { scored, stats } => (scored, stats),
@@ -509,6 +513,17 @@ fn lock_file(path: &Path) -> Result<std::fs::File, RunnerError> {
         ));
     }
     Ok(file)
+}
+
+/// Where a confined run's output shows a refusal, what refused it and how to allow a path.
+fn refusal_note(exp: &Experiment, tail: &str) -> String {
+    let refused = ["Permission denied", "Operation not permitted"]
+        .iter()
+        .any(|e| tail.contains(e));
+    if !exp.sandbox || !refused {
+        return String::new();
+    }
+    "\n[the sandbox refuses reads outside its allowlist (the validation data and the home directory among them), writes outside the run directory and every socket; a path a run needs can be allowed with `--sandbox-allow PATH`]".into()
 }
 
 fn describe(status: &std::process::ExitStatus) -> String {

@@ -235,17 +235,40 @@ pub unsafe fn apply(
     memory: u64,
     data_only: bool,
 ) -> std::io::Result<()> {
+    // Never above the hard limit already there (which only root could raise).
     let set = |resource, n: u64| {
-        let lim = libc::rlimit {
-            rlim_cur: n,
-            rlim_max: n,
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
         };
-        // SAFETY: a stack struct.
-        if unsafe { libc::setrlimit(resource, &lim) } != 0 {
-            return Err(std::io::Error::last_os_error());
+        // SAFETY: stack structs.
+        unsafe {
+            if libc::getrlimit(resource, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = n.min(lim.rlim_max);
+            lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
         Ok(())
     };
+    // Should the machine run out of memory all the same, the run goes first, not the harness.
+    // SAFETY: a static path and bytes; the run cannot lower it back (Landlock: /proc/self reads).
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            libc::write(fd, c"1000".as_ptr().cast(), 4);
+            libc::close(fd);
+        }
+    }
     if let Some(fd) = procs_fd {
         // "0": the writing process itself.
         // SAFETY: a static byte on a descriptor the harness opened.

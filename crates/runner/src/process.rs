@@ -211,8 +211,16 @@ impl Live<'_> {
     /// Ends the run: the supervisor kills every process of it, then exits. Should it not
     /// within a few seconds, its group goes too.
     fn kill(&mut self) {
-        // SAFETY: plain syscalls on our own child and its group.
-        unsafe { libc::kill(self.pgid, crate::supervise::STOP) };
+        // Only a supervisor not yet reaped: its pid could be another process's by now.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: plain syscalls on our own child, still unreaped. SIGCONT first: a run could
+        // have stopped its supervisor (on kernels without Landlock's signal scope).
+        unsafe {
+            libc::kill(self.pgid, libc::SIGCONT);
+            libc::kill(self.pgid, crate::supervise::STOP);
+        }
         let asked = Instant::now();
         while asked.elapsed() < Duration::from_secs(10) {
             if !matches!(self.child.try_wait(), Ok(None)) {
@@ -309,7 +317,7 @@ pub(crate) fn run_child(
     let tmp = exp.run_dir.join("tmp");
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the run's tmp dir"))?;
     cmd.env("TMPDIR", &tmp);
-    let (sandbox, filter) = if exp.sandbox {
+    let (sandbox, mut filter) = if exp.sandbox {
         let rules = crate::sandbox::rules(&exp.run_dir, setup.data, &exp.sandbox_allow)
             .map_err(RunnerError::Other)?;
         // Fail closed: a run the harness cannot confine does not start.
@@ -356,6 +364,7 @@ pub(crate) fn run_child(
             "this kernel does not list a process's children (/proc/PID/task/TID/children, CONFIG_PROC_CHILDREN), which the harness needs to stop every process a run starts: use a kernel built with it".into(),
         ));
     }
+    let mut sweep = crate::supervise::Sweep::new();
     let (marks_read, marks_write) = mark_pipe()?;
     let marks_fd = marks_write.as_raw_fd();
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -363,13 +372,14 @@ pub(crate) fn run_child(
         cmd.pre_exec(move || {
             // The harness's child stays behind as the run's supervisor (it dies with the
             // harness); what returns here is the train process.
-            crate::supervise::split(harness)?;
+            crate::supervise::split(harness, &mut sweep)?;
             crate::limits::apply(procs_fd, nproc, memory, data_only)?;
             // Confine first: the ruleset's descriptor may be the number fd 3 takes next.
             if let Some(ruleset) = ruleset.take() {
                 crate::sandbox::Sandbox::restrict_self(ruleset)?;
             }
-            if let Some(filter) = &filter {
+            if let Some(filter) = &mut filter {
+                crate::sandbox::aim_at_supervisor(filter, libc::getppid());
                 seccompiler::apply_filter(filter).map_err(|_| std::io::Error::last_os_error())?;
             }
             // The mark pipe becomes fd 3, open across exec.

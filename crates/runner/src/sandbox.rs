@@ -124,7 +124,7 @@ impl Sandbox {
 
     pub fn describe(&self, run_dir: &Path) -> String {
         format!(
-            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files; seccomp: no sockets (TCP, UDP, Unix), no io_uring, no other process's memory",
+            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files; seccomp: no sockets (TCP, UDP, Unix), no io_uring, no other process's memory, no signal to the supervisor or the harness, no raised limits",
             self.abi,
             run_dir.display(),
         )
@@ -135,7 +135,8 @@ impl Sandbox {
 /// network, UDP included, and Unix sockets to the session bus, tmux or docker), io_uring (its
 /// own path to sockets and files), and reading, writing or tracing another process
 /// (`process_vm_*`, `ptrace`, `pidfd_getfd`, which could borrow a socket), and raising its own
-/// limits (`setrlimit`, `prlimit64` with a new limit). `socketpair` stays:
+/// limits (`setrlimit`, `prlimit64` with a new limit), and signalling the supervisor, the harness
+/// or every process at once. `socketpair` stays:
 /// it reaches nothing outside the run. Compiled before the fork; installing it allocates
 /// nothing.
 pub fn syscall_filter() -> Result<seccompiler::BpfProgram, String> {
@@ -159,6 +160,47 @@ pub fn syscall_filter() -> Result<seccompiler::BpfProgram, String> {
         .and_then(|c| SeccompRule::new(vec![c]))
         .map_err(|e| format!("building the seccomp filter: {e}"))?;
     rules.insert(libc::SYS_prlimit64, vec![setting]);
+    // No signal to the supervisor or the harness, nor to every process at once (Landlock's
+    // signal scope does this from ABI 6; before it, this filter does). The supervisor's pid is
+    // known only after the fork: `aim_at_supervisor` writes it over SUPERVISOR.
+    let harness = std::process::id() as i32;
+    // SAFETY: a plain syscall.
+    let group = unsafe { libc::getpgrp() };
+    let pid_is = |value: i32| {
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            value as u32 as u64,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| format!("building the seccomp filter: {e}"))
+    };
+    let processes = [SUPERVISOR, harness];
+    let mut kill_targets: Vec<i32> = vec![-1, -SUPERVISOR, -group];
+    kill_targets.extend(processes);
+    rules.insert(
+        libc::SYS_kill,
+        kill_targets
+            .into_iter()
+            .map(pid_is)
+            .collect::<Result<_, _>>()?,
+    );
+    for call in [
+        libc::SYS_tkill,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+        libc::SYS_pidfd_open,
+    ] {
+        rules.insert(
+            call,
+            processes
+                .into_iter()
+                .map(pid_is)
+                .collect::<Result<_, _>>()?,
+        );
+    }
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|_| format!("no seccomp filter for {}", std::env::consts::ARCH))?;
@@ -172,6 +214,21 @@ pub fn syscall_filter() -> Result<seccompiler::BpfProgram, String> {
     filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| format!("compiling the seccomp filter: {e}"))
+}
+
+/// Stands for the supervisor's pid in the filter until `aim_at_supervisor`: above any pid.
+const SUPERVISOR: i32 = 0x7fff_fff0;
+
+/// In the train process, before the filter is applied: the supervisor's pid in place of
+/// `SUPERVISOR` (and of its negation, its process group). No allocation.
+pub fn aim_at_supervisor(filter: &mut seccompiler::BpfProgram, supervisor: libc::pid_t) {
+    for insn in filter.iter_mut() {
+        if insn.k == SUPERVISOR as u32 {
+            insn.k = supervisor as u32;
+        } else if insn.k == (-SUPERVISOR) as u32 {
+            insn.k = (-supervisor) as u32;
+        }
+    }
 }
 
 /// System paths a run reads: libraries, the loader's configuration, `/sys` (CPU counts, the

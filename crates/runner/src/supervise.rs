@@ -5,8 +5,11 @@
 //! Every process the run starts descends from the supervisor, and any that loses its parent
 //! (a daemon that forked, called `setsid` and let its parent exit) is reparented to the
 //! supervisor rather than to init. When the train process exits, or the harness asks (SIGTERM,
-//! also its parent-death signal), the supervisor kills the train process's group and then every
-//! child it has, again and again until it has none, and exits as the train process did.
+//! also its parent-death signal), the supervisor freezes every descendant it finds in /proc
+//! (SIGSTOP, scanning again until a scan finds none it has not stopped: a stopped process cannot
+//! fork), kills them all, reaps what comes back to it, and exits as the train process did.
+//! Killing one process at a time would not do: a chain of `setsid` processes whose last one
+//! forks again into each freed task slot would outrun it.
 //!
 //! Everything here runs in a forked copy of a multi-threaded process: system calls only, no
 //! allocation, no locks.
@@ -22,12 +25,136 @@ pub fn available() -> bool {
     std::path::Path::new("/proc/thread-self/children").exists()
 }
 
+/// Room for the sweep, allocated before the fork: the machine's processes as (pid, parent)
+/// pairs, and a bit per possible pid for the run's.
+pub struct Sweep {
+    pids: Vec<libc::pid_t>,
+    parents: Vec<libc::pid_t>,
+    marked: Vec<u64>,
+}
+
+impl Sweep {
+    pub fn new() -> Sweep {
+        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(1 << 22);
+        let room = 1 << 16;
+        Sweep {
+            pids: vec![0; room],
+            parents: vec![0; room],
+            marked: vec![0; pid_max / 64 + 1],
+        }
+    }
+
+    fn mark(&mut self, pid: libc::pid_t) -> bool {
+        let (word, bit) = (pid as usize / 64, pid as usize % 64);
+        match self.marked.get_mut(word) {
+            Some(w) if *w & (1 << bit) == 0 => {
+                *w |= 1 << bit;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn is_marked(&self, pid: libc::pid_t) -> bool {
+        let (word, bit) = (pid as usize / 64, pid as usize % 64);
+        self.marked.get(word).is_some_and(|w| w & (1 << bit) != 0)
+    }
+
+    /// Reads every process's parent from /proc; returns how many were read.
+    unsafe fn scan(&mut self) -> usize {
+        unsafe {
+            let dir = libc::open(
+                c"/proc".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if dir < 0 {
+                return 0;
+            }
+            let mut n = 0;
+            let mut buf = [0u8; 8192];
+            loop {
+                let got = libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len());
+                if got <= 0 {
+                    break;
+                }
+                let mut at = 0usize;
+                while at < got as usize {
+                    // struct linux_dirent64: ino u64, off i64, reclen u16, type u8, name.
+                    let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+                    let name = &buf[at + 19..at + reclen];
+                    let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                    at += reclen;
+                    let Some(pid) = parse_pid(name) else {
+                        continue;
+                    };
+                    if n == self.pids.len() {
+                        break;
+                    }
+                    if let Some(parent) = parent_of(name) {
+                        self.pids[n] = pid;
+                        self.parents[n] = parent;
+                        n += 1;
+                    }
+                }
+            }
+            libc::close(dir);
+            n
+        }
+    }
+}
+
+impl Default for Sweep {
+    fn default() -> Self {
+        Sweep::new()
+    }
+}
+
+fn parse_pid(name: &[u8]) -> Option<libc::pid_t> {
+    if name.is_empty() || name.len() > 9 || !name.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        name.iter()
+            .fold(0, |n: libc::pid_t, &b| n * 10 + (b - b'0') as libc::pid_t),
+    )
+}
+
+/// The parent's pid from `/proc/NAME/stat` (the field after the state, after the last `)`).
+unsafe fn parent_of(name: &[u8]) -> Option<libc::pid_t> {
+    let mut path = [0u8; 32];
+    path[..6].copy_from_slice(b"/proc/");
+    path[6..6 + name.len()].copy_from_slice(name);
+    path[6 + name.len()..6 + name.len() + 5].copy_from_slice(b"/stat");
+    let mut stat = [0u8; 512];
+    let n = unsafe {
+        let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        let n = libc::read(fd, stat.as_mut_ptr().cast(), stat.len());
+        libc::close(fd);
+        n
+    };
+    if n <= 0 {
+        return None;
+    }
+    let stat = &stat[..n as usize];
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    // ") S PPID ..."
+    let rest = stat.get(close + 4..)?;
+    let end = rest.iter().position(|&b| b == b' ')?;
+    parse_pid(&rest[..end])
+}
+
 /// Called in the harness's forked child, before any confinement. Returns in the train process
 /// (which goes on to confine itself and exec); never returns in the supervisor.
 ///
 /// # Safety
 /// Only between fork and exec in `Command::pre_exec`.
-pub unsafe fn split(harness: libc::pid_t) -> io::Result<()> {
+pub unsafe fn split(harness: libc::pid_t, sweep: &mut Sweep) -> io::Result<()> {
     unsafe {
         // Signals wait for the supervisor's own `sigtimedwait`; the train process unblocks them.
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -46,31 +173,38 @@ pub unsafe fn split(harness: libc::pid_t) -> io::Result<()> {
         match libc::fork() {
             -1 => Err(io::Error::last_os_error()),
             0 => {
-                // The train process: dies with the supervisor, leads a group of its own (which the
-                // sweep kills first), starts with no signal blocked.
+                // The train process: dies with the supervisor, leads a session of its own (no
+                // way into the harness's process groups), starts with no signal blocked.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if libc::getppid() != supervisor {
                     libc::_exit(1);
                 }
-                libc::setpgid(0, 0);
+                libc::setsid();
                 libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
                 Ok(())
             }
-            train => supervise(train),
+            train => supervise(train, sweep),
         }
     }
 }
 
-unsafe fn supervise(train: libc::pid_t) -> ! {
+unsafe fn supervise(train: libc::pid_t, sweep: &mut Sweep) -> ! {
     unsafe {
         // Hold nothing of the harness's: not its pipes (the run's output must close when the run's
         // processes are gone), not std's exec-error pipe (spawn returns once the train process
         // has exec'd).
         if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
-            for fd in 0..65536 {
+            let mut open = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut open);
+            for fd in 0..open.rlim_cur.min(1 << 20) as libc::c_int {
                 libc::close(fd);
             }
         }
+        // The status of each child comes to this process, whatever the harness did with SIGCHLD.
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         let mut waiting: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut waiting);
         for sig in [libc::SIGCHLD, STOP, libc::SIGINT, libc::SIGHUP] {
@@ -91,7 +225,7 @@ unsafe fn supervise(train: libc::pid_t) -> ! {
                 break;
             }
         }
-        libc::kill(-train, libc::SIGKILL);
+        freeze_and_kill(sweep);
         loop {
             kill_children();
             // Each pass reaps at least one: every child was just sent SIGKILL.
@@ -100,6 +234,42 @@ unsafe fn supervise(train: libc::pid_t) -> ! {
             }
         }
         exit_as(status.unwrap_or(libc::SIGKILL))
+    }
+}
+
+/// Stops every descendant of this process, scanning /proc again until a scan finds none it had
+/// not stopped (a stopped process forks no more), then kills them all.
+unsafe fn freeze_and_kill(sweep: &mut Sweep) {
+    unsafe {
+        let me = libc::getpid();
+        sweep.mark(me);
+        let mut n = 0;
+        for _ in 0..1000 {
+            n = sweep.scan();
+            let mut found = false;
+            // Descendants: marked parents mark their children, until nothing changes.
+            loop {
+                let mut changed = false;
+                for i in 0..n {
+                    if sweep.is_marked(sweep.parents[i]) && sweep.mark(sweep.pids[i]) {
+                        libc::kill(sweep.pids[i], libc::SIGSTOP);
+                        changed = true;
+                    }
+                }
+                if !changed {
+                    break;
+                }
+                found = true;
+            }
+            if !found {
+                break;
+            }
+        }
+        for i in 0..n {
+            if sweep.pids[i] != me && sweep.is_marked(sweep.pids[i]) {
+                libc::kill(sweep.pids[i], libc::SIGKILL);
+            }
+        }
     }
 }
 
@@ -177,6 +347,8 @@ unsafe fn exit_as(status: libc::c_int) -> ! {
             rlim_max: 0,
         };
         libc::setrlimit(libc::RLIMIT_CORE, &none);
+        // A core handler on a pipe may ignore RLIMIT_CORE; a non-dumpable process dumps nothing.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         libc::signal(sig, libc::SIG_DFL);
         let mut only: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut only);

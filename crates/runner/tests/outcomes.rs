@@ -38,6 +38,9 @@ fn git(dir: &Path, args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// Scenarios run side by side, but for those that take every core.
+static CPU: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 struct Scenario {
     dir: tempfile::TempDir,
     exp: Experiment,
@@ -91,6 +94,14 @@ impl Scenario {
     }
 
     fn run(&self) -> Verdict {
+        let _shared = CPU.read().unwrap_or_else(|e| e.into_inner());
+        runner::run(&self.exp, &mut |_| {}).unwrap()
+    }
+
+    /// With no other scenario running: for a run that keeps every core busy, beside which an
+    /// honest run's steps would stretch past what the harness's clock allows.
+    fn run_alone(&self) -> Verdict {
+        let _alone = CPU.write().unwrap_or_else(|e| e.into_inner());
         runner::run(&self.exp, &mut |_| {}).unwrap()
     }
 
@@ -406,19 +417,21 @@ fn a_run_that_reads_the_validation_data_is_refused_the_read() {
         3.0,
     );
     let v = s.run();
-    if sandboxed(&s.log()) {
-        assert_eq!(v.outcome, Outcome::Crash, "{}", v.evidence);
-        assert!(
-            v.evidence.contains("reading the validation shard")
-                && v.evidence.contains("Permission denied"),
-            "{}",
-            v.evidence
-        );
-        assert!(!s.log().contains("validation bytes"));
-    } else {
-        // No Landlock: the read succeeds, and nothing else stops it (see the sandbox issue).
-        assert!(s.log().contains("validation bytes"), "{}", s.log());
-    }
+    assert!(sandboxed(&s.log()), "{}", s.log());
+    assert_eq!(v.outcome, Outcome::Crash, "{}", v.evidence);
+    assert!(
+        v.evidence.contains("reading the validation shard")
+            && v.evidence.contains("Permission denied"),
+        "{}",
+        v.evidence
+    );
+    // The evidence says what refused the read and how a needed path is allowed.
+    assert!(
+        v.evidence.contains("--sandbox-allow PATH"),
+        "{}",
+        v.evidence
+    );
+    assert!(!s.log().contains("validation bytes"));
 }
 
 #[test]
@@ -826,10 +839,68 @@ fn a_setsid_daemon_holding_stdout_is_stopped_with_its_run() {
 }
 
 #[test]
+fn a_run_cannot_signal_its_supervisor_the_harness_or_everyone() {
+    // Signal 0 only asks: had a real signal gone through, the supervisor or the harness would be
+    // gone (and kill(-1) takes every process of the user's with it).
+    let body = format!(
+        r#"    unsafe extern "C" {{
+        fn kill(pid: i32, sig: i32) -> i32;
+        fn getppid() -> i32;
+    }}
+    let supervisor = unsafe {{ getppid() }};
+    for (what, pid) in [("supervisor", supervisor), ("its group", -supervisor), ("harness", {harness}), ("everyone", -1)] {{
+        let r = unsafe {{ kill(pid, 0) }};
+        let e = std::io::Error::last_os_error();
+        println!("{{what}}: {{}}", if r == 0 {{ "reached".to_string() }} else {{ format!("refused: {{e}}") }});
+    }}"#,
+        harness = std::process::id()
+    );
+    let s = Scenario::new(program(&body), 2.0);
+    s.run();
+    let log = s.log();
+    for what in ["supervisor", "its group", "harness", "everyone"] {
+        assert!(
+            log.contains(&format!("{what}: refused: Operation not permitted")),
+            "{what}: {log}"
+        );
+    }
+}
+
+#[test]
+fn setsid_processes_forking_into_every_freed_slot_are_all_swept() {
+    // Every process leaves its session and forks for ever, as far as the task cap allows, so
+    // each slot a sweep frees is taken at once by a new one. Killed a few at a time, they would
+    // regrow as fast; frozen first, none can.
+    let body = format!(
+        r#"{LIBC}    let start = std::time::Instant::now();
+    let mut depth = 0;
+    loop {{
+        unsafe {{ setsid() }};
+        match unsafe {{ fork() }} {{
+            0 => depth += 1,
+            _ if depth == 0 && start.elapsed().as_secs() >= 1 => break,
+            _ => {{}}
+        }}
+    }}
+    println!("swarm built");"#
+    );
+    let mut s = Scenario::new(program(&body), 2.0);
+    s.exp.limits.tasks = 32;
+    let t = std::time::Instant::now();
+    let v = s.run_alone();
+    assert_eq!(v.outcome, Outcome::InvalidReport, "{}", v.evidence);
+    let log = s.log();
+    assert!(log.contains("swarm built"), "{log}");
+    assert!(!log.contains("still held open"), "{log}");
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert_eq!(survivors(&s.exp.run_dir), Vec::<u32>::new());
+}
+
+#[test]
 fn a_fork_bomb_stops_at_the_task_cap_and_leaves_nothing_behind() {
     let body = format!(
         r#"{LIBC}    let mut forked = 0;
-    for _ in 0..100_000 {{
+    for _ in 0..5_000 {{
         match unsafe {{ fork() }} {{
             0 => loop {{ std::thread::sleep(std::time::Duration::from_secs(1)) }},
             -1 => break,
