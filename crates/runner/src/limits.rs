@@ -125,28 +125,26 @@ fn cgroup(tasks: u64) -> Option<TaskCap> {
         if !v2 && !controllers.split(',').any(|c| c == "pids") {
             continue;
         }
-        let Some(mount) = cgroup_mount(&mounts, v2) else {
-            continue;
-        };
-        let parent = mount.join(path.trim_start_matches('/'));
-        remove_stale(&parent);
-        let dir = parent.join(&name);
-        if std::fs::create_dir(&dir).is_err() {
-            continue;
-        }
-        let made = std::fs::write(dir.join("pids.max"), tasks.to_string()).is_ok();
-        let procs = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.procs"));
-        match (made, procs) {
-            (true, Ok(procs)) => {
-                return Some(TaskCap::Cgroup {
-                    dir,
-                    procs: procs.into(),
-                });
+        for parent in cgroup_dirs(&mounts, v2, path) {
+            remove_stale(&parent);
+            let dir = parent.join(&name);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
             }
-            _ => {
-                let _ = std::fs::remove_dir(&dir);
+            let made = std::fs::write(dir.join("pids.max"), tasks.to_string()).is_ok();
+            let procs = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"));
+            match (made, procs) {
+                (true, Ok(procs)) => {
+                    return Some(TaskCap::Cgroup {
+                        dir,
+                        procs: procs.into(),
+                    });
+                }
+                _ => {
+                    let _ = std::fs::remove_dir(&dir);
+                }
             }
         }
     }
@@ -169,22 +167,35 @@ fn remove_stale(parent: &std::path::Path) {
     }
 }
 
-/// Where the cgroup hierarchy is mounted: v2's, or v1's with the `pids` controller.
-fn cgroup_mount(mountinfo: &str, v2: bool) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut fields = right.split(' ');
-        let (fstype, _source, options) = (fields.next()?, fields.next()?, fields.next()?);
-        let found = if v2 {
-            fstype == "cgroup2"
-        } else {
-            fstype == "cgroup" && options.split(',').any(|o| o == "pids")
-        };
-        if !found {
-            return None;
-        }
-        Some(PathBuf::from(left.split(' ').nth(4)?))
-    })
+/// Where the harness's cgroup `path` is, in each mount of the hierarchy (v2's, or v1's with the
+/// `pids` controller) that holds it: a mount whose root (a container's cgroup, say) is not the
+/// hierarchy's shows `path` less that root.
+fn cgroup_dirs(mountinfo: &str, v2: bool, path: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut fields = right.split(' ');
+            let (fstype, _source, options) = (fields.next()?, fields.next()?, fields.next()?);
+            let found = if v2 {
+                fstype == "cgroup2"
+            } else {
+                fstype == "cgroup" && options.split(',').any(|o| o == "pids")
+            };
+            if !found {
+                return None;
+            }
+            let mut left = left.split(' ');
+            let (root, mount) = (left.nth(3)?, left.next()?);
+            let inside = if root == "/" {
+                path
+            } else {
+                path.strip_prefix(root)
+                    .filter(|rest| rest.is_empty() || rest.starts_with('/'))?
+            };
+            Some(PathBuf::from(mount).join(inside.trim_start_matches('/')))
+        })
+        .collect()
 }
 
 /// The tasks of `uid` (its real uid, as RLIMIT_NPROC counts them) on this machine now.
@@ -288,4 +299,35 @@ pub unsafe fn apply(
         set(resource, memory)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup_dirs;
+    use std::path::PathBuf;
+
+    const MOUNTINFO: &str = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 /docker/abc /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory,pids
+41 23 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+
+    #[test]
+    fn the_harness_cgroup_is_found_in_each_mount_that_holds_it() {
+        assert_eq!(
+            cgroup_dirs(MOUNTINFO, false, "/docker/abc/jobs"),
+            [
+                PathBuf::from("/sys/fs/cgroup/pids/docker/abc/jobs"),
+                PathBuf::from("/sys/fs/cgroup/memory/jobs"),
+            ]
+        );
+        // A mount rooted elsewhere does not hold it.
+        assert_eq!(
+            cgroup_dirs(MOUNTINFO, false, "/user.slice"),
+            [PathBuf::from("/sys/fs/cgroup/pids/user.slice")]
+        );
+        assert_eq!(
+            cgroup_dirs(MOUNTINFO, true, "/"),
+            [PathBuf::from("/sys/fs/cgroup/unified/")]
+        );
+    }
 }
