@@ -317,6 +317,11 @@ pub(crate) fn run_child(
     let tmp = exp.run_dir.join("tmp");
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the run's tmp dir"))?;
     cmd.env("TMPDIR", &tmp);
+    if !crate::supervise::available() {
+        return Err(RunnerError::Other(
+            "this kernel does not list a process's children (/proc/PID/task/TID/children, CONFIG_PROC_CHILDREN), which the harness needs to stop every process a run starts: use a kernel built with it".into(),
+        ));
+    }
     let (sandbox, mut filter) = if exp.sandbox {
         let rules = crate::sandbox::rules(&exp.run_dir, setup.data, &exp.sandbox_allow)
             .map_err(RunnerError::Other)?;
@@ -359,11 +364,6 @@ pub(crate) fn run_child(
     } else {
         sandbox_line
     };
-    if !crate::supervise::available() {
-        return Err(RunnerError::Other(
-            "this kernel does not list a process's children (/proc/PID/task/TID/children, CONFIG_PROC_CHILDREN), which the harness needs to stop every process a run starts: use a kernel built with it".into(),
-        ));
-    }
     let mut sweep = crate::supervise::Sweep::new();
     let (marks_read, marks_write) = mark_pipe()?;
     let marks_fd = marks_write.as_raw_fd();
