@@ -5,6 +5,9 @@
 #
 #   bash scripts/gpu-bundle.sh [DIR]        # default .gpu/bundle (git-ignored); prints its size
 #
+# Environment: BUNDLE_DATA_MB, BUNDLE_MAX_MB, CUDA_TARGET_DIR (default target/cuda), and
+# AUTORESEARCH_BIN (a built harness binary to prepare the data with, instead of `cargo run`).
+#
 # Data: `--source builtin --preset h100` (the h100 preset's shapes, vocabulary and evaluation
 # length on generated stories), BUNDLE_DATA_MB of training text (default 40). The binary travels
 # xz-compressed (candle's embedded kernels shrink ~9x); run.sh unpacks it with Python's lzma.
@@ -33,8 +36,14 @@ strip -o "$out/train" "$target/release/train"
 xz -6 -T0 "$out/train"
 
 echo "== data: builtin corpus, h100 preset, ${data_mb} MB"
-# The harness in the dev profile: its dependencies build optimised anyway, and CI has it built.
-AUTORESEARCH_CACHE="$out/data" cargo run --locked -q -p autoresearch -- prepare \
+# The harness: AUTORESEARCH_BIN where one is built (CI's tests built it), else the dev profile's
+# (its dependencies build optimised anyway).
+if [ -n "${AUTORESEARCH_BIN:-}" ]; then
+  harness=("$AUTORESEARCH_BIN")
+else
+  harness=(cargo run --locked -q -p autoresearch --)
+fi
+AUTORESEARCH_CACHE="$out/data" "${harness[@]}" prepare \
   --source builtin --preset h100 --builtin-mb "$data_mb"
 rm -rf "$out/data/raw"
 

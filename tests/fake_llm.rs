@@ -47,6 +47,11 @@ pub struct Seen {
 pub enum Act {
     /// Call these tools: (name, arguments as raw JSON text).
     Call(Vec<(String, String)>),
+    /// Call these tools, giving no ids (as some compatible servers do).
+    CallWithoutIds(Vec<(String, String)>),
+    /// A reply cut at the output limit: this text, then these calls with their arguments cut
+    /// off halfway (`finish_reason: length` / `stop_reason: max_tokens`).
+    Truncated(String, Vec<(String, String)>),
     /// Reply with text only.
     Say(String),
     /// An HTTP error with a JSON error body and extra headers.
@@ -63,6 +68,22 @@ pub fn call(name: &str, args: Value) -> (String, String) {
 
 type Script = Box<dyn FnMut(&Seen) -> Act + Send>;
 
+/// How the server behaves beyond the script.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Usage counted from the request (a token per 4 bytes), with a prompt cache: OpenAI's
+    /// automatic prefix cache (1,024 tokens or more, in steps of 128) or Anthropic's
+    /// breakpoints. Off: every reply reports 1,000 input and 100 output tokens.
+    pub simulate_cache: bool,
+    /// Refuse a prompt over this many tokens (a token per 4 bytes) as llama.cpp's server does.
+    pub context_window: Option<usize>,
+}
+
+/// Tokens as the fake counts them.
+pub fn fake_tokens(bytes: usize) -> usize {
+    bytes.div_ceil(4)
+}
+
 pub struct FakeLlm {
     pub wire: Wire,
     pub port: u16,
@@ -78,6 +99,15 @@ impl FakeLlm {
         key: &str,
         script: impl FnMut(&Seen) -> Act + Send + 'static,
     ) -> FakeLlm {
+        Self::start_with(wire, key, Options::default(), script)
+    }
+
+    pub fn start_with(
+        wire: Wire,
+        key: &str,
+        options: Options,
+        script: impl FnMut(&Seen) -> Act + Send + 'static,
+    ) -> FakeLlm {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -86,6 +116,7 @@ impl FakeLlm {
         let (r, v, k) = (received.clone(), violations.clone(), key.to_string());
         std::thread::spawn(move || {
             let mut ids = 0u64;
+            let mut cache = PromptCache::default();
             for stream in listener.incoming().flatten() {
                 let Some(req) = read_request(&stream) else {
                     continue;
@@ -102,6 +133,30 @@ impl FakeLlm {
                     );
                     continue;
                 }
+                let prompt = prompt_tokens(wire, &req.body);
+                if let Some(window) = options.context_window
+                    && prompt > window
+                {
+                    // llama.cpp's server, word for word.
+                    let message = format!(
+                        "request ({prompt} tokens) exceeds the available context size ({window} tokens), try increasing it"
+                    );
+                    respond(
+                        &stream,
+                        400,
+                        &[],
+                        &json!({"error": {"code": 400, "message": message, "type": "exceed_context_size_error", "n_prompt_tokens": prompt, "n_ctx": window}}),
+                    );
+                    continue;
+                }
+                let usage = if options.simulate_cache {
+                    cache.usage(wire, &req.body)
+                } else {
+                    Counted {
+                        input: 1000,
+                        ..Counted::default()
+                    }
+                };
                 let seen = seen(wire, &req.body);
                 let act = (script.lock().unwrap())(&seen);
                 match act {
@@ -121,12 +176,30 @@ impl FakeLlm {
                         };
                         respond(&stream, status, &headers, &body);
                     }
-                    Act::Say(text) => {
-                        respond(&stream, 200, &[], &reply(wire, &text, &[], &mut ids))
-                    }
-                    Act::Call(calls) => {
-                        respond(&stream, 200, &[], &reply(wire, "", &calls, &mut ids))
-                    }
+                    Act::Say(text) => respond(
+                        &stream,
+                        200,
+                        &[],
+                        &reply(wire, &text, &[], Shape::Whole, usage, &mut ids),
+                    ),
+                    Act::Call(calls) => respond(
+                        &stream,
+                        200,
+                        &[],
+                        &reply(wire, "", &calls, Shape::Whole, usage, &mut ids),
+                    ),
+                    Act::CallWithoutIds(calls) => respond(
+                        &stream,
+                        200,
+                        &[],
+                        &reply(wire, "", &calls, Shape::NoIds, usage, &mut ids),
+                    ),
+                    Act::Truncated(text, calls) => respond(
+                        &stream,
+                        200,
+                        &[],
+                        &reply(wire, &text, &calls, Shape::Truncated, usage, &mut ids),
+                    ),
                 }
             }
         });
@@ -198,27 +271,182 @@ fn respond(mut stream: &TcpStream, status: u16, headers: &[(String, String)], bo
     let _ = stream.write_all(format!("{head}\r\n{body}").as_bytes());
 }
 
-fn reply(wire: Wire, text: &str, calls: &[(String, String)], ids: &mut u64) -> Value {
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    Whole,
+    NoIds,
+    Truncated,
+}
+
+/// Input tokens of a reply: all of them, and those read from and written to the cache.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counted {
+    pub input: usize,
+    pub read: usize,
+    pub written: usize,
+}
+
+/// A request's prompt in the fake's tokens.
+pub fn prompt_tokens(wire: Wire, body: &Value) -> usize {
+    fake_tokens(prompt_text(wire, body).len())
+}
+
+/// The text a request's prompt is made of, in the order the provider reads it (tools, system,
+/// messages), as the cache sees it.
+fn prompt_text(wire: Wire, body: &Value) -> String {
+    let parts = prompt_parts(wire, body);
+    parts.iter().map(|(text, _)| text.as_str()).collect()
+}
+
+/// The prompt as pieces, each flagged where Anthropic's `cache_control` ends a prefix.
+fn prompt_parts(wire: Wire, body: &Value) -> Vec<(String, bool)> {
+    let mut parts = vec![(body["tools"].to_string(), false)];
+    match wire {
+        Wire::OpenAi => {
+            for m in body["messages"].as_array().into_iter().flatten() {
+                parts.push((m.to_string(), false));
+            }
+        }
+        Wire::Anthropic => {
+            match &body["system"] {
+                Value::Array(blocks) => {
+                    for b in blocks {
+                        parts.push((b["text"].to_string(), b.get("cache_control").is_some()));
+                    }
+                }
+                other => parts.push((other.to_string(), false)),
+            }
+            for m in body["messages"].as_array().into_iter().flatten() {
+                parts.push((m["role"].to_string(), false));
+                for b in m["content"].as_array().into_iter().flatten() {
+                    let mut plain = b.clone();
+                    if let Some(o) = plain.as_object_mut() {
+                        o.remove("cache_control");
+                    }
+                    parts.push((plain.to_string(), b.get("cache_control").is_some()));
+                }
+            }
+        }
+    }
+    parts
+}
+
+/// A prompt cache as the providers describe theirs.
+#[derive(Default)]
+struct PromptCache {
+    /// OpenAI: earlier prompts. Anthropic: prefixes written at breakpoints.
+    seen: Vec<String>,
+}
+
+impl PromptCache {
+    fn usage(&mut self, wire: Wire, body: &Value) -> Counted {
+        let parts = prompt_parts(wire, body);
+        let text: String = parts.iter().map(|(t, _)| t.as_str()).collect();
+        let input = fake_tokens(text.len());
+        match wire {
+            Wire::OpenAi => {
+                // The longest prefix shared with an earlier prompt, in 128-token steps from 1,024.
+                let shared = self
+                    .seen
+                    .iter()
+                    .map(|s| {
+                        s.bytes()
+                            .zip(text.bytes())
+                            .take_while(|(a, b)| a == b)
+                            .count()
+                    })
+                    .max()
+                    .unwrap_or(0);
+                let tokens = shared / 4;
+                let read = if tokens >= 1024 {
+                    tokens / 128 * 128
+                } else {
+                    0
+                };
+                self.seen.push(text);
+                Counted {
+                    input,
+                    read,
+                    written: 0,
+                }
+            }
+            Wire::Anthropic => {
+                // Each breakpoint's prefix: read if cached, else written.
+                let mut prefix = String::new();
+                let mut read = 0;
+                let mut last = 0;
+                for (t, marked) in &parts {
+                    prefix += t;
+                    if *marked {
+                        if self.seen.contains(&prefix) {
+                            read = fake_tokens(prefix.len());
+                        } else {
+                            self.seen.push(prefix.clone());
+                        }
+                        last = fake_tokens(prefix.len());
+                    }
+                }
+                Counted {
+                    input,
+                    read,
+                    written: last.saturating_sub(read),
+                }
+            }
+        }
+    }
+}
+
+fn reply(
+    wire: Wire,
+    text: &str,
+    calls: &[(String, String)],
+    shape: Shape,
+    usage: Counted,
+    ids: &mut u64,
+) -> Value {
     let mut next = || {
         *ids += 1;
-        format!("call_{ids}")
+        if shape == Shape::NoIds {
+            String::new()
+        } else {
+            format!("call_{ids}")
+        }
     };
+    let cut = |args: &str| -> String {
+        if shape == Shape::Truncated {
+            args.chars().take(args.chars().count() / 2).collect()
+        } else {
+            args.to_string()
+        }
+    };
+    let output = if shape == Shape::Truncated { 4096 } else { 100 };
     match wire {
         Wire::OpenAi => {
             let tool_calls: Vec<Value> = calls
                 .iter()
                 .map(|(name, args)| {
-                    json!({"id": next(), "type": "function", "function": {"name": name, "arguments": args}})
+                    let mut call = json!({"type": "function", "function": {"name": name, "arguments": cut(args)}});
+                    let id = next();
+                    if !id.is_empty() {
+                        call["id"] = json!(id);
+                    }
+                    call
                 })
                 .collect();
             let mut message = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
             if !tool_calls.is_empty() {
                 message["tool_calls"] = json!(tool_calls);
             }
+            let finish = match (shape, calls.is_empty()) {
+                (Shape::Truncated, _) => "length",
+                (_, true) => "stop",
+                (_, false) => "tool_calls",
+            };
             json!({
                 "id": "chatcmpl-test", "object": "chat.completion", "model": "test",
-                "choices": [{"index": 0, "message": message, "finish_reason": if calls.is_empty() { "stop" } else { "tool_calls" }}],
-                "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100},
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                "usage": {"prompt_tokens": usage.input, "completion_tokens": output, "total_tokens": usage.input + output,
+                    "prompt_tokens_details": {"cached_tokens": usage.read}},
             })
         }
         Wire::Anthropic => {
@@ -228,15 +456,22 @@ fn reply(wire: Wire, text: &str, calls: &[(String, String)], ids: &mut u64) -> V
             }
             for (name, args) in calls {
                 // A model's malformed input reaches us as a string; keep it one.
-                let input = serde_json::from_str::<Value>(args).unwrap_or(json!(args));
+                let args = cut(args);
+                let input = serde_json::from_str::<Value>(&args).unwrap_or(json!(args));
                 content
                     .push(json!({"type": "tool_use", "id": next(), "name": name, "input": input}));
             }
+            let stop = match (shape, calls.is_empty()) {
+                (Shape::Truncated, _) => "max_tokens",
+                (_, true) => "end_turn",
+                (_, false) => "tool_use",
+            };
             json!({
                 "id": "msg_test", "type": "message", "role": "assistant", "model": "test",
                 "content": content,
-                "stop_reason": if calls.is_empty() { "end_turn" } else { "tool_use" },
-                "usage": {"input_tokens": 1000, "output_tokens": 100},
+                "stop_reason": stop,
+                "usage": {"input_tokens": usage.input - usage.read - usage.written, "output_tokens": output,
+                    "cache_read_input_tokens": usage.read, "cache_creation_input_tokens": usage.written},
             })
         }
     }
@@ -295,6 +530,17 @@ fn validate(wire: Wire, key: &str, req: &Received) -> Vec<String> {
                             if c["type"] != "function" || !c["function"]["arguments"].is_string() {
                                 bad.push(format!("bad tool call {c}"));
                             }
+                            // vLLM and llama.cpp parse replayed arguments: text that is not
+                            // a JSON object fails the whole request.
+                            let args = c["function"]["arguments"].as_str().unwrap_or("");
+                            if !serde_json::from_str::<Value>(args).is_ok_and(|v| v.is_object()) {
+                                bad.push(format!(
+                                    "replayed arguments are not a JSON object: {args}"
+                                ));
+                            }
+                            if c["id"].as_str().is_none_or(str::is_empty) {
+                                bad.push(format!("a tool call without an id: {c}"));
+                            }
                         }
                     }
                     Some("tool") => {
@@ -326,8 +572,28 @@ fn validate(wire: Wire, key: &str, req: &Received) -> Vec<String> {
             if req.header("authorization").is_some() {
                 bad.push("an Authorization header sent to Anthropic".into());
             }
-            if !b["max_tokens"].is_u64() || !b["system"].is_string() {
-                bad.push("max_tokens and a string system prompt are required".into());
+            if !b["max_tokens"].is_u64() {
+                bad.push("max_tokens is required".into());
+            }
+            let system_ok = b["system"].is_string()
+                || b["system"].as_array().is_some_and(|blocks| {
+                    blocks.iter().all(|x| {
+                        x["type"] == "text" && x["text"].as_str().is_some_and(|t| !t.is_empty())
+                    })
+                });
+            if !system_ok {
+                bad.push("system must be a string or a list of non-empty text blocks".into());
+            }
+            let text = b.to_string();
+            let breakpoints = text.matches("\"cache_control\"").count();
+            if breakpoints > 4 {
+                bad.push(format!("{breakpoints} cache_control blocks (at most 4)"));
+            }
+            let ephemeral = text
+                .matches("\"cache_control\":{\"type\":\"ephemeral\"}")
+                .count();
+            if ephemeral != breakpoints {
+                bad.push("a cache_control that is not {\"type\":\"ephemeral\"}".into());
             }
             for t in b["tools"].as_array().into_iter().flatten() {
                 if !t["name"].is_string() || t["input_schema"]["type"] != "object" {
@@ -365,7 +631,15 @@ fn validate(wire: Wire, key: &str, req: &Received) -> Vec<String> {
                     open.clear();
                 } else {
                     for b in &blocks {
+                        if b["type"] == "text"
+                            && b["text"].as_str().is_none_or(|t| t.trim().is_empty())
+                        {
+                            bad.push("an empty text block".into());
+                        }
                         if b["type"] == "tool_use" {
+                            if b["id"].as_str().is_none_or(str::is_empty) {
+                                bad.push("a tool_use without an id".into());
+                            }
                             if !b["input"].is_object() {
                                 bad.push("tool_use input is not an object".into());
                             }
@@ -403,13 +677,18 @@ pub fn seen(wire: Wire, body: &Value) -> Seen {
             }
         }
         Wire::Anthropic => {
+            // Every text block of the first message (the opening comes in two).
             s.opening = msgs
                 .first()
                 .and_then(|m| m["content"].as_array())
-                .and_then(|b| b.iter().find(|b| b["type"] == "text"))
-                .and_then(|b| b["text"].as_str())
-                .unwrap_or("")
-                .to_string();
+                .map(|blocks| {
+                    blocks
+                        .iter()
+                        .filter(|b| b["type"] == "text")
+                        .filter_map(|b| b["text"].as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
             s.turns = msgs.iter().filter(|m| m["role"] == "assistant").count();
             if let Some(last) = msgs.last().filter(|m| m["role"] == "user") {
                 for b in last["content"].as_array().into_iter().flatten() {

@@ -6,8 +6,12 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use autoresearch_tests::fake_llm::{Act, FakeLlm, Seen, Wire, call, experiment, seen};
-use autoresearch_tests::{Project, check_consistent, git, project, stderr, stdout};
+use autoresearch_tests::fake_llm::{
+    Act, FakeLlm, Options, Seen, Wire, call, experiment, prompt_tokens, seen,
+};
+use autoresearch_tests::{
+    Project, assert_conforms_to_sdk, check_consistent, git, project, stderr, stdout,
+};
 use serde_json::json;
 
 const ANCHOR: &str = "    device_batch_size: 8,\n    ..H100";
@@ -15,14 +19,25 @@ const FROZEN: &str = "    device_batch_size: 8,\n    embedding_lr: 0.0,\n    une
 const MAIN: &str = "fn main() -> Result<()> {\n";
 
 fn session(p: &Project, fake: &FakeLlm, tag: &str, max: usize, budget: &str) -> Output {
-    let (provider, model, var, other) = match fake.wire {
-        Wire::OpenAi => ("openai", "gpt-4.1", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
-        Wire::Anthropic => (
-            "anthropic",
-            "claude-sonnet-4-5",
-            "ANTHROPIC_API_KEY",
-            "OPENAI_API_KEY",
-        ),
+    let model = match fake.wire {
+        Wire::OpenAi => "gpt-4.1",
+        Wire::Anthropic => "claude-sonnet-4-5",
+    };
+    session_of(p, fake, model, tag, max, budget)
+}
+
+/// `autoresearch run --agent llm` with `model` against the fake, its key in the environment.
+fn session_of(
+    p: &Project,
+    fake: &FakeLlm,
+    model: &str,
+    tag: &str,
+    max: usize,
+    budget: &str,
+) -> Output {
+    let (provider, var, other) = match fake.wire {
+        Wire::OpenAi => ("openai", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
+        Wire::Anthropic => ("anthropic", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"),
     };
     let max = max.to_string();
     p.command(&[
@@ -54,6 +69,30 @@ fn session(p: &Project, fake: &FakeLlm, tag: &str, max: usize, budget: &str) -> 
     .env("AUTORESEARCH_REQUEST_TIMEOUT_S", "3")
     .output()
     .unwrap()
+}
+
+/// Freezes every rate (a sure discard) and runs it.
+fn freeze_and_run() -> Act {
+    Act::Call(vec![
+        call(
+            "edit_train_file",
+            json!({"old_text": ANCHOR, "new_text": FROZEN}),
+        ),
+        call(
+            "run_experiment",
+            json!({"description": "freeze", "rationale": "control"}),
+        ),
+    ])
+}
+
+/// Every request the client sent, checked against the provider's SDK request type.
+fn assert_bodies_conform(fake: &FakeLlm) {
+    let bodies: Vec<serde_json::Value> = fake.requests().into_iter().map(|r| r.body).collect();
+    let provider = match fake.wire {
+        Wire::OpenAi => "openai",
+        Wire::Anthropic => "anthropic",
+    };
+    assert_conforms_to_sdk(provider, &bodies);
 }
 
 /// Every tool result the client sent back, across all requests.
@@ -103,7 +142,19 @@ fn research_script(second: &'static str) -> impl FnMut(&Seen) -> Act + Send {
             "run_experiment",
             json!({"description": "freeze every rate", "rationale": "a control"}),
         )]),
-        (2, 0) => Act::Say("Let me think about the learning rate.".into()),
+        // The first experiment's idea again, with a comment to tell the files apart: refused
+        // before it runs.
+        (2, 0) => Act::Call(vec![
+            call(
+                "edit_train_file",
+                json!({"old_text": ANCHOR, "new_text": format!("    // once more\n{FROZEN}")}),
+            ),
+            call(
+                "run_experiment",
+                json!({"description": "freeze again", "rationale": "a repeat"}),
+            ),
+        ]),
+        (2, 1) => Act::Say("Let me think about the learning rate.".into()),
         (2, _) => Act::Call(vec![
             call(
                 "edit_train_file",
@@ -120,7 +171,11 @@ fn research_script(second: &'static str) -> impl FnMut(&Seen) -> Act + Send {
 
 fn research_session(wire: Wire, key: &str, second: &'static str) -> (Project, FakeLlm, Output) {
     let p = project();
-    let fake = FakeLlm::start(wire, key, research_script(second));
+    let cache = Options {
+        simulate_cache: true,
+        ..Options::default()
+    };
+    let fake = FakeLlm::start_with(wire, key, cache, research_script(second));
     let out = session(&p, &fake, "llm", 3, "3");
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert!(
@@ -128,6 +183,7 @@ fn research_session(wire: Wire, key: &str, second: &'static str) -> (Project, Fa
         "{:?}",
         fake.violations.lock().unwrap()
     );
+    assert_bodies_conform(&fake);
     let experiments = check_consistent(&p, "llm");
     assert_eq!(experiments.len(), 3, "{experiments:?}");
     assert_eq!(
@@ -168,18 +224,59 @@ fn research_session(wire: Wire, key: &str, second: &'static str) -> (Project, Fa
         second_opening.contains("| 1 |") && second_opening.contains("discard"),
         "{second_opening}"
     );
+    // The ledger of ideas names the settings tried, and the repeat was refused.
+    assert!(
+        second_opening.contains("## Ideas tried so far")
+            && second_opening.contains("TINY.matrix_lr: 0.0 → "),
+        "{second_opening}"
+    );
+    assert!(
+        results
+            .iter()
+            .any(|r| r.contains("was already tried as experiment")),
+        "{results:?}"
+    );
     // Spend is in the journal and the log.
+    // The price of the tokens as sent, and what they would have cost with no prompt cache.
+    let price = agent::prices::lookup(match wire {
+        Wire::OpenAi => "gpt-4.1",
+        Wire::Anthropic => "claude-sonnet-4-5",
+    })
+    .unwrap();
     for e in p
         .journal("llm")
         .iter()
         .filter(|e| e["event"] == "end" && e["index"] != 0)
     {
+        let (input, cached, output) = (
+            e["tokens_in"].as_u64().unwrap(),
+            e["tokens_cached"].as_u64().unwrap(),
+            e["tokens_out"].as_u64().unwrap(),
+        );
+        let cost = e["cost_usd"].as_f64().unwrap();
+        let uncached = agent::Price::flat(price.input_per_mtok, price.output_per_mtok).cost(
+            &agent::conversation::Usage {
+                input_tokens: input,
+                output_tokens: output,
+                ..Default::default()
+            },
+        );
+        eprintln!(
+            "{wire:?} experiment {}: {input} input tokens, {cached} from the cache, {output} output; ${cost:.4} (${uncached:.4} uncached)",
+            e["index"]
+        );
+        assert!(input >= 1000 && cost > 0.0, "{e}");
+        // Within an episode every call after the first reads what the one before sent.
         assert!(
-            e["tokens_in"].as_u64().unwrap() >= 1000 && e["cost_usd"].as_f64().unwrap() > 0.0,
-            "{e}"
+            cached > input / 2 && cost < uncached,
+            "the prompt cache was used: {e}"
         );
     }
-    assert!(stdout(&p.run(&["log"])).contains("spent $"));
+    let log = stdout(&p.run(&["log"]));
+    assert!(
+        log.contains("spent $") && log.contains("from the prompt cache"),
+        "{log}"
+    );
     (p, fake, out)
 }
 
@@ -246,7 +343,8 @@ fn passing_faults_and_bad_calls_do_not_stop_the_night_but_a_bad_key_does() {
                 "edit_train_file".into(),
                 "{\"old_text\": oops".into(),
             )]),
-            (1, 6) => Act::Call(vec![call("rm_rf", json!({"path": "/"}))]),
+            // No id given: the client makes one up, and the result still finds its call.
+            (1, 6) => Act::CallWithoutIds(vec![call("rm_rf", json!({"path": "/"}))]),
             (1, 7) => Act::Call(vec![call(
                 "edit_train_file",
                 json!({"old_text": "    device_batch_size: 9,", "new_text": "x"}),
@@ -263,19 +361,13 @@ fn passing_faults_and_bad_calls_do_not_stop_the_night_but_a_bad_key_does() {
             ]),
             (1, 9) => Act::Error(
                 400,
-                "This model's maximum context length is 8192 tokens".into(),
+                "the input length exceeds the context length".into(),
                 vec![],
             ),
-            (1, _) => Act::Call(vec![
-                call(
-                    "edit_train_file",
-                    json!({"old_text": ANCHOR, "new_text": FROZEN}),
-                ),
-                call(
-                    "run_experiment",
-                    json!({"description": "freeze", "rationale": "control"}),
-                ),
-            ]),
+            // A server that fails on this one request: the same 500 five times ends the
+            // episode, not the session.
+            (1, 10..=14) => Act::Error(500, "model runner crashed".into(), vec![]),
+            (1, _) => freeze_and_run(),
             // The key is echoed in the provider's error: it must not reach the user's terminal.
             _ => Act::Error(401, format!("invalid x-api-key {KEY}"), vec![]),
         }
@@ -294,6 +386,7 @@ fn passing_faults_and_bad_calls_do_not_stop_the_night_but_a_bad_key_does() {
         "{:?}",
         fake.violations.lock().unwrap()
     );
+    assert_bodies_conform(&fake);
     let experiments = check_consistent(&p, "f");
     assert_eq!(
         experiments.len(),
@@ -314,14 +407,24 @@ fn passing_faults_and_bad_calls_do_not_stop_the_night_but_a_bad_key_does() {
     assert!(!results.contains("root:x:0"), "nothing outside was read");
     // Retry-After (1 s) and the stall (cut at the 3 s request timeout) were waited out.
     assert!(started.elapsed() > Duration::from_secs(4));
-    // The context-length error was met by eliding old tool results and asking again.
+    // A context error that names no window (Ollama's wording) was met by eliding old tool
+    // results and asking again. (One that names it: the small-window test.)
     let requests = fake.requests();
-    assert!(requests.len() >= 11);
+    assert!(requests.len() >= 16);
     assert!(
         requests[9]
             .body
             .to_string()
             .contains("[elided to fit the context window]")
+    );
+    // The repeated 500 abandoned that episode; the next one was told why.
+    let next = seen(Wire::OpenAi, &requests[14].body);
+    assert_eq!(next.turns, 0, "a new episode after the repeated 500s");
+    assert!(
+        next.opening
+            .contains("answered 500: model runner crashed 5 times in a row"),
+        "{}",
+        next.opening
     );
 }
 
@@ -486,5 +589,90 @@ fn a_missing_key_names_the_variable_before_anything_starts() {
         stderr(&out).contains("ANTHROPIC_API_KEY is not set"),
         "{}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn a_small_window_a_cut_off_reply_and_idle_talk_still_end_in_an_experiment() {
+    // llama.cpp's server with a 16 k window, a model it does not know (no window, no price),
+    // strict about replayed arguments.
+    const WINDOW: usize = 16_384;
+    const TALK_END: &str = "END-OF-A-LONG-MONOLOGUE";
+    let p = project();
+    let options = Options {
+        context_window: Some(WINDOW),
+        simulate_cache: true,
+    };
+    let fake = FakeLlm::start_with(Wire::OpenAi, "sk-local", options, |seen: &Seen| {
+        match (experiment(seen), seen.turns) {
+            // The whole file rewritten: cut off at the output limit, arguments and all.
+            (1, 0) => Act::Truncated(
+                "Rewriting the file.".into(),
+                vec![call(
+                    "write_train_file",
+                    json!({"content": format!("// all new\n{}", "x".repeat(30_000))}),
+                )],
+            ),
+            // Talk, no tool call.
+            (1, 1) => Act::Say(format!("{}{TALK_END}", "I am thinking. ".repeat(2_500))),
+            // Reads that push the conversation past the window.
+            (1, 2) => Act::Call(vec![
+                call("read_file", json!({"path": "train/src/main.rs"})),
+                call("read_file", json!({"path": "program.md"})),
+            ]),
+            (1, _) => freeze_and_run(),
+            _ => Act::Error(500, "unscripted".into(), vec![]),
+        }
+    });
+    let out = session_of(&p, &fake, "local-model", "small", 2, "1");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{}\n{err}", stdout(&out));
+    assert!(
+        fake.violations.lock().unwrap().is_empty(),
+        "{:?}",
+        fake.violations.lock().unwrap()
+    );
+    assert_bodies_conform(&fake);
+    let experiments = check_consistent(&p, "small");
+    assert_eq!(experiments.len(), 2, "{experiments:?}");
+    // The cut-off write never ran: the experiment's change is the edit alone.
+    let diff = git(
+        &p.repo,
+        &["show", &experiments[1].0, "--", "train/src/main.rs"],
+    );
+    assert!(
+        diff.contains("matrix_lr: 0.0") && !diff.contains("all new"),
+        "{diff}"
+    );
+    let requests = fake.requests();
+    let bodies: Vec<String> = requests.iter().map(|r| r.body.to_string()).collect();
+    assert!(
+        bodies
+            .iter()
+            .any(|b| b.contains("cut off at the output limit")),
+        "the model was told its reply was cut"
+    );
+    // The talk went back trimmed, never whole.
+    assert!(bodies.iter().all(|b| !b.contains(TALK_END)));
+    // One request was refused; the window it named sized every later one, and the opening
+    // that followed asks the model to read the train file in pages.
+    let sizes: Vec<usize> = requests
+        .iter()
+        .map(|r| prompt_tokens(Wire::OpenAi, &r.body))
+        .collect();
+    let refused: Vec<usize> = (0..sizes.len()).filter(|&i| sizes[i] > WINDOW).collect();
+    assert_eq!(refused.len(), 1, "{sizes:?}");
+    assert!(err.contains("context window is 16384 tokens"), "{err}");
+    assert!(
+        bodies[refused[0] + 1].contains("read it with read_file in pages"),
+        "{}",
+        &bodies[refused[0] + 1][..2000]
+    );
+    // The paged read said where its page ended.
+    assert!(
+        bodies
+            .iter()
+            .any(|b| b.contains("call read_file with start_line")),
+        "no page note"
     );
 }

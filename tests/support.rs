@@ -348,3 +348,37 @@ pub fn descendants(pid: u32, name: &str) -> Vec<u32> {
     }
     found
 }
+
+/// Checks request bodies against the official SDK's request type (`tests/sdk_types.py`, strict
+/// about unknown keys and list items) with the Python in `AUTORESEARCH_SDK_PYTHON`, which has
+/// the `openai` and `anthropic` packages. Without it the check is skipped, with a note, unless
+/// `AUTORESEARCH_SDK_REQUIRED=1` (CI) makes that a failure.
+pub fn assert_conforms_to_sdk(provider: &str, bodies: &[Value]) {
+    let Some(python) = std::env::var_os("AUTORESEARCH_SDK_PYTHON") else {
+        assert!(
+            std::env::var("AUTORESEARCH_SDK_REQUIRED").as_deref() != Ok("1"),
+            "AUTORESEARCH_SDK_PYTHON is not set: point it at a Python with `pip install openai anthropic`"
+        );
+        eprintln!("skipped the SDK request-type check: AUTORESEARCH_SDK_PYTHON is not set");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let path = dir.path().join(format!("{provider}-{i}.json"));
+        std::fs::write(&path, body.to_string()).unwrap();
+        paths.push(path);
+    }
+    let out = Command::new(python)
+        .arg(workspace().join("tests/sdk_types.py"))
+        .arg(provider)
+        .args(&paths)
+        .output()
+        .expect("the SDK check runs");
+    assert!(
+        out.status.success(),
+        "request bodies that the {provider} SDK's types reject:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

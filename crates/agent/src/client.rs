@@ -17,6 +17,11 @@ pub struct RetryPolicy {
     pub max_attempts: Option<u32>,
     /// A request with no response in this time is dropped and retried.
     pub request_timeout: Duration,
+    /// The same server error (500, 502 or 504 with the same message) to the same request this
+    /// many times in a row ends the call: a server that cannot take this request (vLLM and
+    /// llama.cpp answer 500 to what they cannot parse) will not take it tomorrow either.
+    /// Overload (429, 503, 529) is waited out however long it lasts.
+    pub max_identical_errors: u32,
 }
 
 impl Default for RetryPolicy {
@@ -26,6 +31,7 @@ impl Default for RetryPolicy {
             max_delay: Duration::from_secs(300),
             max_attempts: None,
             request_timeout: Duration::from_secs(600),
+            max_identical_errors: 5,
         }
     }
 }
@@ -52,7 +58,6 @@ pub struct Client {
     pub model: String,
     base_url: String,
     key: String,
-    pub max_tokens: u32,
     pub retry: RetryPolicy,
 }
 
@@ -86,7 +91,6 @@ impl Client {
             model: model.to_string(),
             base_url: base_url.to_string(),
             key,
-            max_tokens: 8192,
             retry,
         })
     }
@@ -108,7 +112,7 @@ impl Client {
         stop: &dyn Fn() -> bool,
     ) -> Result<Reply, ApiError> {
         let url = self.provider.endpoint(&self.base_url);
-        let mut body = self.provider.body(&self.model, self.max_tokens, req);
+        let mut body = self.provider.body(&self.model, req);
         // OpenAI's own API wants the newer name (its reasoning models refuse `max_tokens`);
         // compatible servers know the older one.
         if self.provider == Provider::OpenAi
@@ -119,6 +123,8 @@ impl Client {
         }
         let mut unreadable = 0;
         let mut attempt: u32 = 0;
+        // The last server error and how many times in a row it came.
+        let mut repeated: (String, u32) = (String::new(), 0);
         loop {
             attempt += 1;
             // Ctrl-C must not wait for a slow model: poll the stop flag beside the request.
@@ -142,7 +148,22 @@ impl Client {
                     }
                     backoff(&self.retry, attempt)
                 }
-                Err(Attempt::Retry { why, after }) => {
+                Err(Attempt::Retry { why, after, status }) => {
+                    if matches!(status, Some(500 | 502 | 504)) {
+                        if repeated.0 == why {
+                            repeated.1 += 1;
+                        } else {
+                            repeated = (why.clone(), 1);
+                        }
+                        if repeated.1 >= self.retry.max_identical_errors {
+                            return Err(ApiError::Rejected(format!(
+                                "the server answered {why} {} times in a row to this request",
+                                repeated.1
+                            )));
+                        }
+                    } else {
+                        repeated = (String::new(), 0);
+                    }
                     if self.retry.max_attempts.is_some_and(|m| attempt >= m) {
                         return Err(ApiError::GaveUp(format!(
                             "{why} (after {attempt} attempts)"
@@ -190,7 +211,11 @@ impl Client {
                 } else {
                     "the connection failed".to_string()
                 };
-                return Err(Attempt::Retry { why, after: None });
+                return Err(Attempt::Retry {
+                    why,
+                    after: None,
+                    status: None,
+                });
             }
         };
         let status = response.status().as_u16();
@@ -207,6 +232,7 @@ impl Client {
                 return Err(Attempt::Retry {
                     why: "the response was cut off".into(),
                     after: None,
+                    status: None,
                 });
             }
         };
@@ -228,14 +254,15 @@ impl Client {
                 "model `{}` was not found at {url} (404: {detail}): check --model and --base-url",
                 self.model
             )))),
+            400 | 422 | 500 if is_context_error(&detail) => {
+                Err(Attempt::Fail(ApiError::ContextTooLong(detail)))
+            }
             408 | 409 | 425 | 429 | 500..=599 => Err(Attempt::Retry {
                 why: format!("{status}: {detail}"),
                 after: retry_after,
+                status: Some(status),
             }),
             413 => Err(Attempt::Fail(ApiError::ContextTooLong(detail))),
-            400 | 422 if is_context_error(&detail) => {
-                Err(Attempt::Fail(ApiError::ContextTooLong(detail)))
-            }
             _ => Err(Attempt::Fail(ApiError::Rejected(format!(
                 "{status}: {detail}"
             )))),
@@ -249,6 +276,7 @@ enum Attempt {
     Retry {
         why: String,
         after: Option<Duration>,
+        status: Option<u16>,
     },
     Fail(ApiError),
 }
@@ -284,6 +312,9 @@ fn error_message(body: &str) -> String {
     from_json.unwrap_or_else(|| body.chars().take(300).collect())
 }
 
+/// Whether a provider's error says the request does not fit the model's window: OpenAI's and
+/// vLLM's "maximum context length", Anthropic's "prompt is too long", llama.cpp's "exceeds the
+/// available context size", Ollama's "exceeds the context length".
 fn is_context_error(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     [
@@ -293,9 +324,53 @@ fn is_context_error(message: &str) -> bool {
         "too long",
         "too many tokens",
         "context window",
+        "context size",
+        "exceed_context",
+        "n_ctx",
     ]
     .iter()
     .any(|s| m.contains(s))
+}
+
+/// The model's window in tokens, where a context error names it.
+pub fn context_window_in(message: &str) -> Option<u64> {
+    let m = message.to_ascii_lowercase();
+    let number_after = |marker: &str| -> Option<u64> {
+        let rest = &m[m.find(marker)? + marker.len()..];
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == ',')
+            .filter(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok().filter(|&n| n > 0)
+    };
+    [
+        "available context size (",
+        "context size (",
+        "maximum context length is",
+        "context length is",
+        "context length of",
+        "context window of",
+        "context window is",
+        "n_ctx =",
+        "n_ctx:",
+    ]
+    .iter()
+    .find_map(|marker| number_after(marker))
+    .or_else(|| {
+        // Anthropic: "prompt is too long: 250000 tokens > 200000 maximum".
+        let before = &m[..m.find(" maximum")?];
+        let digits: String = before
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        digits.parse().ok()
+    })
 }
 
 #[cfg(test)]
@@ -327,6 +402,17 @@ mod tests {
             "prompt is too long: 250000 tokens > 200000 maximum"
         ));
         assert!(!is_context_error("invalid tool schema"));
+        let llama = "request (32826 tokens) exceeds the available context size (32768 tokens), try increasing it";
+        let vllm = "This model's maximum context length is 16384 tokens. However, you requested 17000 tokens (9000 in the messages, 8000 in the completion).";
+        let ollama = "the input length exceeds the context length";
+        let anthropic = "prompt is too long: 250000 tokens > 200000 maximum";
+        for m in [llama, vllm, ollama, anthropic] {
+            assert!(is_context_error(m), "{m}");
+        }
+        assert_eq!(context_window_in(llama), Some(32768));
+        assert_eq!(context_window_in(vllm), Some(16384));
+        assert_eq!(context_window_in(ollama), None);
+        assert_eq!(context_window_in(anthropic), Some(200_000));
         assert_eq!(
             error_message(r#"{"error":{"message":"bad key"}}"#),
             "bad key"

@@ -23,6 +23,13 @@ pub struct ToolCall {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message {
+    /// An episode's first message in two parts: `stable`, which stays byte-identical from one
+    /// episode to the next until the kept state changes (so providers can cache it), then
+    /// `fresh`, rebuilt every episode.
+    Opening {
+        stable: String,
+        fresh: String,
+    },
     User(String),
     Assistant {
         text: String,
@@ -37,7 +44,12 @@ pub enum Message {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Usage {
+    /// Every input token of the request, cached or not.
     pub input_tokens: u64,
+    /// Of those, read from the provider's prompt cache.
+    pub cache_read_tokens: u64,
+    /// Of those, written to the provider's prompt cache (Anthropic bills them extra).
+    pub cache_write_tokens: u64,
     pub output_tokens: u64,
 }
 
@@ -47,6 +59,9 @@ pub struct Reply {
     pub text: String,
     pub tool_calls: Vec<ToolCall>,
     pub usage: Usage,
+    /// The reply stopped at the output limit (`finish_reason: length`, `stop_reason:
+    /// max_tokens`): its last tool call's arguments are likely cut off.
+    pub truncated: bool,
 }
 
 /// Everything one request carries.
@@ -54,4 +69,6 @@ pub struct Request<'a> {
     pub system: &'a str,
     pub messages: &'a [Message],
     pub tools: &'a [ToolSpec],
+    /// The most output tokens the reply may have.
+    pub max_tokens: u32,
 }

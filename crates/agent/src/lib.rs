@@ -27,6 +27,11 @@ pub struct Limits {
     pub result_rows: usize,
     /// Characters of the notes in the context (the latest).
     pub notes_chars: usize,
+    /// Output tokens a reply may have.
+    pub max_output_tokens: u32,
+    /// The model's context window in tokens, where known (a flag, `autoresearch.toml`, the
+    /// model table, or learned from the server's error): no request of an episode outgrows it.
+    pub context_window: Option<u64>,
 }
 
 impl Default for Limits {
@@ -36,9 +41,22 @@ impl Default for Limits {
             tool_result_chars: 24_000,
             result_rows: 40,
             notes_chars: 6_000,
+            max_output_tokens: prices::DEFAULT_OUTPUT,
+            context_window: None,
         }
     }
 }
+
+/// The fewest output tokens a request asks for when the window is tight: room for an edit
+/// and a short rationale.
+const MIN_OUTPUT: u32 = 2_048;
+
+/// Characters per token until a reply's usage has measured it: code and English run ~3.5–4,
+/// so 3 errs on the side of a request that fits.
+const CHARS_PER_TOKEN: f64 = 3.0;
+
+/// A reply without tool calls keeps this many characters in the history.
+const TALK_KEPT: usize = 600;
 
 pub struct LlmAgent {
     client: Client,
@@ -47,6 +65,8 @@ pub struct LlmAgent {
     limits: Limits,
     runtime: tokio::runtime::Runtime,
     last_outcome: Option<String>,
+    /// Measured characters per token of this model's tokenizer (from the last reply's usage).
+    chars_per_token: f64,
 }
 
 impl LlmAgent {
@@ -67,6 +87,7 @@ impl LlmAgent {
             limits,
             runtime,
             last_outcome: None,
+            chars_per_token: CHARS_PER_TOKEN,
         })
     }
 
@@ -82,10 +103,23 @@ impl LlmAgent {
         )
     }
 
-    /// The episode's opening message, rebuilt from the session's state every time.
-    fn opening(&self, bench: &dyn Workbench) -> Result<String, ToolError> {
+    /// The episode's opening message, rebuilt from the session's state every time. The kept
+    /// train file comes first (the part providers can cache until an experiment is kept), then
+    /// what changes every episode. Where the window is too small for the file, the model is
+    /// told to read it in pages instead.
+    fn opening(
+        &self,
+        bench: &dyn Workbench,
+        room_chars: Option<usize>,
+    ) -> Result<Message, ToolError> {
         let info = bench.info();
-        let mut out = format!(
+        let train = bench.train_file()?;
+        let lines = train.lines().count();
+        let mut stable = format!(
+            "## train/src/main.rs (the kept state, {lines} lines)\n```rust\n{}\n```\n\n",
+            train.trim_end()
+        );
+        let mut fresh = format!(
             "Experiment #{} of session `{}` is next. Best val_bpb so far: {}.\n{}\n\n## Results so far\n",
             info.experiments,
             info.tag,
@@ -93,35 +127,68 @@ impl LlmAgent {
                 .map_or("none yet".into(), |v| format!("{v:.6}")),
             noise_line(&info)
         );
-        out += &results_table(&bench.results(), self.limits.result_rows);
+        fresh += &results_table(&bench.results(), self.limits.result_rows);
+        fresh += &bench.ideas();
         let notes = bench.notes();
         if !notes.trim().is_empty() {
             let skip = notes
                 .chars()
                 .count()
                 .saturating_sub(self.limits.notes_chars);
-            out += "\n## Your notes\n";
+            fresh += "\n## Your notes\n";
             if skip > 0 {
-                out += "[earlier notes cut]\n";
+                fresh += "[earlier notes cut]\n";
             }
-            out += &notes.chars().skip(skip).collect::<String>();
+            fresh += &notes.chars().skip(skip).collect::<String>();
         }
         if let Some(last) = &self.last_outcome {
-            out += &format!("\n## Last experiment\n{last}\n");
+            fresh += &format!("\n## Last experiment\n{last}\n");
         }
-        let train = bench.train_file()?;
-        out += &format!(
-            "\n## train/src/main.rs (the kept state, {} lines)\n```rust\n{}\n```\n\nMake one change and call {} with a one-line description and your rationale.",
-            train.lines().count(),
-            train.trim_end(),
+        if room_chars.is_some_and(|room| stable.len() + fresh.len() > room) {
+            stable = format!(
+                "## train/src/main.rs\nThe kept train file ({lines} lines, {} characters) does not fit this model's context window beside the rest: read it with {} in pages, then change it with {} (never {}: the whole file does not fit one reply).\n\n",
+                train.len(),
+                tools::READ_FILE,
+                tools::EDIT,
+                tools::WRITE
+            );
+        }
+        fresh += &format!(
+            "\nMake one change to train/src/main.rs and call {} with a one-line description and your rationale.",
             tools::RUN
         );
-        Ok(out)
+        Ok(Message::Opening { stable, fresh })
     }
 
     fn cost(&self, usage: &conversation::Usage) -> Option<f64> {
-        self.price
-            .map(|p| p.cost(usage.input_tokens, usage.output_tokens))
+        self.price.map(|p| p.cost(usage))
+    }
+
+    /// Characters the opening may take: 60 % of the window, less the system prompt and the
+    /// tools, so the episode has room to work. `None` when the window is not known.
+    fn opening_room(&self, fixed_chars: usize) -> Option<usize> {
+        let window = self.limits.context_window?;
+        let tokens = ((window as f64 * 0.95 * 0.6) as u64).saturating_sub(self.tokens(fixed_chars));
+        Some((tokens as f64 * self.chars_per_token) as usize)
+    }
+
+    /// Tokens a request of this many characters is likely to take.
+    fn tokens(&self, chars: usize) -> u64 {
+        (chars as f64 / self.chars_per_token).ceil() as u64
+    }
+
+    /// Output tokens to ask for, given what the prompt takes of the window; `None` when even
+    /// the smallest reply does not fit beside it.
+    fn output_room(&self, prompt_chars: usize) -> Option<u32> {
+        let Some(window) = self.limits.context_window else {
+            return Some(self.limits.max_output_tokens);
+        };
+        // 5 % for the chat template's own tokens and our estimate's error.
+        let free = (window as f64 * 0.95) as u64;
+        let room = free.saturating_sub(self.tokens(prompt_chars));
+        let want = u64::from(self.limits.max_output_tokens);
+        let floor = u64::from(MIN_OUTPUT).min(want);
+        (room >= floor).then(|| room.min(want) as u32)
     }
 }
 
@@ -188,24 +255,54 @@ impl Proposer for LlmAgent {
     fn episode(&mut self, bench: &mut dyn Workbench) -> Result<(), ProposerError> {
         let system = self.system(bench);
         let specs = tools::specs();
-        let mut messages = vec![Message::User(self.opening(bench)?)];
+        let fixed_chars = system.len() + serde_json::to_string(&specs).map_or(0, |s| s.len());
+        let mut messages = vec![self.opening(bench, self.opening_room(fixed_chars))?];
         let mut calls = 0usize;
         let mut shrinks = 0usize;
         loop {
             if bench.stop_requested() {
                 return Err(ToolError::Interrupted.into());
             }
+            // Within the window: old tool results are elided until the reply has room.
+            let max_tokens = loop {
+                let chars = fixed_chars + messages.iter().map(message_chars).sum::<usize>();
+                if let Some(n) = self.output_room(chars) {
+                    break Some((n, chars));
+                }
+                if !shrink(&mut messages) {
+                    break None;
+                }
+            };
+            let Some((max_tokens, prompt_chars)) = max_tokens else {
+                self.last_outcome = Some(format!(
+                    "the previous episode was abandoned: its context outgrew the model's window of {} tokens",
+                    self.limits.context_window.unwrap_or(0)
+                ));
+                return Ok(());
+            };
             let request = Request {
                 system: &system,
                 messages: &messages,
                 tools: &specs,
+                max_tokens,
             };
             let stop = || bench.stop_requested();
             let reply = match self.runtime.block_on(self.client.complete(&request, &stop)) {
                 Ok(reply) => reply,
                 Err(ApiError::ContextTooLong(why)) => {
                     shrinks += 1;
-                    if shrinks > 4 || !shrink(&mut messages) {
+                    // The server named its window: every later request is sized to it, and
+                    // the opening is rebuilt for it.
+                    let learned = client::context_window_in(&why)
+                        .filter(|&w| self.limits.context_window.is_none_or(|c| w < c));
+                    if let Some(window) = learned {
+                        tracing::warn!(
+                            "the model's context window is {window} tokens (from the server's error); requests are sized to it"
+                        );
+                        self.limits.context_window = Some(window);
+                        messages[0] = self.opening(bench, self.opening_room(fixed_chars))?;
+                    }
+                    if shrinks > 4 || (learned.is_none() && !shrink(&mut messages)) {
                         self.last_outcome = Some(format!(
                             "the previous episode was abandoned: its context grew too long ({why})"
                         ));
@@ -224,17 +321,62 @@ impl Proposer for LlmAgent {
                     return Ok(());
                 }
             };
+            if reply.usage.input_tokens > 0 {
+                // This model's tokenizer, measured, with 5 % to spare.
+                self.chars_per_token =
+                    (prompt_chars as f64 / reply.usage.input_tokens as f64 / 1.05).clamp(1.5, 6.0);
+            }
             bench.record_spend(Spend {
                 tokens_in: reply.usage.input_tokens,
                 tokens_out: reply.usage.output_tokens,
+                tokens_cached: reply.usage.cache_read_tokens,
                 cost_usd: self.cost(&reply.usage),
             });
+            if reply.truncated {
+                // A call cut off mid-arguments must not run (half a train file would be
+                // written): each gets an error, and the model is steered to small edits.
+                calls += 1;
+                let cut: Vec<_> = reply
+                    .tool_calls
+                    .iter()
+                    .map(|c| conversation::ToolCall {
+                        arguments: "{}".into(),
+                        ..c.clone()
+                    })
+                    .collect();
+                messages.push(Message::Assistant {
+                    text: trimmed(&reply.text),
+                    tool_calls: cut.clone(),
+                });
+                for c in &cut {
+                    messages.push(Message::ToolResult {
+                        id: c.id.clone(),
+                        content: format!(
+                            "not run: the reply stopped at the output limit ({max_tokens} tokens), so these arguments may be cut off"
+                        ),
+                        is_error: true,
+                    });
+                }
+                messages.push(Message::User(format!(
+                    "Your last reply was cut off at the output limit of {max_tokens} tokens{}. Do not write the whole train file: change it with {} (a few lines of old_text and new_text per call), and keep your text short.",
+                    if cut.is_empty() { "" } else { ", so its tool calls were not run" },
+                    tools::EDIT
+                )));
+                tracing::warn!(
+                    "a reply hit the output limit ({max_tokens} tokens); steering the model to edits"
+                );
+                if calls >= self.limits.tool_calls {
+                    break;
+                }
+                continue;
+            }
             let tool_calls = reply.tool_calls.clone();
-            messages.push(Message::Assistant {
-                text: reply.text,
-                tool_calls: tool_calls.clone(),
-            });
             if tool_calls.is_empty() {
+                // Talk without a tool call: keep its start, not all of it, in the history.
+                messages.push(Message::Assistant {
+                    text: trimmed(&reply.text),
+                    tool_calls: vec![],
+                });
                 calls += 1;
                 if calls >= self.limits.tool_calls {
                     break;
@@ -245,6 +387,10 @@ impl Proposer for LlmAgent {
                 )));
                 continue;
             }
+            messages.push(Message::Assistant {
+                text: reply.text,
+                tool_calls: tool_calls.clone(),
+            });
             let mut ran = false;
             for call in &tool_calls {
                 calls += 1;
@@ -290,9 +436,35 @@ impl Proposer for LlmAgent {
     }
 }
 
+/// What a message adds to a request, in characters (the wire format's own few aside).
+fn message_chars(m: &Message) -> usize {
+    match m {
+        Message::Opening { stable, fresh } => stable.len() + fresh.len(),
+        Message::User(t) => t.len(),
+        Message::Assistant { text, tool_calls } => {
+            text.len()
+                + tool_calls
+                    .iter()
+                    .map(|c| c.name.len() + c.arguments.len() + c.id.len() + 16)
+                    .sum::<usize>()
+        }
+        Message::ToolResult { content, id, .. } => content.len() + id.len() + 16,
+    }
+}
+
+/// The start of what a model wrote, for the history.
+fn trimmed(text: &str) -> String {
+    if text.chars().count() <= TALK_KEPT {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(TALK_KEPT).collect();
+    format!("{kept} [… trimmed]")
+}
+
 const ELIDED: &str = "[elided to fit the context window]";
 
-/// Frees room: elides the oldest tool results not yet elided. False when nothing is left to cut.
+/// Frees room: elides the oldest tool results not yet elided, else the arguments of the
+/// oldest long tool calls (a whole train file written). False when nothing is left to cut.
 fn shrink(messages: &mut [Message]) -> bool {
     let mut cut = 0;
     let candidates = messages.len().saturating_sub(2);
@@ -304,6 +476,16 @@ fn shrink(messages: &mut [Message]) -> bool {
             cut += 1;
             if cut >= 4 {
                 break;
+            }
+        }
+    }
+    if cut == 0 {
+        for m in messages.iter_mut().take(candidates) {
+            if let Message::Assistant { tool_calls, .. } = m {
+                for c in tool_calls.iter_mut().filter(|c| c.arguments.len() > 2_000) {
+                    c.arguments = "{}".into();
+                    cut += 1;
+                }
             }
         }
     }
@@ -365,6 +547,54 @@ mod tests {
             matches!(&msgs[1], Message::ToolResult { content, .. } if content.starts_with("[elided"))
         );
         assert!(matches!(&msgs[3], Message::ToolResult { content, .. } if *content == long));
+    }
+
+    #[test]
+    fn a_long_file_is_read_in_pages_of_whole_lines_that_say_where_the_next_starts() {
+        let text: String = (1..=100).map(|i| format!("line {i:03}\n")).collect();
+        // 9 characters a line: 50 fit in 450.
+        let first = tools::page("f.rs", &text, None, None, 450);
+        assert!(first.starts_with("f.rs, lines 1..=50 of 100\n"), "{first}");
+        assert!(first.contains("line 050\n") && !first.contains("line 051"));
+        assert!(first.ends_with("call read_file with start_line 51 for the next page]"));
+        let last = tools::page("f.rs", &text, Some(51), None, 450);
+        assert!(last.starts_with("f.rs, lines 51..=100 of 100\n") && !last.contains("next page"));
+        assert!(tools::page("f.rs", &text, None, None, 10_000).starts_with("f.rs (100 lines)\n"));
+        let range = tools::page("f.rs", &text, Some(10), Some(12), 450);
+        assert!(
+            range.contains("line 012\n")
+                && !range.contains("line 013")
+                && !range.contains("next page"),
+            "{range}"
+        );
+        assert!(tools::page("f.rs", &text, Some(200), None, 450).contains("has 100 lines"));
+    }
+
+    #[test]
+    fn shrinking_cuts_long_written_files_once_no_tool_result_is_left() {
+        let mut msgs = vec![
+            Message::User("opening".into()),
+            Message::Assistant {
+                text: String::new(),
+                tool_calls: vec![conversation::ToolCall {
+                    id: "w".into(),
+                    name: tools::WRITE.into(),
+                    arguments: format!("{{\"content\": \"{}\"}}", "x".repeat(5_000)),
+                }],
+            },
+            Message::ToolResult {
+                id: "w".into(),
+                content: ELIDED.into(),
+                is_error: false,
+            },
+            Message::User("go on".into()),
+            Message::User("go on".into()),
+        ];
+        assert!(shrink(&mut msgs));
+        assert!(
+            matches!(&msgs[1], Message::Assistant { tool_calls, .. } if tool_calls[0].arguments == "{}")
+        );
+        assert!(!shrink(&mut msgs), "nothing left to cut");
     }
 
     #[test]

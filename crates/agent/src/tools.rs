@@ -20,7 +20,7 @@ pub fn specs() -> Vec<ToolSpec> {
     vec![
         ToolSpec {
             name: READ_FILE,
-            description: "Read a file of the repository (e.g. prepare/src/eval.rs), optionally only lines start_line..=end_line (1-based). Not .git/, target/ or runs/.",
+            description: "Read a file of the repository (e.g. prepare/src/eval.rs), optionally only lines start_line..=end_line (1-based). A long file comes in pages of whole lines; the result says which lines it holds and where the next page starts. Not .git/, target/ or runs/.",
             parameters: obj(
                 json!({
                     "path": {"type": "string", "description": "relative to the repository root"},
@@ -150,15 +150,18 @@ pub fn dispatch(
         Ok(match call.name.as_str() {
             READ_FILE => {
                 let path = text("path")?;
-                let start = args.get("start_line").and_then(Value::as_u64);
-                let end = args.get("end_line").and_then(Value::as_u64);
-                let lines = match (start, end) {
-                    (None, None) => None,
-                    (s, e) => Some((s.unwrap_or(1) as usize, e.unwrap_or(u64::MAX / 2) as usize)),
+                let line = |key: &str| match args.get(key) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => v
+                        .as_u64()
+                        .filter(|&n| n >= 1)
+                        .map(|n| Some(n as usize))
+                        .ok_or_else(|| format!("{key} must be a line number, 1 or more")),
                 };
+                let (start, end) = (line("start_line")?, line("end_line")?);
                 bench
-                    .read_file(&path, lines)
-                    .map(|t| Outcome::ok(truncate(&t, limit)))
+                    .read_file(&path, None)
+                    .map(|t| Outcome::ok(page(&path, &t, start, end, limit)))
             }
             EDIT => bench
                 .edit_train_file(&text("old_text")?, &text("new_text")?)
@@ -211,6 +214,58 @@ pub fn dispatch(
         Ok(Err(e @ (ToolError::Fatal(_) | ToolError::Interrupted))) => Err(e),
         Ok(Err(e)) => Ok(Outcome::err(e.to_string())),
     }
+}
+
+/// Lines `start..=end` of `text` (1-based; the whole file by default), as many whole lines as
+/// fit in `limit` characters, under a header that says which lines these are and, when lines
+/// are left, where the next page starts. Nothing is dropped without saying so.
+pub fn page(
+    path: &str,
+    text: &str,
+    start: Option<usize>,
+    end: Option<usize>,
+    limit: usize,
+) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let total = lines.len();
+    let first = start.unwrap_or(1);
+    let last = end.unwrap_or(total).min(total);
+    if first > total || first > last {
+        return format!(
+            "{path} has {total} lines: lines {first}..={} hold nothing",
+            end.map_or("end".into(), |e| e.to_string())
+        );
+    }
+    let mut body = String::new();
+    let mut shown = first - 1;
+    for (i, l) in lines[first - 1..last].iter().enumerate() {
+        // A single line longer than the page is cut, and says so.
+        if body.len() + l.len() + 1 > limit {
+            if i == 0 {
+                body = truncate(l, limit);
+                body.push('\n');
+                shown += 1;
+            }
+            break;
+        }
+        body.push_str(l);
+        body.push('\n');
+        shown += 1;
+    }
+    let whole = first == 1 && shown == total;
+    let mut out = if whole {
+        format!("{path} ({total} lines)\n")
+    } else {
+        format!("{path}, lines {first}..={shown} of {total}\n")
+    };
+    out += &body;
+    if shown < last {
+        out += &format!(
+            "[page ends at line {shown}: call read_file with start_line {} for the next page]",
+            shown + 1
+        );
+    }
+    out
 }
 
 /// At most `limit` characters, with a note saying what was cut.

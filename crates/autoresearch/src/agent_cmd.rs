@@ -24,6 +24,14 @@ pub struct LlmArgs {
     /// Stop starting experiments once the model calls have cost this much (USD).
     #[arg(long)]
     pub max_cost: Option<f64>,
+    /// Output tokens a reply may have [default: the model's own limit up to 32,000 for known
+    /// models, else 16,384].
+    #[arg(long)]
+    pub max_output_tokens: Option<u32>,
+    /// The model's context window in tokens (a local server's `--ctx-size`), so no request
+    /// outgrows it [default: known models' own; else learned from the server's first refusal].
+    #[arg(long)]
+    pub context_window: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -36,6 +44,8 @@ pub struct AgentConfig {
     pub max_tool_calls: Option<usize>,
     /// Rows of the results table in each episode's context.
     pub context_results: Option<usize>,
+    pub max_output_tokens: Option<u32>,
+    pub context_window: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +55,10 @@ pub struct PriceConfig {
     pub input: f64,
     /// USD per million output tokens.
     pub output: f64,
+    /// USD per million input tokens read from the prompt cache [default: `input`].
+    pub cached_input: Option<f64>,
+    /// USD per million input tokens written to the prompt cache [default: `input`].
+    pub cache_write: Option<f64>,
 }
 
 /// `autoresearch.toml`: `[agent]` settings and `[prices."model"]` overrides.
@@ -127,8 +141,9 @@ pub fn build(args: &LlmArgs, config: &Config, repo: &Path) -> Result<agent::LlmA
         .prices
         .get(&model)
         .map(|p| agent::Price {
-            input_per_mtok: p.input,
-            output_per_mtok: p.output,
+            cache_read_per_mtok: p.cached_input.unwrap_or(p.input),
+            cache_write_per_mtok: p.cache_write.unwrap_or(p.input),
+            ..agent::Price::flat(p.input, p.output)
         })
         .or_else(|| agent::prices::lookup(&model));
     if price.is_none() {
@@ -143,6 +158,22 @@ pub fn build(args: &LlmArgs, config: &Config, repo: &Path) -> Result<agent::LlmA
     if let Some(n) = config.agent.context_results {
         limits.result_rows = n;
     }
+    let known = agent::prices::model_info(&model);
+    limits.max_output_tokens = args
+        .max_output_tokens
+        .or(config.agent.max_output_tokens)
+        .or(known.map(|m| m.max_output_tokens))
+        .unwrap_or(agent::prices::DEFAULT_OUTPUT);
+    if limits.max_output_tokens < 1024 {
+        bail!(
+            "--max-output-tokens {} leaves no room for an edit: give 1024 or more",
+            limits.max_output_tokens
+        );
+    }
+    limits.context_window = args
+        .context_window
+        .or(config.agent.context_window)
+        .or(known.map(|m| m.context_window));
     let client = agent::Client::new(provider, &model, &base_url, key, retry_policy())?;
     Ok(agent::LlmAgent::new(client, program, price, limits)?)
 }

@@ -85,6 +85,9 @@ pub fn log(args: LogArgs) -> Result<()> {
                     "best_val_bpb": best.and_then(Record::val_bpb),
                     "best_hash": best.map(|r| r.begin.hash.clone()),
                     "cost_usd": cost(&s),
+                    "tokens_in": tokens(&s, |f| f.tokens_in),
+                    "tokens_cached": tokens(&s, |f| f.tokens_cached),
+                    "tokens_out": tokens(&s, |f| f.tokens_out),
                 },
                 "noise": s.noise().map(|n| json!({"sigma": n.sigma, "dof": n.dof})),
             }))?
@@ -105,6 +108,16 @@ fn cost(s: &Session) -> Option<f64> {
         .filter_map(|r| r.end.as_ref()?.finish.cost_usd)
         .collect();
     (!costs.is_empty()).then(|| costs.iter().sum())
+}
+
+/// A token count summed over the session's experiments (`None` when none recorded one).
+fn tokens(s: &Session, field: impl Fn(&ledger::journal::Finish) -> Option<u64>) -> Option<u64> {
+    let counts: Vec<u64> = s
+        .records
+        .iter()
+        .filter_map(|r| field(&r.end.as_ref()?.finish))
+        .collect();
+    (!counts.is_empty()).then(|| counts.iter().sum())
 }
 
 /// The kept chain and the session's totals, as a table.
@@ -166,6 +179,14 @@ pub fn print_log(repo: &Path, tag: &str) -> Result<()> {
     }
     if let Some(c) = cost(&s) {
         line += &format!("; spent ${c:.2}");
+    }
+    if let Some(input) = tokens(&s, |f| f.tokens_in).filter(|&n| n > 0) {
+        let cached = tokens(&s, |f| f.tokens_cached).unwrap_or(0);
+        line += &format!(
+            " ({input} input tokens, {:.0}% from the prompt cache; {} output)",
+            100.0 * cached as f64 / input as f64,
+            tokens(&s, |f| f.tokens_out).unwrap_or(0)
+        );
     }
     if s.pending().is_some() {
         line += "; one experiment was interrupted (`autoresearch run --resume` re-runs it)";

@@ -58,6 +58,9 @@ pub struct Finish {
     /// The proposer's spend on this experiment (LLM agents only).
     pub tokens_in: Option<u64>,
     pub tokens_out: Option<u64>,
+    /// Of `tokens_in`, read from the provider's prompt cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_cached: Option<u64>,
     pub cost_usd: Option<f64>,
 }
 

@@ -521,6 +521,11 @@ impl Ledger {
         file_at(&self.repo, hash, TRAIN_FILE)
     }
 
+    /// The train file as committed at a commit named by its full hash.
+    pub fn train_file_of(&self, hash: &str) -> Result<Vec<u8>, LedgerError> {
+        self.train_file_at(Oid::from_str(hash)?)
+    }
+
     /// The experiment whose train file is exactly `content`, if one was run in this session.
     pub fn tried(&self, content: &[u8]) -> Result<Option<&Record>, LedgerError> {
         let blob = Oid::hash_object(git2::ObjectType::Blob, content)?;

@@ -48,6 +48,34 @@ impl<'a> Bench<'a> {
     fn notes_path(&self) -> std::path::PathBuf {
         self.ledger.dir().join("notes.md")
     }
+
+    /// Every finished experiment after the baseline, with what its diff changed.
+    fn ideas_tried(&self) -> Result<Vec<crate::ideas::Idea>, ToolError> {
+        let file = |hash: &str| -> Result<String, ToolError> {
+            let bytes = self.ledger.train_file_of(hash).map_err(fatal)?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        };
+        let mut ideas = Vec::new();
+        for r in &self.ledger.session().records {
+            let Some(end) = &r.end else { continue };
+            if r.begin.index == 0 {
+                continue;
+            }
+            ideas.push(crate::ideas::Idea {
+                index: r.begin.index,
+                hash: r.short().to_string(),
+                description: r.begin.description.clone(),
+                settings: crate::ideas::setting_changes(
+                    &file(&r.begin.parent)?,
+                    &file(&r.begin.hash)?,
+                ),
+                val_bpb: r.val_bpb(),
+                status: end.status.as_str().to_string(),
+                gain_sigma: end.judgement.as_ref().and_then(|j| j.gain_sigma),
+            });
+        }
+        Ok(ideas)
+    }
 }
 
 fn fatal(e: impl std::fmt::Display) -> ToolError {
@@ -168,6 +196,29 @@ impl Workbench for Bench<'_> {
                 outcome: r.status().map_or("in flight", |s| s.as_str()).to_string(),
             });
         }
+        // The same values set again, on whatever base, is the same idea.
+        let kept = self
+            .ledger
+            .train_file_at(self.ledger.tip().map_err(fatal)?)
+            .map_err(fatal)?;
+        if let Some(changes) = crate::ideas::setting_changes(
+            &String::from_utf8_lossy(&kept),
+            &String::from_utf8_lossy(&content),
+        ) && let Some(earlier) = self
+            .ideas_tried()?
+            .into_iter()
+            .find(|i| i.settings.as_ref() == Some(&changes))
+        {
+            let settings: Vec<String> = changes.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            return Err(ToolError::SettingsTried {
+                settings: settings.join(", "),
+                hash: earlier.hash,
+                outcome: match earlier.val_bpb {
+                    Some(v) => format!("val_bpb {v:.6}, {}", earlier.status),
+                    None => earlier.status,
+                },
+            });
+        }
         if runner::interrupted() {
             return Err(ToolError::Interrupted);
         }
@@ -268,6 +319,12 @@ impl Workbench for Bench<'_> {
 
     fn notes(&self) -> String {
         std::fs::read_to_string(self.notes_path()).unwrap_or_default()
+    }
+
+    fn ideas(&self) -> String {
+        self.ideas_tried()
+            .map(|ideas| crate::ideas::render(&ideas))
+            .unwrap_or_default()
     }
 
     fn record_spend(&mut self, spend: Spend) {

@@ -3,6 +3,7 @@
 //! builds and runs, the keep rule decides, and the ledger records and moves git.
 
 mod bench;
+pub mod ideas;
 mod paths;
 mod replay;
 
@@ -389,6 +390,7 @@ fn charge(finish: &mut Finish, spend: Spend) {
     if spend != Spend::default() {
         finish.tokens_in = Some(spend.tokens_in);
         finish.tokens_out = Some(spend.tokens_out);
+        finish.tokens_cached = Some(spend.tokens_cached);
         finish.cost_usd = spend.cost_usd;
     }
 }

@@ -80,8 +80,11 @@ pub struct ExperimentReport {
 /// What a proposer spent on model calls.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Spend {
+    /// Every input token, cached or not.
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// Of `tokens_in`, read from the provider's prompt cache.
+    pub tokens_cached: u64,
     /// `None` when the model's price is unknown.
     pub cost_usd: Option<f64>,
 }
@@ -90,6 +93,7 @@ impl Spend {
     pub fn add(&mut self, other: Spend) {
         self.tokens_in += other.tokens_in;
         self.tokens_out += other.tokens_out;
+        self.tokens_cached += other.tokens_cached;
         self.cost_usd = match (self.cost_usd, other.cost_usd) {
             (None, None) => None,
             (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
@@ -111,6 +115,14 @@ pub enum ToolError {
         "this exact train file was already run as experiment {hash} ({outcome}): change something else"
     )]
     AlreadyTried { hash: String, outcome: String },
+    #[error(
+        "{settings} was already tried as experiment {hash} ({outcome}): try other values or another idea"
+    )]
+    SettingsTried {
+        settings: String,
+        hash: String,
+        outcome: String,
+    },
     #[error("this episode's experiment has already run; end the episode")]
     AlreadyRan,
     #[error("interrupted")]
@@ -147,6 +159,11 @@ pub trait Workbench {
     fn append_notes(&mut self, text: &str) -> Result<(), ToolError>;
     /// The session's notes so far.
     fn notes(&self) -> String;
+    /// The ledger of ideas tried (settings by name and the values tried, other changes by
+    /// description), bounded in size; empty where the workbench keeps none.
+    fn ideas(&self) -> String {
+        String::new()
+    }
     /// Adds to what the proposer has spent; recorded with this episode's experiment.
     fn record_spend(&mut self, spend: Spend);
     /// Whether the user asked the session to stop (Ctrl-C): a proposer waiting on something

@@ -3,9 +3,10 @@
 //! It reads the preset's hyperparameter block (`const TINY: Hyper = Hyper { … }` for preset
 //! `tiny`, fields inherited through `..H100` included) and the scalar constants at the top
 //! level, and proposes, in a fixed order, one step of one constant from the kept state:
-//! multiplicative for rates and ratios, ±1 for small counts, ×2 or ÷2 for sizes. Steps whose file
-//! state was already run are skipped, so the sweep needs no memory of its own: after a keep it
-//! starts over from the new state (a greedy coordinate search), and it resumes by itself.
+//! multiplicative for rates and ratios, ±1 for small counts, ×2 or ÷2 for sizes. Steps the
+//! workbench refuses as already tried (the same file, or the same value of the same constant)
+//! are skipped, so the sweep needs no memory of its own: after a keep it starts over from the
+//! new state (a greedy coordinate search over values not yet tried), and it resumes by itself.
 
 use crate::{Proposer, ProposerError, ToolError, Workbench};
 
@@ -57,7 +58,7 @@ impl Proposer for Sweep {
                 "sweep: one constant at a time, one step from the kept state",
             ) {
                 Ok(_) => return Ok(()),
-                Err(ToolError::AlreadyTried { .. }) => continue,
+                Err(ToolError::AlreadyTried { .. } | ToolError::SettingsTried { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
