@@ -597,6 +597,130 @@ mod tests {
         assert!(!shrink(&mut msgs), "nothing left to cut");
     }
 
+    /// A session of `n` experiments as the opening reads it: results, ideas, long notes.
+    struct Synthetic {
+        n: usize,
+    }
+
+    impl Workbench for Synthetic {
+        fn info(&self) -> workbench::SessionInfo {
+            workbench::SessionInfo {
+                tag: "night".into(),
+                preset: "h100".into(),
+                device: "cuda".into(),
+                budget_s: 300.0,
+                experiments: self.n,
+                best_val_bpb: Some(0.97),
+                noise_sigma: Some(0.002),
+                noise_samples: 12,
+                keep_rule: "noise-aware".into(),
+            }
+        }
+        fn train_file(&self) -> Result<String, ToolError> {
+            Ok(include_str!("../../../train/src/main.rs").into())
+        }
+        fn results(&self) -> Vec<ResultLine> {
+            (0..self.n)
+                .map(|i| line(i, if i % 9 == 0 { "keep" } else { "discard" }, 0.98))
+                .collect()
+        }
+        fn ideas(&self) -> String {
+            // Settings over the h100 block's 15 fields and 6 constants; every third a rewrite.
+            let names: Vec<String> = (0..21).map(|k| format!("H100.setting_{k}")).collect();
+            let ideas: Vec<workbench::ideas::Idea> = (1..self.n)
+                .map(|i| workbench::ideas::Idea {
+                    index: i,
+                    hash: format!("{i:07x}"),
+                    description: format!(
+                        "restructure the attention block, variant {i}, with a longer description"
+                    ),
+                    settings: (i % 3 != 0).then(|| {
+                        workbench::ideas::Settings::from([(
+                            names[i % 21].clone(),
+                            format!("0.{i:04}"),
+                        )])
+                    }),
+                    val_bpb: Some(0.98),
+                    status: "discard".into(),
+                    gain_sigma: Some(-0.5),
+                })
+                .collect();
+            workbench::ideas::render(&ideas)
+        }
+        fn notes(&self) -> String {
+            "a note about what was learned so far. ".repeat(40 * self.n)
+        }
+        fn read_file(&self, _: &str, _: Option<(usize, usize)>) -> Result<String, ToolError> {
+            Err(ToolError::Invalid("not part of this measurement".into()))
+        }
+        fn edit_train_file(&mut self, _: &str, _: &str) -> Result<(), ToolError> {
+            Err(ToolError::Invalid("not part of this measurement".into()))
+        }
+        fn write_train_file(&mut self, _: &str) -> Result<(), ToolError> {
+            Err(ToolError::Invalid("not part of this measurement".into()))
+        }
+        fn check(&mut self) -> Result<workbench::CheckReport, ToolError> {
+            Err(ToolError::Invalid("not part of this measurement".into()))
+        }
+        fn run_experiment(
+            &mut self,
+            _: &str,
+            _: &str,
+        ) -> Result<workbench::ExperimentReport, ToolError> {
+            Err(ToolError::Invalid("not part of this measurement".into()))
+        }
+        fn show(&self, _: &str) -> Result<String, ToolError> {
+            Err(ToolError::Invalid("not part of this measurement".into()))
+        }
+        fn append_notes(&mut self, _: &str) -> Result<(), ToolError> {
+            Err(ToolError::Invalid("not part of this measurement".into()))
+        }
+        fn record_spend(&mut self, _: Spend) {}
+        fn stop_requested(&self) -> bool {
+            false
+        }
+    }
+
+    /// What an episode opens with beside the train file, at any session length.
+    const FRESH_BUDGET: usize = 30_000;
+
+    #[test]
+    fn the_opening_stays_under_its_budget_at_10_100_and_500_experiments() {
+        let client = Client::new(
+            Provider::OpenAi,
+            "m",
+            "http://127.0.0.1:9",
+            String::new(),
+            RetryPolicy::default(),
+        )
+        .unwrap();
+        let agent = LlmAgent::new(client, "program".into(), None, Limits::default()).unwrap();
+        let mut sizes = Vec::new();
+        for n in [10, 100, 500] {
+            let Message::Opening { stable, fresh } = agent.opening(&Synthetic { n }, None).unwrap()
+            else {
+                panic!("an opening");
+            };
+            assert!(stable.contains("fn main()"));
+            assert!(
+                fresh.contains("## Ideas tried so far") && fresh.contains("[earlier notes cut]")
+            );
+            sizes.push((n, stable.len(), fresh.len()));
+        }
+        eprintln!("opening at (experiments, train file chars, rest chars): {sizes:?}");
+        assert!(
+            sizes.iter().all(|&(_, _, fresh)| fresh < FRESH_BUDGET),
+            "{sizes:?}"
+        );
+        // A small window: the file is not inlined, and the opening fits what it was given.
+        let Message::Opening { stable, fresh } =
+            agent.opening(&Synthetic { n: 500 }, Some(25_000)).unwrap()
+        else {
+            panic!("an opening");
+        };
+        assert!(stable.contains("in pages") && stable.len() + fresh.len() < 40_000);
+    }
+
     #[test]
     fn long_tool_results_say_they_were_cut() {
         let t = tools::truncate(&"a".repeat(100), 10);

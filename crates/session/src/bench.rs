@@ -50,7 +50,7 @@ impl<'a> Bench<'a> {
     }
 
     /// Every finished experiment after the baseline, with what its diff changed.
-    fn ideas_tried(&self) -> Result<Vec<crate::ideas::Idea>, ToolError> {
+    fn ideas_tried(&self) -> Result<Vec<workbench::ideas::Idea>, ToolError> {
         let file = |hash: &str| -> Result<String, ToolError> {
             let bytes = self.ledger.train_file_of(hash).map_err(fatal)?;
             Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -61,11 +61,11 @@ impl<'a> Bench<'a> {
             if r.begin.index == 0 {
                 continue;
             }
-            ideas.push(crate::ideas::Idea {
+            ideas.push(workbench::ideas::Idea {
                 index: r.begin.index,
                 hash: r.short().to_string(),
                 description: r.begin.description.clone(),
-                settings: crate::ideas::setting_changes(
+                settings: workbench::ideas::setting_changes(
                     &file(&r.begin.parent)?,
                     &file(&r.begin.hash)?,
                 ),
@@ -201,7 +201,7 @@ impl Workbench for Bench<'_> {
             .ledger
             .train_file_at(self.ledger.tip().map_err(fatal)?)
             .map_err(fatal)?;
-        if let Some(changes) = crate::ideas::setting_changes(
+        if let Some(changes) = workbench::ideas::setting_changes(
             &String::from_utf8_lossy(&kept),
             &String::from_utf8_lossy(&content),
         ) && let Some(earlier) = self
@@ -323,7 +323,7 @@ impl Workbench for Bench<'_> {
 
     fn ideas(&self) -> String {
         self.ideas_tried()
-            .map(|ideas| crate::ideas::render(&ideas))
+            .map(|ideas| workbench::ideas::render(&ideas))
             .unwrap_or_default()
     }
 

@@ -3,7 +3,6 @@
 //! builds and runs, the keep rule decides, and the ledger records and moves git.
 
 mod bench;
-pub mod ideas;
 mod paths;
 mod replay;
 

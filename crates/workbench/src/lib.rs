@@ -6,6 +6,7 @@
 //! [`Proposer::episode`] proposes and runs exactly one experiment; the harness, not the
 //! proposer, decides whether it is kept.
 
+pub mod ideas;
 pub mod sweep;
 
 use serde::Serialize;
