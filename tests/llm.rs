@@ -14,8 +14,8 @@ use autoresearch_tests::{
 };
 use serde_json::json;
 
-const ANCHOR: &str = "    device_batch_size: 8,\n    ..H100";
-const FROZEN: &str = "    device_batch_size: 8,\n    embedding_lr: 0.0,\n    unembedding_lr: 0.0,\n    matrix_lr: 0.0,\n    scalar_lr: 0.0,\n    ..H100";
+const ANCHOR: &str = "    device_batch_size: 2,\n    ..H100";
+const FROZEN: &str = "    device_batch_size: 2,\n    embedding_lr: 0.0,\n    unembedding_lr: 0.0,\n    matrix_lr: 0.0,\n    scalar_lr: 0.0,\n    ..H100";
 const MAIN: &str = "fn main() -> Result<()> {\n";
 
 fn session(p: &Project, fake: &FakeLlm, tag: &str, max: usize, budget: &str) -> Output {
@@ -398,7 +398,7 @@ fn passing_faults_and_bad_calls_do_not_stop_the_night_but_a_bad_key_does() {
         "not a JSON object",
         "there is no tool `rm_rf`",
         "the old text was not found",
-        "device_batch_size: 8",
+        "device_batch_size: 2",
         "only train/src/main.rs can be changed",
     ] {
         assert!(results.contains(expected), "no `{expected}` in:\n{results}");

@@ -77,6 +77,11 @@ pub fn git(repo: &Path, args: &[&str]) -> String {
 /// A fresh git repository holding the project as it is in this checkout (committed or not),
 /// in one commit: the scenario a user starts a session from.
 pub fn project_copy(dest: &Path) {
+    copy_and_commit(dest, |_| {});
+}
+
+/// `project_copy`, with `edit` applied to the copy before its commit.
+fn copy_and_commit(dest: &Path, edit: impl FnOnce(&Path)) {
     let listed = Command::new("git")
         .args([
             "ls-files",
@@ -98,6 +103,7 @@ pub fn project_copy(dest: &Path) {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(&from, &to).unwrap();
     }
+    edit(dest);
     git(dest, &["init", "-q", "-b", "main"]);
     git(dest, &["add", "-A"]);
     git(dest, &["commit", "-q", "-m", "project"]);
@@ -113,14 +119,33 @@ pub struct Project {
     pub cache: PathBuf,
 }
 
-/// A copy of the project with the builtin tiny data prepared beside it.
+/// The train file's tiny batch per step, and a quarter of it. Sessions here test the loop, not
+/// learning: a quarter makes the untimed warm-up steps of every run a quarter as long, and a
+/// step stays well inside the room the harness allows past the budget on a slow machine.
+const TINY_BATCH: &str = "    total_batch_size: 8 * 256,\n    device_batch_size: 8,";
+const QUICK_BATCH: &str = "    total_batch_size: 2 * 256,\n    device_batch_size: 2,";
+
+/// A copy of the project with the builtin tiny data prepared beside it; its train file takes a
+/// quarter of the tiny batch per step (`QUICK_BATCH`).
 pub fn project() -> Project {
+    project_from(|repo| {
+        let train = repo.join("train/src/main.rs");
+        let source = std::fs::read_to_string(&train).unwrap();
+        assert!(
+            source.contains(TINY_BATCH),
+            "the train file's tiny batch is no longer `{TINY_BATCH}`"
+        );
+        std::fs::write(&train, source.replace(TINY_BATCH, QUICK_BATCH)).unwrap();
+    })
+}
+
+fn project_from(edit: impl FnOnce(&Path)) -> Project {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
     let cache = dir.path().join("cache");
-    project_copy(&repo);
+    copy_and_commit(&repo, edit);
     let p = Project {
         _turn: turn,
         _dir: dir,

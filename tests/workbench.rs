@@ -12,8 +12,8 @@ use workbench::{Proposer, ProposerError, ToolError, Workbench};
 /// experiment is surely worse than the baseline.
 struct FreezeRates;
 
-const ANCHOR: &str = "    device_batch_size: 8,\n    ..H100";
-const FROZEN: &str = "    device_batch_size: 8,\n    embedding_lr: 0.0,\n    unembedding_lr: 0.0,\n    matrix_lr: 0.0,\n    scalar_lr: 0.0,\n    ..H100";
+const ANCHOR: &str = "    device_batch_size: 2,\n    ..H100";
+const FROZEN: &str = "    device_batch_size: 2,\n    embedding_lr: 0.0,\n    unembedding_lr: 0.0,\n    matrix_lr: 0.0,\n    scalar_lr: 0.0,\n    ..H100";
 
 impl Proposer for FreezeRates {
     fn name(&self) -> String {
@@ -42,7 +42,7 @@ impl Proposer for FreezeRates {
         let e = bench
             .edit_train_file("    device_batch_size: 9,", "x")
             .unwrap_err();
-        assert!(e.to_string().contains("device_batch_size: 8"), "{e}");
+        assert!(e.to_string().contains("device_batch_size: 2"), "{e}");
         // One that matches several times asks for more context.
         let e = bench.edit_train_file("const", "x").unwrap_err();
         assert!(e.to_string().contains("times"), "{e}");
