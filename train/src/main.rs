@@ -628,14 +628,19 @@ fn forward_backward(
         .map(|(_, v, _)| v.clone())
         .collect();
     let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
-    let mut total = 0f32;
+    // Summed on the device: one host synchronisation per step, not one per micro-batch.
+    let mut total: Option<Tensor> = None;
     for _ in 0..accum {
         let (x, y) = batches()?;
         watch.lap("data")?;
         let loss = (model.loss(&x, &y)? / accum as f64)?;
         watch.lap("forward")?;
         let store = loss.backward()?;
-        total += loss.to_scalar::<f32>()?;
+        let loss = loss.detach();
+        total = Some(match total.take() {
+            Some(t) => (t + loss)?,
+            None => loss,
+        });
         for (sum, var) in sums.iter_mut().zip(&params) {
             let g = match store.get(var.as_tensor()) {
                 Some(g) => g.clone(),
@@ -653,6 +658,7 @@ fn forward_backward(
         .zip(sums)
         .map(|(v, g)| (v, g.expect("accum >= 1")))
         .collect();
+    let total = total.expect("accum >= 1").to_scalar::<f32>()?;
     Ok((total, Grads(grads)))
 }
 
