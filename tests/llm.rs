@@ -39,7 +39,28 @@ fn session_of(
         Wire::OpenAi => ("openai", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"),
         Wire::Anthropic => ("anthropic", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"),
     };
-    let max = max.to_string();
+    llm_run(p, provider, model, &fake.base_url(), tag, max, budget)
+        // These sessions test the agent; the noise rule's extra runs are tested elsewhere.
+        .args(["--keep-rule", "strict"])
+        .env(var, &fake.key)
+        .env_remove(other)
+        .env("AUTORESEARCH_RETRY_INITIAL_S", "0.2")
+        .env("AUTORESEARCH_RETRY_MAX_S", "1")
+        .env("AUTORESEARCH_REQUEST_TIMEOUT_S", "3")
+        .output()
+        .unwrap()
+}
+
+/// `autoresearch run --agent llm` on CPU with `provider`'s `model` at `base_url`.
+fn llm_run(
+    p: &Project,
+    provider: &str,
+    model: &str,
+    base_url: &str,
+    tag: &str,
+    max: usize,
+    budget: &str,
+) -> std::process::Command {
     p.command(&[
         "run",
         "--agent",
@@ -49,26 +70,16 @@ fn session_of(
         "--model",
         model,
         "--base-url",
-        &fake.base_url(),
+        base_url,
         "--tag",
         tag,
         "--max-experiments",
-        &max,
+        &max.to_string(),
         "--budget",
         budget,
         "--device",
         "cpu",
-        // These sessions test the agent; the noise rule's extra runs are tested elsewhere.
-        "--keep-rule",
-        "strict",
     ])
-    .env(var, &fake.key)
-    .env_remove(other)
-    .env("AUTORESEARCH_RETRY_INITIAL_S", "0.2")
-    .env("AUTORESEARCH_RETRY_MAX_S", "1")
-    .env("AUTORESEARCH_REQUEST_TIMEOUT_S", "3")
-    .output()
-    .unwrap()
 }
 
 /// Commits `toml` as the project's `autoresearch.toml`.
@@ -457,28 +468,8 @@ fn max_cost_stops_the_session() {
         ])
     });
     // gpt-4.1 at $2/$8 per Mtok: one scripted turn (1000 in, 100 out) costs $0.0028.
-    let out = p
-        .command(&[
-            "run",
-            "--agent",
-            "llm",
-            "--provider",
-            "openai",
-            "--model",
-            "gpt-4.1",
-            "--base-url",
-            &fake.base_url(),
-            "--tag",
-            "cost",
-            "--max-cost",
-            "0.002",
-            "--max-experiments",
-            "5",
-            "--budget",
-            "1",
-            "--device",
-            "cpu",
-        ])
+    let out = llm_run(&p, "openai", "gpt-4.1", &fake.base_url(), "cost", 5, "1")
+        .args(["--max-cost", "0.002"])
         .env("OPENAI_API_KEY", "sk-test-cost")
         .output()
         .unwrap();
@@ -784,27 +775,11 @@ fn a_short_session_against_a_real_llama_cpp_server() {
     let logs = tempfile::tempdir().unwrap();
     let llama = LlamaServer::start(&server, &model, WINDOW, &logs.path().join("llama.log"));
     let started = std::time::Instant::now();
-    let out = p
-        .command(&[
-            "run",
-            "--agent",
-            "llm",
-            "--provider",
-            "openai",
-            "--model",
-            "local-gguf",
-            "--base-url",
-            &format!("http://127.0.0.1:{}/v1", llama.port),
-            "--tag",
-            "local",
-            "--max-experiments",
-            "2",
+    let base_url = format!("http://127.0.0.1:{}/v1", llama.port);
+    let out = llm_run(&p, "openai", "local-gguf", &base_url, "local", 2, "2")
+        .args([
             "--until",
             "2m",
-            "--budget",
-            "2",
-            "--device",
-            "cpu",
             "--keep-rule",
             "strict",
             "--max-output-tokens",

@@ -128,7 +128,12 @@ const QUICK_BATCH: &str = "    total_batch_size: 2 * 256,\n    device_batch_size
 /// A copy of the project with the builtin tiny data prepared beside it; its train file takes a
 /// quarter of the tiny batch per step (`QUICK_BATCH`).
 pub fn project() -> Project {
-    project_from(|repo| {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    copy_and_commit(&repo, |repo| {
         let train = repo.join("train/src/main.rs");
         let source = std::fs::read_to_string(&train).unwrap();
         assert!(
@@ -136,16 +141,7 @@ pub fn project() -> Project {
             "the train file's tiny batch is no longer `{TINY_BATCH}`"
         );
         std::fs::write(&train, source.replace(TINY_BATCH, QUICK_BATCH)).unwrap();
-    })
-}
-
-fn project_from(edit: impl FnOnce(&Path)) -> Project {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    let cache = dir.path().join("cache");
-    copy_and_commit(&repo, edit);
+    });
     let p = Project {
         _turn: turn,
         _dir: dir,

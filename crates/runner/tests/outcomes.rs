@@ -102,8 +102,13 @@ impl Scenario {
     /// (an honest one must stay inside the room it allows past the budget, on any machine), or
     /// one that keeps every core busy, beside which such a run's steps would stretch.
     fn run_alone(&self) -> Verdict {
+        self.run_alone_with(&mut |_| {})
+    }
+
+    /// `run_alone`, with each line the run prints passed to `on_line`.
+    fn run_alone_with(&self, on_line: &mut dyn FnMut(&str)) -> Verdict {
         let _alone = CPU.write().unwrap_or_else(|e| e.into_inner());
-        runner::run(&self.exp, &mut |_| {}).unwrap()
+        runner::run(&self.exp, on_line).unwrap()
     }
 
     fn log(&self) -> String {
@@ -144,10 +149,7 @@ fn program(body: &str) -> impl FnOnce(&str) -> String {
 fn a_normal_tiny_run_is_ok_and_matches_its_summary() {
     let s = Scenario::new(str::to_string, 3.0);
     let mut lines = 0;
-    let v = {
-        let _alone = CPU.write().unwrap_or_else(|e| e.into_inner());
-        runner::run(&s.exp, &mut |_| lines += 1).unwrap()
-    };
+    let v = s.run_alone_with(&mut |_| lines += 1);
     assert_eq!(v.outcome, Outcome::Ok, "{}", v.evidence);
     let report = v.report.unwrap();
     let printed = Summary::parse(&s.log()).unwrap();
