@@ -441,12 +441,12 @@ fn points(rows: &[ResultRow]) -> Vec<plot::Point> {
 
 pub fn plot_session(repo: &Path, tag: &str, out: &Path) -> Result<()> {
     let s = Session::load(repo, tag)?;
-    plot::render_png_with_noise(
-        &points(&s.result_rows()),
-        &format!("autoresearch: session {tag}"),
-        s.noise().map(|n| n.sigma),
-        out,
-    )?;
+    plot::Chart {
+        points: &points(&s.result_rows()),
+        title: &format!("autoresearch: session {tag}"),
+        sigma: s.noise().map(|n| n.sigma),
+    }
+    .write_png(out)?;
     Ok(())
 }
 
@@ -460,7 +460,12 @@ pub fn plot(args: PlotArgs) -> Result<()> {
         let name = file
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        plot::render_png(&points(&rows), &format!("autoresearch: {name}"), &out)?;
+        plot::Chart {
+            points: &points(&rows),
+            title: &format!("autoresearch: {name}"),
+            sigma: None,
+        }
+        .write_png(&out)?;
         out
     } else {
         let repo = find_repo()?;
