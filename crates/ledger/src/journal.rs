@@ -109,10 +109,26 @@ pub struct End {
     pub judgement: Option<Judgement>,
 }
 
+/// A harness process took the session up (at its start, and at each `--resume`), with the
+/// stop conditions it was given: what `status` needs to tell whether the session is alive and
+/// when it will stop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attach {
+    pub pid: u32,
+    pub started_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_unix: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_experiments: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     Session(SessionMeta),
+    Attach(Attach),
     Begin(Begin),
     Run(RunEnd),
     End(End),

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use git2::{Oid, Repository, Signature, build::TreeUpdateBuilder};
 use serde::{Deserialize, Serialize};
 
-pub use journal::{Begin, End, Event, Finish, Judgement, RunEnd, SessionMeta};
+pub use journal::{Attach, Begin, End, Event, Finish, Judgement, RunEnd, SessionMeta};
 pub use keep::{
     Decision, KeepSettings, Margins, Noise, RuleKind, decide, judge, pooled_sigma, run_seed,
 };
@@ -167,6 +167,8 @@ impl Record {
 pub struct Session {
     pub meta: SessionMeta,
     pub records: Vec<Record>,
+    /// The last harness process that took the session up (none in journals from before).
+    pub attached: Option<journal::Attach>,
     pub dir: PathBuf,
 }
 
@@ -187,10 +189,12 @@ impl Session {
             });
         }
         let mut meta = None;
+        let mut attached = None;
         let mut records: Vec<Record> = Vec::new();
         for event in journal::read(&path)? {
             match event {
                 Event::Session(m) => meta = Some(m),
+                Event::Attach(a) => attached = Some(a),
                 Event::Begin(b) => records.push(Record {
                     begin: b,
                     runs: Vec::new(),
@@ -220,7 +224,12 @@ impl Session {
         }
         let meta = meta
             .ok_or_else(|| LedgerError::Journal(format!("{}: no session line", path.display())))?;
-        Ok(Session { meta, records, dir })
+        Ok(Session {
+            meta,
+            records,
+            attached,
+            dir,
+        })
     }
 
     /// The kept experiments, oldest first.
@@ -411,6 +420,7 @@ impl Ledger {
             session: Session {
                 meta,
                 records: Vec::new(),
+                attached: None,
                 dir,
             },
         })
@@ -497,6 +507,18 @@ impl Ledger {
 
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// Journals that this process now runs the session (its pid, when it started, its stop
+    /// conditions).
+    pub fn attach(&mut self, mut attach: journal::Attach) -> Result<(), LedgerError> {
+        attach.started_unix = now_unix();
+        journal::append(
+            &self.session.dir.join("journal.jsonl"),
+            &Event::Attach(attach.clone()),
+        )?;
+        self.session.attached = Some(attach);
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -758,7 +780,19 @@ pub fn file_at(repo: &Repository, commit: Oid, path: &str) -> Result<Vec<u8>, Le
 
 /// The unified diff of an experiment's commit against its parent.
 pub fn diff_against_parent(root: &Path, hash: &str) -> Result<String, LedgerError> {
+    diff_in(&Repository::open(root)?, hash)
+}
+
+/// Each experiment's diff against its parent, the repository opened once (the report's).
+pub fn diffs_against_parents(
+    root: &Path,
+    hashes: &[&str],
+) -> Result<Vec<Result<String, LedgerError>>, LedgerError> {
     let repo = Repository::open(root)?;
+    Ok(hashes.iter().map(|h| diff_in(&repo, h)).collect())
+}
+
+fn diff_in(repo: &Repository, hash: &str) -> Result<String, LedgerError> {
     let commit = repo.find_commit(Oid::from_str(hash)?)?;
     let parent = commit.parent(0)?;
     let diff = repo.diff_tree_to_tree(Some(&parent.tree()?), Some(&commit.tree()?), None)?;

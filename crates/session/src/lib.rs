@@ -142,6 +142,16 @@ pub fn run(
             },
         )?
     };
+    ledger.attach(ledger::Attach {
+        pid: std::process::id(),
+        started_unix: 0,
+        until_unix: settings
+            .until
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs()),
+        max_experiments: settings.max_experiments,
+        max_cost_usd: settings.max_cost,
+    })?;
     // A resumed session keeps its own budget, device and seed: its experiments stay comparable.
     let meta = ledger.session().meta.clone();
     let device = if meta.device == "cuda" {
