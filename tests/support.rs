@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests: find the real `autoresearch` binary and run it in a sandboxed
 //! home and cache.
 
+pub mod browser;
 pub mod fake_llm;
 
 use std::path::{Path, PathBuf};

@@ -45,6 +45,12 @@ enum Command {
     Replay(review_cmd::ReplayArgs),
     /// Draws a session's (or a results.tsv's) progress as a PNG.
     Plot(review_cmd::PlotArgs),
+    /// Writes runs/TAG/report.html: the morning review as one self-contained page (chart, kept
+    /// chain with diffs, every experiment, totals, replay commands).
+    Report(review_cmd::ReportArgs),
+    /// A session at a glance: what runs and for how long, the best, the last outcomes, the
+    /// pace and the spend (read-only: it never disturbs the run).
+    Status(review_cmd::StatusArgs),
 }
 
 /// The data cache: `--cache`, else `$AUTORESEARCH_CACHE`, else `~/.cache/autoresearch`.
@@ -109,6 +115,8 @@ fn main() -> std::process::ExitCode {
         Command::Show(args) => review_cmd::show(args),
         Command::Replay(args) => review_cmd::replay(args),
         Command::Plot(args) => review_cmd::plot(args),
+        Command::Report(args) => review_cmd::report(args),
+        Command::Status(args) => review_cmd::status(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

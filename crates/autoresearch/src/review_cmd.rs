@@ -1,4 +1,4 @@
-//! The morning review: `log`, `results`, `show`, `replay`, `plot`.
+//! The morning review: `log`, `results`, `show`, `replay`, `plot`, `report`, `status`.
 
 use std::path::{Path, PathBuf};
 
@@ -478,4 +478,143 @@ pub fn plot(args: PlotArgs) -> Result<()> {
     };
     println!("Wrote {}", out.display());
     Ok(())
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// Session [default: the latest].
+    #[arg(long)]
+    tag: Option<String>,
+    /// The page to write [default: runs/TAG/report.html].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Open it in the desktop's browser once written.
+    #[arg(long)]
+    open: bool,
+}
+
+/// Writes the session's report page and returns where.
+pub fn write_report(repo: &Path, tag: &str, out: Option<PathBuf>) -> Result<PathBuf> {
+    let s = Session::load(repo, tag)?;
+    let out = out.unwrap_or_else(|| ledger::session_dir(repo, tag).join("report.html"));
+    let html = report::build(repo, &s)?;
+    // Through a rename: a browser reloading the page never reads half of it.
+    let partial = out.with_extension("html.partial");
+    std::fs::write(&partial, html)
+        .and_then(|()| std::fs::rename(&partial, &out))
+        .with_context(|| {
+            format!(
+                "writing {}: check the directory exists and is writable",
+                out.display()
+            )
+        })?;
+    Ok(out)
+}
+
+pub fn report(args: ReportArgs) -> Result<()> {
+    let repo = find_repo()?;
+    let tag = resolve_tag(&repo, args.tag)?;
+    let out = write_report(&repo, &tag, args.out)?;
+    println!("Wrote {}", out.display());
+    if args.open {
+        open_in_browser(&out);
+    }
+    Ok(())
+}
+
+/// Hands the page to the desktop's opener, with a scrubbed environment: API keys stay here.
+fn open_in_browser(page: &Path) {
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
+    let mut cmd = std::process::Command::new(opener);
+    cmd.arg(page).env_clear();
+    for key in [
+        "PATH",
+        "HOME",
+        "USER",
+        "LANG",
+        "DISPLAY",
+        "WAYLAND_DISPLAY",
+        "XDG_RUNTIME_DIR",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_DIRS",
+        "XDG_CURRENT_DESKTOP",
+        "DBUS_SESSION_BUS_ADDRESS",
+        "BROWSER",
+    ] {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+    let opened = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !opened {
+        println!(
+            "Could not start {opener}: open file://{} in a browser.",
+            page.display()
+        );
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Session [default: the latest].
+    #[arg(long)]
+    tag: Option<String>,
+    /// Redraw until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between redraws with --watch.
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    interval: f64,
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let repo = find_repo()?;
+    let tag = resolve_tag(&repo, args.tag)?;
+    if !(args.interval.is_finite() && args.interval >= 0.1) {
+        bail!(
+            "--interval {} is too short: give 0.1 seconds or more",
+            args.interval
+        );
+    }
+    let glance = || -> Result<String> {
+        let s = Session::load(&repo, &tag)?;
+        Ok(report::Glance::of(&s, now_unix()).to_string())
+    };
+    if !args.watch {
+        print!("{}", glance()?);
+        return Ok(());
+    }
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let text = glance()?;
+        let mut out = std::io::stdout().lock();
+        if terminal {
+            // Home and clear: the glance redraws in place.
+            write!(out, "\x1b[H\x1b[2J")?;
+        }
+        write!(
+            out,
+            "{text}\n(every {}s; Ctrl-C stops watching, not the session)\n",
+            args.interval
+        )?;
+        out.flush()?;
+        drop(out);
+        std::thread::sleep(std::time::Duration::from_secs_f64(args.interval));
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

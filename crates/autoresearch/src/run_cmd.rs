@@ -87,8 +87,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     let stop = run_session(&settings, proposer.as_mut())?;
     println!();
     crate::review_cmd::print_log(&settings.repo, &settings.tag)?;
+    // The morning's page, ready when the user comes back; a failure here loses nothing.
+    match crate::review_cmd::write_report(&settings.repo, &settings.tag, None) {
+        Ok(page) => println!("\nReport: {}", page.display()),
+        Err(e) => {
+            tracing::warn!("the report was not written ({e:#}): `autoresearch report` retries")
+        }
+    }
     println!(
-        "\nNext: `autoresearch plot --tag {0}` draws the progress, `autoresearch show HASH` shows one experiment, `autoresearch run --tag {0} --resume` goes on.",
+        "\nNext: `autoresearch report --tag {0} --open` opens it, `autoresearch show HASH` shows one experiment, `autoresearch run --tag {0} --resume` goes on.",
         settings.tag
     );
     if stop == Stop::Interrupted {
@@ -324,7 +331,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     crate::review_cmd::print_log(&dir, "demo")?;
     let png = dir.join("runs/demo/progress.png");
     crate::review_cmd::plot_session(&dir, "demo", &png)?;
-    println!("\nPlot: {}", png.display());
+    let page = crate::review_cmd::write_report(&dir, "demo", None)?;
+    println!("\nPlot: {}\nReport: {}", png.display(), page.display());
     println!(
         "The demo's repository is {}: `cd` there and try `autoresearch results`, `autoresearch show HASH`, `autoresearch replay HASH`.",
         dir.display()

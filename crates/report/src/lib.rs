@@ -345,7 +345,12 @@ fn totals_html(t: &Totals, s: &Session) -> String {
         (
             "per hour",
             t.per_hour().map_or("–".into(), |r| {
-                format!("{r:.1} <small>over {:.1} h</small>", t.hours)
+                let over = if t.hours < 1.0 {
+                    format!("{:.0} min", t.hours * 60.0)
+                } else {
+                    format!("{:.1} h", t.hours)
+                };
+                format!("{r:.1} <small>over {over}</small>")
             }),
         ),
         (
@@ -390,8 +395,9 @@ fn totals_html(t: &Totals, s: &Session) -> String {
 
 fn kept_html(s: &Session, t: &Totals) -> String {
     let mut h = format!(
-        "<section id=\"kept\"><h2>The kept chain <small>{} experiments</small></h2>\n<ol class=\"chain\">\n",
-        t.kept
+        "<section id=\"kept\"><h2>The kept chain <small>{} experiment{}</small></h2>\n<ol class=\"chain\">\n",
+        t.kept,
+        if t.kept == 1 { "" } else { "s" }
     );
     let mut prev: Option<f64> = None;
     for r in s.kept() {

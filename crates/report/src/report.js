@@ -109,8 +109,9 @@
     const list = rows.filter((r) => {
       if (wanted && r.status !== wanted) return false;
       if (!words.length) return true;
-      const hay = (r.description + " " + r.hash + " " + r.outcome + " " + r.status).toLowerCase();
-      return words.every((w) => hay.includes(w));
+      // A hash matches from its start, by 4 characters or more: "c7" finds no hash.
+      const hay = (r.description + " " + r.outcome + " " + r.status).toLowerCase();
+      return words.every((w) => hay.includes(w) || (w.length >= 4 && r.hash.startsWith(w)));
     });
     list.sort(compare);
     const frag = document.createDocumentFragment();
