@@ -58,6 +58,9 @@ pub mod env {
     pub const SEED: &str = "AUTORESEARCH_SEED";
     /// Set by the harness: the descriptor to send marks and replies on (see `protocol`).
     pub const HARNESS_FD: &str = "AUTORESEARCH_HARNESS_FD";
+    /// Tests only (the harness never passes it on): a device batch above this many rows fails
+    /// as out of memory, so a CPU run drives the fallback of `Run::fit_device_batch`.
+    pub const FAKE_DEVICE_ROWS: &str = "AUTORESEARCH_FAKE_DEVICE_ROWS";
 }
 
 /// Special tokens, appended after the learned vocabulary; the first one starts every document.

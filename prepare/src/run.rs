@@ -40,6 +40,20 @@ impl Link {
     }
 }
 
+/// Whether an error's text is an allocation failure: the CUDA driver's and cuBLAS's, and
+/// candle's own words for them.
+fn is_out_of_memory(why: &str) -> bool {
+    let why = why.to_ascii_lowercase();
+    [
+        "out_of_memory",
+        "out of memory",
+        "alloc_failed",
+        "outofmemory",
+    ]
+    .iter()
+    .any(|w| why.contains(w))
+}
+
 /// One run of the train binary: the data, the device, the budget and the seed the harness chose.
 pub struct Run {
     pub data: Dataset,
@@ -48,6 +62,8 @@ pub struct Run {
     pub seed: u64,
     started: Instant,
     link: Option<Arc<Link>>,
+    /// `AUTORESEARCH_FAKE_DEVICE_ROWS`: an injected memory limit, in rows (tests).
+    fake_device_rows: Option<usize>,
 }
 
 impl Run {
@@ -91,6 +107,9 @@ impl Run {
             seed,
             started,
             link: Link::from_env(),
+            fake_device_rows: std::env::var(env::FAKE_DEVICE_ROWS)
+                .ok()
+                .and_then(|v| v.parse().ok()),
         })
     }
 
@@ -103,6 +122,55 @@ impl Run {
             seed,
             started: Instant::now(),
             link: None,
+            fake_device_rows: None,
+        }
+    }
+
+    /// The rows per pass the device holds: `rows`, halved until `trial` (one forward and
+    /// backward pass of that many rows) stops failing for lack of memory. Call it before the
+    /// clock starts; the train file then accumulates more passes, so the same file, with the
+    /// same total batch, runs on a 24 GB card as on a 141 GB one instead of ending the night.
+    /// On the CPU an allocation failure aborts the process rather than returning an error, so
+    /// there is nothing to try there: `rows` comes back as given (unless a test injects a limit
+    /// through `AUTORESEARCH_FAKE_DEVICE_ROWS`).
+    pub fn fit_device_batch<E: std::fmt::Display>(
+        &self,
+        rows: usize,
+        mut trial: impl FnMut(usize) -> std::result::Result<(), E>,
+    ) -> Result<usize> {
+        if !self.device.is_cuda() && self.fake_device_rows.is_none() {
+            return Ok(rows);
+        }
+        let mut rows = rows;
+        loop {
+            let failure = match self.fake_device_rows {
+                Some(limit) if rows > limit => Some(format!(
+                    "CUDA_ERROR_OUT_OF_MEMORY (injected: the limit is {limit} rows)"
+                )),
+                // `{:#}`: the whole chain of an error with context, where the cause may be.
+                _ => trial(rows)
+                    .map_err(|e| format!("{e:#}"))
+                    .and_then(|()| self.device.synchronize().map_err(|e| e.to_string()))
+                    .err(),
+            };
+            let Some(why) = failure else {
+                return Ok(rows);
+            };
+            if !is_out_of_memory(&why) {
+                return Err(Error::Invalid(format!(
+                    "a trial pass of {rows} rows: {why}"
+                )));
+            }
+            if !rows.is_multiple_of(2) {
+                return Err(Error::Invalid(format!(
+                    "{rows} rows per pass do not fit in the device's memory and cannot be halved: make the model or the sequence smaller ({why})"
+                )));
+            }
+            println!(
+                "device batch: {rows} rows do not fit in memory; trying {} (more passes per step, the same total batch)",
+                rows / 2
+            );
+            rows /= 2;
         }
     }
 
@@ -383,4 +451,28 @@ fn device_memory_used_mb(device: &Device) -> f64 {
 #[cfg(not(feature = "cuda"))]
 fn device_memory_used_mb(_: &Device) -> f64 {
     0.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_out_of_memory;
+
+    #[test]
+    fn allocation_failures_are_told_from_other_errors() {
+        for oom in [
+            // cudarc's driver error as candle shows it, and cuBLAS's.
+            r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#,
+            "cublas error: CUBLAS_STATUS_ALLOC_FAILED",
+            "CUDA out of memory. Tried to allocate 2.00 GiB",
+        ] {
+            assert!(is_out_of_memory(oom), "{oom}");
+        }
+        for other in [
+            "shape mismatch in matmul, lhs: [8, 256, 128], rhs: [64, 128]",
+            r#"DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, "an illegal memory access was encountered")"#,
+            "dtype mismatch in add",
+        ] {
+            assert!(!is_out_of_memory(other), "{other}");
+        }
+    }
 }

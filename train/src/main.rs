@@ -682,13 +682,19 @@ fn muon_momentum(step: u64) -> f64 {
 
 // ---- Training ----------------------------------------------------------------------------------
 
-/// Trains for the budget; returns the model and its clock.
-fn train(hp: &Hyper, run: &Run) -> Result<(Gpt, BudgetClock)> {
+/// Trains for the budget; returns the model, its clock and the rows per pass.
+fn train(hp: &Hyper, run: &Run) -> Result<(Gpt, BudgetClock, usize)> {
     let (data, device) = (&run.data, &run.device);
     let preset = data.preset();
     let cfg = Config::new(hp, data.vocab_size(), preset.seq_len)?;
     let model = Gpt::new(cfg, device, run.seed)?;
-    let tokens_per_pass = hp.device_batch_size * preset.seq_len;
+    // The card decides the rows per pass: halved until a pass fits, the total batch kept.
+    let rows = run.fit_device_batch(hp.device_batch_size, |rows| -> Result<()> {
+        let x = Tensor::zeros((rows, preset.seq_len), DType::U32, device)?;
+        model.loss(&x, &x)?.backward()?;
+        Ok(())
+    })?;
+    let tokens_per_pass = rows * preset.seq_len;
     if !hp.total_batch_size.is_multiple_of(tokens_per_pass) {
         bail!(
             "TOTAL_BATCH_SIZE ({}) must be a multiple of DEVICE_BATCH_SIZE × seq len ({tokens_per_pass})",
@@ -707,21 +713,14 @@ fn train(hp: &Hyper, run: &Run) -> Result<(Gpt, BudgetClock)> {
         model.flops_per_token()
     );
     println!(
-        "batch: {} tokens/step = {accum} × {} rows × {} tokens; budget {:.0}s",
+        "batch: {} tokens/step = {accum} × {rows} rows × {} tokens; budget {:.0}s",
         hp.total_batch_size,
-        hp.device_batch_size,
         preset.seq_len,
         run.budget.as_secs_f64()
     );
     let mut opt = MuonAdamW::new(&model, hp)?;
-    let mut loader = Loader::new(
-        data,
-        Split::Train,
-        hp.device_batch_size,
-        preset.seq_len,
-        Some(run.seed),
-    )?
-    .prefetch(4);
+    let mut loader =
+        Loader::new(data, Split::Train, rows, preset.seq_len, Some(run.seed))?.prefetch(4);
     let mut clock = run.clock();
     let epoch = std::cell::Cell::new(1);
     let mut next = || -> Result<(Tensor, Tensor)> {
@@ -775,7 +774,7 @@ fn train(hp: &Hyper, run: &Run) -> Result<(Gpt, BudgetClock)> {
         }
     }
     println!("{}", watch.summary());
-    Ok((model, clock))
+    Ok((model, clock, rows))
 }
 
 fn main() -> Result<()> {
@@ -785,7 +784,7 @@ fn main() -> Result<()> {
         "tiny" => TINY,
         other => bail!("no hyperparameters for preset `{other}`"),
     };
-    let (model, clock) = train(&hp, &run)?;
+    let (model, clock, rows) = train(&hp, &run)?;
     let stats = TrainStats {
         num_steps: clock.steps(),
         total_tokens: clock.steps() * hp.total_batch_size as u64,
@@ -793,7 +792,7 @@ fn main() -> Result<()> {
         num_params: model.num_params() as u64,
         depth: hp.depth as u64,
         peak_vram_mb: run.memory_used_mb(),
-        eval_batch_rows: hp.device_batch_size as u32,
+        eval_batch_rows: rows as u32,
         training_seconds: clock.training_time().as_secs_f64(),
     };
     // The harness scores the model; run by hand, `prepare` evaluates it here.

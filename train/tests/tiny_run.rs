@@ -83,3 +83,70 @@ fn tiny_run_learns_and_reports() {
         uniform.val_bpb
     );
 }
+
+/// The first step's loss and the output of a short run, with the device memory limited to
+/// `fake_rows` rows per pass (injected: on the CPU a real allocation failure aborts).
+fn short_run(cache: &std::path::Path, fake_rows: Option<&str>) -> (f64, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AUTORESEARCH_CACHE", cache)
+        .env("AUTORESEARCH_PRESET", "tiny")
+        .env("AUTORESEARCH_DEVICE", "cpu")
+        .env("AUTORESEARCH_TIME_BUDGET", "1")
+        .env("AUTORESEARCH_SEED", "7");
+    if let Some(rows) = fake_rows {
+        cmd.env("AUTORESEARCH_FAKE_DEVICE_ROWS", rows);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = stdout
+        .lines()
+        .find(|l| l.starts_with("step 00000"))
+        .and_then(|l| l.split("loss: ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no first step in:\n{stdout}"));
+    (first, stdout)
+}
+
+#[test]
+fn a_device_batch_that_does_not_fit_is_halved_before_the_clock_with_the_same_total_batch() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = PrepareOptions::new(
+        cache.path().to_path_buf(),
+        prepare::sources::Source::Builtin,
+        prepare::Preset::tiny(),
+    );
+    opts.builtin_mb = 1.0;
+    prepare(&opts).unwrap();
+
+    let (plain_loss, plain) = short_run(cache.path(), None);
+    assert!(!plain.contains("do not fit"), "{plain}");
+    assert!(plain.contains("= 1 × 8 rows × 256 tokens"), "{plain}");
+
+    let (fitted_loss, fitted) = short_run(cache.path(), Some("2"));
+    let lines: Vec<&str> = fitted.lines().collect();
+    let at = |text: &str| lines.iter().position(|l| l.contains(text));
+    // Halved twice, before the first step, into four passes of two rows.
+    let tried_4 = at("8 rows do not fit in memory; trying 4").expect(&fitted);
+    let tried_2 = at("4 rows do not fit in memory; trying 2").expect(&fitted);
+    let batch = at("batch: 2048 tokens/step = 4 × 2 rows × 256 tokens").expect(&fitted);
+    let first_step = at("step 00000").expect(&fitted);
+    assert!(
+        tried_4 < tried_2 && tried_2 < batch && batch < first_step,
+        "{fitted}"
+    );
+    assert!(
+        !fitted.contains("trying 1"),
+        "it stops at the first size that fits"
+    );
+    // The same rows in four passes: the step is the same step (float sums in another order).
+    assert!(
+        (plain_loss - fitted_loss).abs() <= 1e-4 * plain_loss,
+        "first loss {plain_loss} in one pass, {fitted_loss} in four"
+    );
+}
