@@ -588,7 +588,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
     }
     let glance = || -> Result<String> {
         let s = Session::load(&repo, &tag)?;
-        Ok(report::Glance::of(&s, now_unix()).to_string())
+        Ok(report::Glance::of(&s, report::now_unix()).to_string())
     };
     if !args.watch {
         print!("{}", glance()?);
@@ -611,10 +611,4 @@ pub fn status(args: StatusArgs) -> Result<()> {
         drop(out);
         std::thread::sleep(std::time::Duration::from_secs_f64(args.interval));
     }
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -70,7 +70,8 @@ fn log_tail(root: &Path, r: &Record) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
-pub(crate) fn now_unix() -> u64 {
+/// Seconds since the Unix epoch: the "now" of the page and of the glance.
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
