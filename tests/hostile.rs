@@ -168,6 +168,7 @@ fn hostile_train_files_are_contained_and_the_session_goes_on() {
         until: None,
         max_cost: None,
         target_dir: workspace().join("target/runner-tests"),
+        gpus: Vec::new(),
         resume: false,
     };
     settings.limits.tasks = 128;

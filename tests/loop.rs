@@ -247,3 +247,107 @@ fn the_original_overnight_log_reads_and_plots() {
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     assert!(bytes.len() > 10_000, "a real picture, not an empty frame");
 }
+
+/// Processes whose working directory is inside `dir`: a run's train process works in its run
+/// dir, under the session's.
+fn processes_in(dir: &std::path::Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+        })
+        .collect()
+}
+
+#[test]
+fn two_workers_train_at_once_and_a_kill_nine_with_both_in_flight_resumes_exactly() {
+    let p = project();
+    let bad = p.run(&[
+        "run", "--agent", "sweep", "--device", "cpu", "--gpus", "0,1",
+    ]);
+    assert!(
+        !bad.status.success() && stderr(&bad).contains("--workers N"),
+        "{}",
+        stderr(&bad)
+    );
+    let session = |resume| {
+        let mut cmd = p.session("w", 6, resume);
+        cmd.args(["--workers", "2", "--keep-rule", "strict"]);
+        cmd
+    };
+    let mut child = session(false)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(400);
+    // Both slots busy: two train processes at once.
+    while descendants(child.id(), "train-bin").len() < 2 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the session ended before two experiments trained at once"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "two experiments never trained at once"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let journal = p.journal("w");
+    let ended: Vec<&str> = journal
+        .iter()
+        .filter(|e| e["event"] == "end")
+        .filter_map(|e| e["hash"].as_str())
+        .collect();
+    let flying: Vec<&Value> = journal
+        .iter()
+        .filter(|e| e["event"] == "begin" && !ended.contains(&e["hash"].as_str().unwrap()))
+        .collect();
+    assert_eq!(flying.len(), 2, "both workers' experiments were in flight");
+    let mut workers: Vec<u64> = flying
+        .iter()
+        .map(|b| b["worker"].as_u64().unwrap())
+        .collect();
+    workers.sort();
+    assert_eq!(workers, [0, 1]);
+    // No process of either run outlives the harness.
+    let runs = p.repo.join("runs/w");
+    let gone = Instant::now() + Duration::from_secs(15);
+    while !processes_in(&runs).is_empty() {
+        assert!(
+            Instant::now() < gone,
+            "left behind: {:?}",
+            processes_in(&runs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let out = session(true).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let experiments = check_consistent(&p, "w");
+    assert_eq!(experiments.len(), 6, "{experiments:?}");
+    let journal = p.journal("w");
+    for b in &flying {
+        let runs = journal
+            .iter()
+            .filter(|e| e["event"] == "run" && e["hash"] == b["hash"])
+            .count();
+        assert_eq!(
+            runs, 1,
+            "{}: run again once, not lost or doubled",
+            b["hash"]
+        );
+    }
+    let text = stdout(&out);
+    assert!(text.contains("[w0]") && text.contains("[w1]"), "{text}");
+    // Nothing left behind: the workers' checkouts, their branches, their processes.
+    let worktrees = git(&p.repo, &["worktree", "list", "--porcelain"]);
+    assert_eq!(worktrees.matches("worktree ").count(), 1, "{worktrees}");
+    assert!(!runs.join("workers").exists());
+    let branches = git(&p.repo, &["branch", "--format=%(refname:short)"]);
+    assert_eq!(branches.lines().count(), 2, "{branches}");
+    assert!(processes_in(&runs).is_empty());
+}

@@ -93,6 +93,7 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
         until: None,
         max_cost: None,
         target_dir: workspace().join("target/runner-tests"),
+        gpus: Vec::new(),
         resume: false,
     };
     let mut proposer = FreezeRates;

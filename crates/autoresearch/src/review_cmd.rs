@@ -188,8 +188,14 @@ pub fn print_log(repo: &Path, tag: &str) -> Result<()> {
             tokens(&s, |f| f.tokens_out).unwrap_or(0)
         );
     }
-    if s.pending().is_some() {
-        line += "; one experiment was interrupted (`autoresearch run --resume` re-runs it)";
+    match s.in_flight().len() {
+        0 => {}
+        1 => line += "; one experiment was interrupted (`autoresearch run --resume` re-runs it)",
+        n => {
+            line += &format!(
+                "; {n} experiments were interrupted (`autoresearch run --resume` re-runs them)"
+            )
+        }
     }
     println!("{line}");
     Ok(())

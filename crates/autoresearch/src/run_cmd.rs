@@ -6,7 +6,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use indicatif::ProgressBar;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use indicatif::{MultiProgress, ProgressBar};
 use runner::Device;
 use session::{Progress, Settings, Stop};
 
@@ -41,6 +44,13 @@ pub struct RunArgs {
     /// Data cache [default: $AUTORESEARCH_CACHE or ~/.cache/autoresearch].
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Experiments at once on the CPU, each with an equal share of the cores [default: 1].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// GPUs to use, one experiment on each at once: `CUDA_VISIBLE_DEVICES` numbers such as
+    /// 0,1,2,3 [default with --device cuda: every GPU the machine shows].
+    #[arg(long, value_delimiter = ',')]
+    gpus: Option<Vec<String>>,
     /// The session's seed: the baseline's first run gets it, every other run one derived from it.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -61,6 +71,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let settings = Settings {
         target_dir: session::default_target_dir(&repo),
+        gpus: Vec::new(),
         repo,
         tag,
         cache: crate::cache_dir(args.cache),
@@ -83,8 +94,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     let config = crate::agent_cmd::Config::load(&settings.repo)?;
     let mut settings = settings;
     settings.max_cost = args.llm.max_cost.or(config.agent.max_cost);
-    let mut proposer = proposer(&args.agent, &args.llm, &config, &settings.repo)?;
-    let stop = run_session(&settings, proposer.as_mut())?;
+    settings.gpus = gpus(settings.device, args.workers, args.gpus)?;
+    let workers = match settings.device {
+        Device::Cuda => settings.gpus.len().max(1),
+        Device::Cpu => args.workers.unwrap_or(1),
+    };
+    let proposers = (0..workers)
+        .map(|_| proposer(&args.agent, &args.llm, &config, &settings.repo))
+        .collect::<Result<Vec<_>>>()?;
+    let stop = run_session(&settings, proposers)?;
     println!();
     crate::review_cmd::print_log(&settings.repo, &settings.tag)?;
     // The morning's page, ready when the user comes back; a failure here loses nothing.
@@ -105,12 +123,87 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The GPUs a CUDA session runs on, one worker each: `--gpus`, else the first `--workers` of
+/// those the machine shows, else all of them (said at the start).
+fn gpus(
+    device: Device,
+    workers: Option<usize>,
+    listed: Option<Vec<String>>,
+) -> Result<Vec<String>> {
+    if workers == Some(0) {
+        bail!("--workers counts experiments at once: give 1 or more");
+    }
+    if device == Device::Cpu {
+        if listed.is_some() {
+            bail!(
+                "--gpus is for --device cuda; on the CPU, --workers N runs N experiments at once"
+            );
+        }
+        return Ok(Vec::new());
+    }
+    if let Some(listed) = listed {
+        if listed.is_empty() || listed.iter().any(|g| g.trim().is_empty()) {
+            bail!("--gpus takes a list of GPU numbers such as 0,1,2,3");
+        }
+        if workers.is_some_and(|w| w != listed.len()) {
+            bail!(
+                "--gpus runs one experiment on each GPU listed: drop --workers, or list that many GPUs"
+            );
+        }
+        return Ok(listed);
+    }
+    let visible = visible_gpus();
+    let mut chosen = visible.clone();
+    if let Some(w) = workers {
+        if w > visible.len() {
+            bail!(
+                "--workers {w} on CUDA needs {w} GPUs, and this machine shows {} ({}): give --workers {} or fewer",
+                visible.len(),
+                visible.join(","),
+                visible.len()
+            );
+        }
+        chosen.truncate(w);
+    }
+    if chosen.len() > 1 && workers.is_none() {
+        println!(
+            "Using all {} GPUs ({}), one experiment on each; --gpus picks others.",
+            chosen.len(),
+            chosen.join(",")
+        );
+    }
+    Ok(chosen)
+}
+
+/// The GPUs this process may use: `CUDA_VISIBLE_DEVICES` when set, else those `nvidia-smi -L`
+/// lists (at least one: a machine without it has one as far as CUDA is concerned).
+fn visible_gpus() -> Vec<String> {
+    if let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES")
+        && !list.trim().is_empty()
+    {
+        return list.split(',').map(|g| g.trim().to_string()).collect();
+    }
+    let listed = std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("GPU "))
+                .count()
+        })
+        .unwrap_or(0);
+    (0..listed.max(1)).map(|i| i.to_string()).collect()
+}
+
 fn proposer(
     name: &str,
     llm: &crate::agent_cmd::LlmArgs,
     config: &crate::agent_cmd::Config,
     repo: &std::path::Path,
-) -> Result<Box<dyn workbench::Proposer>> {
+) -> Result<Box<dyn workbench::Proposer + Send>> {
     match name {
         "sweep" => Ok(Box::new(workbench::sweep::Sweep)),
         "llm" => Ok(Box::new(crate::agent_cmd::build(llm, config, repo)?)),
@@ -118,9 +211,14 @@ fn proposer(
     }
 }
 
-/// Runs the loop with a line per experiment and a bar for the one in progress.
-fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> Result<Stop> {
+/// Runs the loop with a line per experiment and a bar for each one in progress; with several
+/// workers, each line names its worker.
+fn run_session(
+    settings: &Settings,
+    mut proposers: Vec<Box<dyn workbench::Proposer + Send>>,
+) -> Result<Stop> {
     session::install_interrupt_handler();
+    let n = proposers.len();
     println!(
         "Session {} ({}) in {}: branch autoresearch/{}, results in runs/{}/. Ctrl-C stops cleanly.",
         settings.tag,
@@ -129,68 +227,20 @@ fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> R
         settings.tag,
         settings.tag
     );
-    let mut bar: Option<ProgressBar> = None;
-    let stop = session::run(settings, proposer, &mut |p| match p {
-        Progress::Started(begin) => {
-            println!(
-                "#{:<3} {}  {}",
-                begin.index,
-                &begin.hash[..7],
-                begin.description
-            );
-            bar = Some(training_bar());
-        }
-        Progress::Line(line) => {
-            if let Some(b) = &bar {
-                show_training_line(b, line);
-            }
-        }
-        Progress::Again { run, why } => {
-            if let Some(b) = bar.take() {
-                b.finish_and_clear();
-            }
-            let val = run
-                .finish
-                .val_bpb
-                .map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
-            println!("     .. run {} val_bpb {val}: {why}", run.run + 1);
-            bar = Some(training_bar());
-        }
-        Progress::Finished(record) => {
-            if let Some(b) = bar.take() {
-                b.finish_and_clear();
-            }
-            let end = record.end.as_ref().expect("finished");
-            let val = end
-                .finish
-                .val_bpb
-                .map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
-            let noise = match &end.judgement {
-                Some(j) if j.runs > 1 || j.gain_sigma.is_some() => format!(
-                    "{} run{}{}; ",
-                    j.runs,
-                    if j.runs == 1 { "" } else { "s" },
-                    j.gain_sigma
-                        .map_or_else(String::new, |g| format!(", {g:+.1} σ"))
-                ),
-                _ => String::new(),
-            };
-            println!(
-                "     -> {:<7} val_bpb {val}  ({noise}{}; build {:.0}s, run {:.0}s)",
-                end.status.as_str(),
-                end.finish.outcome,
-                end.finish.build_seconds,
-                end.finish.run_seconds
-            );
-            if end.finish.outcome != "ok" && end.finish.outcome != "interrupted" {
-                let first = end.finish.evidence.lines().next().unwrap_or_default();
-                println!("        {first}");
-            }
-        }
-        Progress::Abandoned(why) => println!("     -> abandoned: {why}"),
-    })?;
-    if let Some(b) = bar.take() {
-        b.finish_and_clear();
+    let screen = Screen {
+        multi: MultiProgress::new(),
+        bars: Mutex::new(HashMap::new()),
+        prefix: n > 1,
+    };
+    let stop = if n == 1 {
+        let proposer = proposers.pop().expect("one proposer");
+        let mut proposer = proposer;
+        session::run(settings, proposer.as_mut(), &mut |p| screen.show(0, p))?
+    } else {
+        session::run_workers(settings, proposers, &|k, p| screen.show(k, p))?
+    };
+    for (_, bar) in screen.bars.into_inner().unwrap_or_default() {
+        bar.finish_and_clear();
     }
     match &stop {
         Stop::MaxExperiments => println!("Stopped: --max-experiments reached."),
@@ -203,6 +253,140 @@ fn run_session(settings: &Settings, proposer: &mut dyn workbench::Proposer) -> R
         Stop::Exhausted(why) => println!("Stopped: {why}."),
     }
     Ok(stop)
+}
+
+/// The terminal during a session: a line per event, a bar per experiment in progress.
+struct Screen {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<usize, ProgressBar>>,
+    /// Name the worker on each line (a session of several).
+    prefix: bool,
+}
+
+impl Screen {
+    fn say(&self, worker: usize, text: &str) {
+        let line = if self.prefix {
+            format!("[w{worker}] {text}")
+        } else {
+            text.to_string()
+        };
+        // `suspend` prints whether or not the bars are drawn (not on a pipe).
+        self.multi.suspend(|| println!("{line}"));
+    }
+
+    fn new_bar(&self, worker: usize) {
+        let bar = self.multi.add(training_bar());
+        if self.prefix {
+            bar.set_prefix(format!("w{worker}"));
+        }
+        if self.prefix {
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} {spinner} [{bar:30}] {percent:>3}% {msg}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+        }
+        if let Some(old) = self
+            .bars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(worker, bar)
+        {
+            old.finish_and_clear();
+            self.multi.remove(&old);
+        }
+    }
+
+    fn end_bar(&self, worker: usize) {
+        if let Some(bar) = self
+            .bars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&worker)
+        {
+            bar.finish_and_clear();
+            self.multi.remove(&bar);
+        }
+    }
+
+    fn show(&self, worker: usize, p: Progress) {
+        match p {
+            Progress::Started(begin) => {
+                self.say(
+                    worker,
+                    &format!(
+                        "#{:<3} {}  {}",
+                        begin.index,
+                        &begin.hash[..7],
+                        begin.description
+                    ),
+                );
+                self.new_bar(worker);
+            }
+            Progress::Line(line) => {
+                if let Some(b) = self
+                    .bars
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&worker)
+                {
+                    show_training_line(b, line);
+                }
+            }
+            Progress::Again { run, why } => {
+                self.end_bar(worker);
+                let val = run
+                    .finish
+                    .val_bpb
+                    .map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
+                self.say(
+                    worker,
+                    &format!("     .. run {} val_bpb {val}: {why}", run.run + 1),
+                );
+                self.new_bar(worker);
+            }
+            Progress::Finished(record) => {
+                self.end_bar(worker);
+                let end = record.end.as_ref().expect("finished");
+                let val = end
+                    .finish
+                    .val_bpb
+                    .map_or_else(|| "-".to_string(), |v| format!("{v:.6}"));
+                let noise = match &end.judgement {
+                    Some(j) if j.runs > 1 || j.gain_sigma.is_some() => format!(
+                        "{} run{}{}; ",
+                        j.runs,
+                        if j.runs == 1 { "" } else { "s" },
+                        j.gain_sigma
+                            .map_or_else(String::new, |g| format!(", {g:+.1} σ"))
+                    ),
+                    _ => String::new(),
+                };
+                let of = if self.prefix {
+                    format!(" #{}", record.begin.index)
+                } else {
+                    String::new()
+                };
+                self.say(
+                    worker,
+                    &format!(
+                        "    {of} -> {:<7} val_bpb {val}  ({noise}{}; build {:.0}s, run {:.0}s)",
+                        end.status.as_str(),
+                        end.finish.outcome,
+                        end.finish.build_seconds,
+                        end.finish.run_seconds
+                    ),
+                );
+                if end.finish.outcome != "ok" && end.finish.outcome != "interrupted" {
+                    let first = end.finish.evidence.lines().next().unwrap_or_default();
+                    self.say(worker, &format!("        {first}"));
+                }
+            }
+            Progress::Abandoned(why) => self.say(worker, &format!("     -> abandoned: {why}")),
+        }
+    }
 }
 
 /// How experiments are kept (fixed when a session starts; a resumed session keeps its own).
@@ -311,6 +495,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let settings = Settings {
         // Experiments build into the original repository's target dir: candle compiles once.
         target_dir: session::default_target_dir(&repo),
+        gpus: Vec::new(),
         repo: dir.clone(),
         tag: "demo".into(),
         cache,
@@ -326,7 +511,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         max_cost: None,
         resume: false,
     };
-    run_session(&settings, &mut workbench::sweep::Sweep)?;
+    run_session(&settings, vec![Box::new(workbench::sweep::Sweep)])?;
     println!();
     crate::review_cmd::print_log(&dir, "demo")?;
     let png = dir.join("runs/demo/progress.png");

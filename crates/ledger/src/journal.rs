@@ -37,6 +37,11 @@ pub struct Begin {
     pub description: String,
     pub rationale: String,
     pub started_unix: u64,
+    /// The worker that runs it, in a session of several: the branch does not move onto such an
+    /// experiment when it begins (its parent is the kept state when its episode began), only
+    /// when it is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<usize>,
 }
 
 /// What an experiment came to.
@@ -122,6 +127,9 @@ pub struct Attach {
     pub max_experiments: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost_usd: Option<f64>,
+    /// Experiments it runs at once (absent: one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

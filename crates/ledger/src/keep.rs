@@ -80,7 +80,20 @@ pub fn run_seed(session_seed: u64, index: usize, run: usize) -> u64 {
 /// What the rule makes of the experiment in flight (the session's last record) after its runs
 /// so far, and the figures behind it. The baseline is kept once it has its runs.
 pub fn judge(settings: &KeepSettings, session: &Session) -> (Decision, Judgement) {
-    let candidate = session.records.last().expect("an experiment in flight");
+    judge_record(
+        settings,
+        session,
+        session.records.last().expect("an experiment in flight"),
+    )
+}
+
+/// What the rule makes of `candidate` (in flight) after its runs so far, against the session's
+/// best now: in a session of several workers, not the best its episode began from.
+pub fn judge_record(
+    settings: &KeepSettings,
+    session: &Session,
+    candidate: &crate::Record,
+) -> (Decision, Judgement) {
     let runs = candidate.values();
     let noise = session.noise();
     let mut j = Judgement {

@@ -14,15 +14,17 @@ mod worktree;
 
 use std::path::{Path, PathBuf};
 
-use git2::{Oid, Repository, Signature, build::TreeUpdateBuilder};
+pub use git2::Oid;
+use git2::{Repository, Signature, build::TreeUpdateBuilder};
 use serde::{Deserialize, Serialize};
 
 pub use journal::{Attach, Begin, End, Event, Finish, Judgement, RunEnd, SessionMeta};
 pub use keep::{
-    Decision, KeepSettings, Margins, Noise, RuleKind, decide, judge, pooled_sigma, run_seed,
+    Decision, KeepSettings, Margins, Noise, RuleKind, decide, judge, judge_record, pooled_sigma,
+    run_seed,
 };
 pub use results::ResultRow;
-pub use worktree::Worktree;
+pub use worktree::{Checkout, Worktree};
 
 /// The one file experiments change.
 pub const TRAIN_FILE: &str = "train/src/main.rs";
@@ -260,9 +262,19 @@ impl Session {
         pooled_sigma(groups.iter().map(Vec::as_slice))
     }
 
-    /// The experiment committed but not finished (a kill mid-run), if any.
+    /// The experiment committed but not finished (a kill mid-run), if any, in a session of one
+    /// worker: the last record.
     pub fn pending(&self) -> Option<&Record> {
         self.records.last().filter(|r| r.end.is_none())
+    }
+
+    /// Every experiment committed but not finished: those in flight (or killed mid-run).
+    pub fn in_flight(&self) -> Vec<&Record> {
+        self.records.iter().filter(|r| r.end.is_none()).collect()
+    }
+
+    pub fn record(&self, hash: &str) -> Option<&Record> {
+        self.records.iter().find(|r| r.begin.hash == hash)
     }
 
     /// What the proposer has spent over the session (USD; 0 when unpriced).
@@ -486,7 +498,13 @@ impl Ledger {
         {
             ledger.apply_end(&last)?;
         }
-        if let Some(pending) = ledger.session.pending().cloned() {
+        // A worker's experiment (a session of several) never had the branch: it stays put.
+        if let Some(pending) = ledger
+            .session
+            .pending()
+            .filter(|p| p.begin.worker.is_none())
+            .cloned()
+        {
             let tip = ledger.tip()?;
             let hash = Oid::from_str(&pending.begin.hash)?;
             if tip != hash {
@@ -569,8 +587,39 @@ impl Ledger {
                 p.begin.hash
             )));
         }
-        let parent = self.repo.find_commit(self.tip()?)?;
-        let path = self.root.join(TRAIN_FILE);
+        let root = self.root.clone();
+        let begin = self.commit_experiment(&root, self.tip()?, None, description, rationale)?;
+        self.set_branch(
+            Oid::from_str(&begin.hash)?,
+            &format!("autoresearch: experiment {}", begin.index),
+        )?;
+        Ok(begin)
+    }
+
+    /// Commits the train file of `worker`'s checkout `dir` as the next experiment, a child of
+    /// `parent` (the kept state when its episode began). The branch does not move: other
+    /// experiments are in flight, and it moves only onto a kept one.
+    pub fn begin_on(
+        &mut self,
+        worker: usize,
+        dir: &Path,
+        parent: Oid,
+        description: &str,
+        rationale: &str,
+    ) -> Result<Begin, LedgerError> {
+        self.commit_experiment(dir, parent, Some(worker), description, rationale)
+    }
+
+    fn commit_experiment(
+        &mut self,
+        dir: &Path,
+        parent: Oid,
+        worker: Option<usize>,
+        description: &str,
+        rationale: &str,
+    ) -> Result<Begin, LedgerError> {
+        let parent = self.repo.find_commit(parent)?;
+        let path = dir.join(TRAIN_FILE);
         let content =
             std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
         let blob = self.repo.blob(&content)?;
@@ -596,6 +645,7 @@ impl Ledger {
             description: description.to_string(),
             rationale: rationale.trim().to_string(),
             started_unix: now_unix(),
+            worker,
         };
         journal::append(&self.journal_path(), &Event::Begin(begin.clone()))?;
         self.session.records.push(Record {
@@ -603,13 +653,26 @@ impl Ledger {
             runs: Vec::new(),
             end: None,
         });
-        self.set_branch(oid, &format!("autoresearch: experiment {}", begin.index))?;
         Ok(begin)
+    }
+
+    /// The experiment in flight named `hash`, or the last one when `hash` is `None`.
+    fn flying(&self, hash: Option<&str>) -> Result<&Record, LedgerError> {
+        match hash {
+            None => self.session.pending(),
+            Some(h) => self.session.record(h).filter(|r| r.end.is_none()),
+        }
+        .ok_or_else(|| LedgerError::State("no such experiment in flight".into()))
     }
 
     /// The seed for the next run of the experiment in flight.
     pub fn next_seed(&self) -> Option<u64> {
-        let p = self.session.pending()?;
+        self.next_seed_of(None)
+    }
+
+    /// The seed for the next run of experiment `hash` (in flight), or of the last one.
+    pub fn next_seed_of(&self, hash: Option<&str>) -> Option<u64> {
+        let p = self.flying(hash).ok()?;
         Some(run_seed(
             self.session.meta.seed,
             p.begin.index,
@@ -619,9 +682,17 @@ impl Ledger {
 
     /// Records one finished run of the experiment in flight (synced before anything else).
     pub fn record_run(&mut self, seed: u64, finish: Finish) -> Result<RunEnd, LedgerError> {
-        let Some(pending) = self.session.pending() else {
-            return Err(LedgerError::State("no experiment in flight".into()));
-        };
+        self.record_run_of(None, seed, finish)
+    }
+
+    /// Records one finished run of experiment `hash` (in flight), or of the last one.
+    pub fn record_run_of(
+        &mut self,
+        hash: Option<&str>,
+        seed: u64,
+        finish: Finish,
+    ) -> Result<RunEnd, LedgerError> {
+        let pending = self.flying(hash)?;
         let run = RunEnd {
             hash: pending.begin.hash.clone(),
             run: pending.runs.len(),
@@ -629,13 +700,16 @@ impl Ledger {
             finish,
         };
         journal::append(&self.journal_path(), &Event::Run(run.clone()))?;
+        self.record_mut(&run.hash).runs.push(run.clone());
+        Ok(run)
+    }
+
+    fn record_mut(&mut self, hash: &str) -> &mut Record {
         self.session
             .records
-            .last_mut()
-            .expect("pending exists")
-            .runs
-            .push(run.clone());
-        Ok(run)
+            .iter_mut()
+            .find(|r| r.begin.hash == hash)
+            .expect("a record of this session")
     }
 
     /// Records how the experiment in flight ended and moves git accordingly: kept, the branch
@@ -647,9 +721,20 @@ impl Ledger {
         status: Status,
         judgement: Option<Judgement>,
     ) -> Result<End, LedgerError> {
-        let Some(pending) = self.session.pending().cloned() else {
-            return Err(LedgerError::State("no experiment in flight".into()));
-        };
+        self.finish_of(None, finish, status, judgement)
+    }
+
+    /// Records how experiment `hash` (in flight; the last one when `None`) ended. Kept, the
+    /// branch moves onto it (a worker's experiment may have begun from an older kept state:
+    /// the session's history is then a tree, and the branch is on its best leaf).
+    pub fn finish_of(
+        &mut self,
+        hash: Option<&str>,
+        finish: Finish,
+        status: Status,
+        judgement: Option<Judgement>,
+    ) -> Result<End, LedgerError> {
+        let pending = self.flying(hash)?.clone();
         let status = if finish.outcome == "ok" {
             status
         } else {
@@ -664,10 +749,17 @@ impl Ledger {
             judgement,
         };
         journal::append(&self.journal_path(), &Event::End(end.clone()))?;
-        self.session.records.last_mut().expect("pending exists").end = Some(end.clone());
+        self.record_mut(&end.hash).end = Some(end.clone());
         self.apply_end(&end)?;
         self.write_results()?;
         Ok(end)
+    }
+
+    /// Writes the train file of experiment `hash` into the checkout `dir` (to run it again).
+    pub fn checkout_train_file(&self, dir: &Path, hash: &str) -> Result<(), LedgerError> {
+        let content = self.train_file_of(hash)?;
+        let path = dir.join(TRAIN_FILE);
+        std::fs::write(&path, content).map_err(io_err(format!("writing {}", path.display())))
     }
 
     /// Puts the branch's train file back in the work tree (and the index), dropping any edit.
@@ -707,7 +799,22 @@ impl Ledger {
             &note_text(&self.session.meta.tag, end),
             true,
         )?;
-        if end.status != Status::Keep {
+        if end.status == Status::Keep {
+            let tip = self.tip()?;
+            if tip != oid {
+                if !self.repo.graph_descendant_of(oid, tip)? {
+                    // Another worker's experiment, kept while this one ran, leaves the branch:
+                    // a ref keeps it reachable.
+                    let name = format!(
+                        "refs/autoresearch/{}/superseded/{tip}",
+                        self.session.meta.tag
+                    );
+                    self.repo
+                        .reference(&name, tip, true, "autoresearch: superseded")?;
+                }
+                self.set_branch(oid, &format!("autoresearch: keep experiment {}", end.index))?;
+            }
+        } else {
             let name = format!(
                 "refs/autoresearch/{}/discarded/{}",
                 self.session.meta.tag, end.hash

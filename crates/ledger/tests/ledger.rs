@@ -371,3 +371,96 @@ fn journals_from_before_runs_resume_with_the_strict_rule() {
         "one baseline run under the strict rule"
     );
 }
+
+/// Two workers, each in a checkout of its own from the same kept state: the one that finishes
+/// first is kept; the other, finishing later and better, is kept too, and the branch moves onto
+/// it although it does not descend from the first (a tree, the branch on its best leaf), the
+/// first kept reachable under `superseded/`. A kill with both in flight leaves the branch where
+/// it was, and each goes on by its hash.
+#[test]
+fn workers_experiments_begin_from_the_kept_state_and_the_branch_follows_the_best_leaf() {
+    let dir = repo_with_train_file();
+    let root = dir.path();
+    let mut ledger = Ledger::start(root, meta("t9")).unwrap();
+    ledger.begin("baseline", "").unwrap();
+    ledger.finish(ok(1.0), Status::Keep, None).unwrap();
+    let base = ledger.tip().unwrap();
+    let (w0, w1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let c0 = ledger::Checkout::add(root, &w0.path().join("c"), "t9-w0", base).unwrap();
+    let c1 = ledger::Checkout::add(root, &w1.path().join("c"), "t9-w1", base).unwrap();
+    set_lr(c0.path(), "0.05");
+    set_lr(c1.path(), "0.06");
+    let a = ledger.begin_on(0, c0.path(), base, "lr 0.05", "").unwrap();
+    let b = ledger.begin_on(1, c1.path(), base, "lr 0.06", "").unwrap();
+    assert_eq!(
+        (a.parent.as_str(), b.parent.as_str()),
+        (&*base.to_string(), &*base.to_string())
+    );
+    assert_eq!(ledger.tip().unwrap(), base, "the branch waits for a keep");
+    assert_eq!(ledger.session().in_flight().len(), 2);
+
+    // Killed with both in flight: resume leaves the branch alone and knows both.
+    drop(ledger);
+    let mut ledger = Ledger::resume(root, "t9").unwrap();
+    assert_eq!(ledger.tip().unwrap(), base);
+    let flying: Vec<String> = ledger
+        .session()
+        .in_flight()
+        .iter()
+        .map(|r| r.begin.hash.clone())
+        .collect();
+    assert_eq!(flying, vec![a.hash.clone(), b.hash.clone()]);
+
+    // b ends first (a run and a keep), then a, better than b.
+    ledger.record_run_of(Some(&b.hash), 7, ok(0.9)).unwrap();
+    ledger
+        .finish_of(Some(&b.hash), ok(0.9), Status::Keep, None)
+        .unwrap();
+    assert_eq!(ledger.tip().unwrap().to_string(), b.hash);
+    assert_eq!(
+        std::fs::read_to_string(root.join(TRAIN_FILE)).unwrap(),
+        "const LR: f64 = 0.06;\n",
+        "the user's checkout follows the branch"
+    );
+    let (decision, j) = ledger::judge_record(
+        &KeepSettings::strict(),
+        ledger.session(),
+        ledger.session().record(&a.hash).unwrap(),
+    );
+    assert_eq!(decision, Decision::Discard, "no runs yet");
+    assert_eq!(j.best, None);
+    ledger.record_run_of(Some(&a.hash), 8, ok(0.8)).unwrap();
+    let (decision, j) = ledger::judge_record(
+        &KeepSettings::strict(),
+        ledger.session(),
+        ledger.session().record(&a.hash).unwrap(),
+    );
+    assert_eq!(decision, Decision::Keep);
+    assert_eq!(
+        j.best,
+        Some(0.9),
+        "judged against the best now, not its base"
+    );
+    ledger
+        .finish_of(Some(&a.hash), ok(0.8), Status::Keep, None)
+        .unwrap();
+    assert_eq!(ledger.tip().unwrap().to_string(), a.hash);
+    let repo = Repository::open(root).unwrap();
+    assert_eq!(
+        repo.refname_to_id(&format!("refs/autoresearch/t9/superseded/{}", b.hash))
+            .unwrap()
+            .to_string(),
+        b.hash
+    );
+    assert_eq!(branch_commits(&repo, "t9").len(), 2, "baseline and a");
+    // The workers' checkouts go with their owners, leaving no worktree.
+    drop((c0, c1));
+    assert!(repo.worktrees().unwrap().is_empty());
+    assert!(
+        repo.branches(None).unwrap().count() <= 3,
+        "no checkout branch left"
+    );
+    let session = ledger::Session::load(root, "t9").unwrap();
+    assert!(session.in_flight().is_empty());
+    assert_eq!(session.best().unwrap().begin.hash, a.hash);
+}

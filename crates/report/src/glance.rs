@@ -17,7 +17,8 @@ pub struct Glance {
     /// The harness process that took the session up last, and whether it still runs.
     pub attached: Option<Attach>,
     pub running: bool,
-    pub in_flight: Option<InFlight>,
+    /// The experiments under way (one per worker).
+    pub in_flight: Vec<InFlight>,
     pub totals: Totals,
     pub recent: Vec<Outcome>,
     pub now: u64,
@@ -33,6 +34,8 @@ pub struct InFlight {
     pub runs_done: usize,
     /// The last line its current run's log holds.
     pub last_line: Option<String>,
+    /// The worker running it, in a session of several.
+    pub worker: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +58,7 @@ pub fn is_running(pid: u32) -> bool {
 impl Glance {
     pub fn of(s: &Session, now: u64) -> Glance {
         let running = s.attached.as_ref().is_some_and(|a| is_running(a.pid));
-        let in_flight = s.pending().map(|r| {
+        let in_flight = s.in_flight().into_iter().map(|r| {
             let log = match r.runs.len() {
                 0 => format!("{}.log", r.begin.hash),
                 n => format!("{}-{n}.log", r.begin.hash),
@@ -67,8 +70,10 @@ impl Glance {
                 seconds: now.saturating_sub(r.begin.started_unix),
                 runs_done: r.runs.len(),
                 last_line: last_line(&s.dir.join("logs").join(log)),
+                worker: r.begin.worker,
             }
         });
+        let in_flight = in_flight.collect();
         let recent = s
             .records
             .iter()
@@ -159,25 +164,28 @@ impl fmt::Display for Glance {
                 self.tag
             )?,
         }
-        match &self.in_flight {
-            Some(r) => {
-                write!(
-                    f,
-                    "in flight  #{} {} \"{}\": {} so far",
-                    r.index,
-                    r.short,
-                    r.description,
-                    duration(r.seconds)
-                )?;
-                if r.runs_done > 0 {
-                    write!(f, ", run {}", r.runs_done + 1)?;
-                }
-                writeln!(f)?;
-                if let Some(line) = &r.last_line {
-                    writeln!(f, "           {line}")?;
-                }
+        if self.in_flight.is_empty() {
+            writeln!(f, "in flight  nothing")?;
+        }
+        for r in &self.in_flight {
+            write!(
+                f,
+                "in flight  #{} {} \"{}\": {} so far",
+                r.index,
+                r.short,
+                r.description,
+                duration(r.seconds)
+            )?;
+            if r.runs_done > 0 {
+                write!(f, ", run {}", r.runs_done + 1)?;
             }
-            None => writeln!(f, "in flight  nothing")?,
+            if let Some(w) = r.worker {
+                write!(f, " (worker {w})")?;
+            }
+            writeln!(f)?;
+            if let Some(line) = &r.last_line {
+                writeln!(f, "           {line}")?;
+            }
         }
         match (&t.best, t.baseline) {
             (Some((best, index, short)), base) => {

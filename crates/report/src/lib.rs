@@ -175,7 +175,7 @@ impl Totals {
     pub fn of(s: &Session, now: u64) -> Totals {
         let count = |st| s.records.iter().filter(|r| r.status() == Some(st)).count();
         let ends = s.records.iter().filter_map(|r| r.end.as_ref());
-        let last = if s.pending().is_some() {
+        let last = if !s.in_flight().is_empty() {
             Some(now)
         } else {
             ends.clone().map(|e| e.finished_unix).max()

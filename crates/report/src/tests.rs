@@ -30,6 +30,7 @@ fn record(index: usize, val: Option<f64>, status: Option<Status>, description: &
             description: description.into(),
             rationale: format!("because {index}"),
             started_unix: 1_000_000 + index as u64 * 400,
+            worker: None,
         },
         runs: vec![RunEnd {
             hash: hash.clone(),
@@ -257,6 +258,7 @@ fn the_glance_knows_a_live_harness_and_its_deadline() {
         until_unix: Some(now + 2 * 3600 + 300),
         max_experiments: Some(50),
         max_cost_usd: None,
+        workers: None,
     });
     let is_harness = is_running(std::process::id());
     let text = Glance::of(&s, now).to_string();

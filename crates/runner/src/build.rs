@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::{Device, RunnerError, io_err};
 
@@ -49,37 +50,59 @@ pub(crate) fn is_secret(key: &str) -> bool {
 /// Cargo judges freshness by modification time, and its paths for workspace members are
 /// relative to the workspace root, so two checkouts sharing a target dir look alike: an older
 /// file in a second checkout would pass for built. The train file is always touched (its crate
-/// rebuilds in about a second); `prepare` too when the last build came from another checkout.
+/// rebuilds in about a second); the train crate's other sources and its path dependencies
+/// (`prepare`, `crates/fused`, the manifests) only when their content differs from the last
+/// build's, whichever checkout that was: a session's workers, whose checkouts differ only in
+/// the train file, build nothing else when they take turns.
 fn mark_sources_newer(repo: &Path, target_dir: &Path) -> Result<(), RunnerError> {
-    let marker = target_dir.join("last-checkout");
-    let here = repo.canonicalize().unwrap_or_else(|_| repo.to_path_buf());
-    let last = std::fs::read_to_string(&marker).ok();
-    let mut files = vec![repo.join(crate::TRAIN_FILE)];
-    if last.as_deref() != Some(here.to_string_lossy().as_ref()) {
-        let mut stack = vec![repo.join("prepare"), repo.join("train")];
-        while let Some(dir) = stack.pop() {
-            let entries =
-                std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?;
-            for entry in entries {
-                let path = entry.map_err(io_err("listing sources"))?.path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else {
-                    files.push(path);
-                }
+    let marker = target_dir.join("last-sources");
+    let train_file = repo.join(crate::TRAIN_FILE);
+    let mut shared = Vec::new();
+    let mut stack: Vec<PathBuf> = ["prepare", "train", "crates/fused"]
+        .iter()
+        .map(|d| repo.join(d))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.map_err(io_err("listing sources"))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path != train_file {
+                shared.push(path);
             }
         }
     }
+    shared.extend(["Cargo.toml", "Cargo.lock"].map(|f| repo.join(f)));
+    shared.sort();
+    let mut digest = Sha256::new();
+    for file in &shared {
+        digest.update(
+            file.strip_prefix(repo)
+                .unwrap_or(file)
+                .as_os_str()
+                .as_encoded_bytes(),
+        );
+        digest.update([0]);
+        digest.update(std::fs::read(file).unwrap_or_default());
+        digest.update([0]);
+    }
+    let digest = format!("{:x}", digest.finalize());
+    let mut touch = vec![train_file];
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(digest.as_str()) {
+        touch.extend(shared);
+    }
     let now = std::time::SystemTime::now();
-    for file in files {
+    for file in touch {
         if let Ok(f) = std::fs::File::options().append(true).open(&file) {
             f.set_modified(now)
                 .map_err(io_err(format!("touching {}", file.display())))?;
         }
     }
     std::fs::create_dir_all(target_dir).map_err(io_err("creating the target dir"))?;
-    std::fs::write(&marker, here.to_string_lossy().as_bytes())
-        .map_err(io_err("writing the checkout marker"))
+    std::fs::write(&marker, digest.as_bytes()).map_err(io_err("writing the sources marker"))
 }
 
 /// Builds `train/`. `timeout` bounds the time since cargo last finished a dependency: the train

@@ -156,6 +156,12 @@ pub struct Experiment {
     /// How long the build may go on after its last dependency is built: the train crate's own
     /// compile. Past it the build is stopped and reported as a compile error.
     pub build_timeout: Duration,
+    /// The GPUs the run may see (`CUDA_VISIBLE_DEVICES`), when experiments share the machine:
+    /// a worker's own. `None`: the harness's own setting, if any.
+    pub gpus: Option<String>,
+    /// CPU threads for the run's tensor work (`RAYON_NUM_THREADS`), when experiments share the
+    /// machine's cores. `None`: the harness's own setting, if any.
+    pub threads: Option<usize>,
 }
 
 impl Experiment {
@@ -180,6 +186,8 @@ impl Experiment {
             // An edited train file rebuilds in seconds; its crate alone, fresh, in about a
             // minute. Ten leaves room for a loaded machine.
             build_timeout: Duration::from_secs(600),
+            gpus: None,
+            threads: None,
         }
     }
 

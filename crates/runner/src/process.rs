@@ -311,6 +311,12 @@ pub(crate) fn run_child(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if let Some(gpus) = &exp.gpus {
+        cmd.env("CUDA_VISIBLE_DEVICES", gpus);
+    }
+    if let Some(threads) = exp.threads {
+        cmd.env("RAYON_NUM_THREADS", threads.to_string());
+    }
     let harness = std::process::id() as i32;
     // Temporary files go to a directory of the run's own, not to /tmp (which may hold the
     // repository itself, as in tests).

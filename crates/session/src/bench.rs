@@ -1,18 +1,38 @@
 //! The workbench a proposer works through during one episode.
 
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ledger::Oid;
 use ledger::{Ledger, Record, TRAIN_FILE};
 use runner::{Experiment, RunnerError};
 use workbench::{
     CheckReport, ExperimentReport, ResultLine, SessionInfo, Spend, ToolError, Workbench,
 };
 
-use crate::{Progress, paths};
+use crate::{Progress, lock, paths};
 
 /// The train file may not grow past this: a runaway write is a mistake, not research.
 const MAX_TRAIN_FILE: usize = 1 << 20;
 
+/// Where an episode works: the repository itself (one worker), or a worker's own checkout.
+pub(crate) struct Place<'a> {
+    /// The checkout whose train file the proposer edits and the runner builds.
+    pub dir: PathBuf,
+    /// `None`: the session's only worker, in the repository, whose experiments move the branch
+    /// as they begin.
+    pub worker: Option<usize>,
+    /// The kept state the episode began from (a worker's experiment is its child).
+    pub base: Option<Oid>,
+    /// A worker's claim on one of `--max-experiments`' places, released once its experiment
+    /// is committed (then it counts as a record) or the episode ends without one.
+    pub claims: Option<&'a AtomicUsize>,
+}
+
 pub struct Bench<'a> {
-    ledger: &'a mut Ledger,
+    ledger: &'a Mutex<Ledger>,
+    place: Place<'a>,
     exp: &'a Experiment,
     progress: &'a mut dyn FnMut(Progress),
     ran: bool,
@@ -21,14 +41,16 @@ pub struct Bench<'a> {
 }
 
 impl<'a> Bench<'a> {
-    pub fn new(
-        ledger: &'a mut Ledger,
+    pub(crate) fn new(
+        ledger: &'a Mutex<Ledger>,
+        place: Place<'a>,
         exp: &'a Experiment,
         progress: &'a mut dyn FnMut(Progress),
         spend: &'a mut Spend,
     ) -> Self {
         Bench {
             ledger,
+            place,
             exp,
             progress,
             ran: false,
@@ -41,26 +63,31 @@ impl<'a> Bench<'a> {
         self.ran
     }
 
-    fn train_path(&self) -> std::path::PathBuf {
-        self.ledger.root().join(TRAIN_FILE)
+    fn train_path(&self) -> PathBuf {
+        self.place.dir.join(TRAIN_FILE)
     }
 
-    fn notes_path(&self) -> std::path::PathBuf {
-        self.ledger.dir().join("notes.md")
+    fn notes_path(&self) -> PathBuf {
+        lock(self.ledger).dir().join("notes.md")
     }
 
-    /// Every finished experiment after the baseline, with what its diff changed.
+    /// Every experiment after the baseline, with what its diff changed: finished ones, and
+    /// those in flight on other workers (so no two workers run the same idea).
     fn ideas_tried(&self) -> Result<Vec<workbench::ideas::Idea>, ToolError> {
+        let ledger = lock(self.ledger);
         let file = |hash: &str| -> Result<String, ToolError> {
-            let bytes = self.ledger.train_file_of(hash).map_err(fatal)?;
+            let bytes = ledger.train_file_of(hash).map_err(fatal)?;
             Ok(String::from_utf8_lossy(&bytes).into_owned())
         };
         let mut ideas = Vec::new();
-        for r in &self.ledger.session().records {
-            let Some(end) = &r.end else { continue };
+        for r in &ledger.session().records {
             if r.begin.index == 0 {
                 continue;
             }
+            let status = match &r.end {
+                Some(end) => end.status.as_str().to_string(),
+                None => "in flight on another worker".to_string(),
+            };
             ideas.push(workbench::ideas::Idea {
                 index: r.begin.index,
                 hash: r.short().to_string(),
@@ -70,8 +97,12 @@ impl<'a> Bench<'a> {
                     &file(&r.begin.hash)?,
                 ),
                 val_bpb: r.val_bpb(),
-                status: end.status.as_str().to_string(),
-                gain_sigma: end.judgement.as_ref().and_then(|j| j.gain_sigma),
+                status,
+                gain_sigma: r
+                    .end
+                    .as_ref()
+                    .and_then(|e| e.judgement.as_ref())
+                    .and_then(|j| j.gain_sigma),
             });
         }
         Ok(ideas)
@@ -84,7 +115,8 @@ fn fatal(e: impl std::fmt::Display) -> ToolError {
 
 impl Workbench for Bench<'_> {
     fn info(&self) -> SessionInfo {
-        let s = self.ledger.session();
+        let ledger = lock(self.ledger);
+        let s = ledger.session();
         SessionInfo {
             tag: s.meta.tag.clone(),
             preset: s.meta.preset.clone(),
@@ -99,7 +131,7 @@ impl Workbench for Bench<'_> {
     }
 
     fn read_file(&self, path: &str, lines: Option<(usize, usize)>) -> Result<String, ToolError> {
-        let real = paths::resolve_readable(self.ledger.root(), path)?;
+        let real = paths::resolve_readable(&self.place.dir, path)?;
         let bytes = std::fs::read(&real).map_err(fatal)?;
         let text = String::from_utf8(bytes)
             .map_err(|_| ToolError::Invalid(format!("`{path}` is not UTF-8 text")))?;
@@ -190,22 +222,24 @@ impl Workbench for Bench<'_> {
             ));
         }
         let content = std::fs::read(self.train_path()).map_err(fatal)?;
-        if let Some(r) = self.ledger.tried(&content).map_err(fatal)? {
+        let ideas = self.ideas_tried()?;
+        let mut ledger = lock(self.ledger);
+        if let Some(r) = ledger.tried(&content).map_err(fatal)? {
             return Err(ToolError::AlreadyTried {
                 hash: r.short().to_string(),
                 outcome: r.status().map_or("in flight", |s| s.as_str()).to_string(),
             });
         }
         // The same values set again, on whatever base, is the same idea.
-        let kept = self
-            .ledger
-            .train_file_at(self.ledger.tip().map_err(fatal)?)
-            .map_err(fatal)?;
+        let base = match self.place.base {
+            Some(base) => base,
+            None => ledger.tip().map_err(fatal)?,
+        };
+        let kept = ledger.train_file_at(base).map_err(fatal)?;
         if let Some(changes) = workbench::ideas::setting_changes(
             &String::from_utf8_lossy(&kept),
             &String::from_utf8_lossy(&content),
-        ) && let Some(earlier) = self
-            .ideas_tried()?
+        ) && let Some(earlier) = ideas
             .into_iter()
             .find(|i| i.settings.as_ref() == Some(&changes))
         {
@@ -222,23 +256,37 @@ impl Workbench for Bench<'_> {
         if runner::interrupted() {
             return Err(ToolError::Interrupted);
         }
-        let best_before = self.ledger.session().best().and_then(Record::val_bpb);
-        let begin = self.ledger.begin(description, rationale).map_err(fatal)?;
+        let best_before = ledger.session().best().and_then(Record::val_bpb);
+        let begin = match self.place.worker {
+            None => ledger.begin(description, rationale),
+            Some(worker) => ledger.begin_on(worker, &self.place.dir, base, description, rationale),
+        }
+        .map_err(fatal)?;
+        if let Some(claims) = self.place.claims.take() {
+            claims.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(ledger);
         self.ran = true;
         (self.progress)(Progress::Started(&begin));
         let spend = std::mem::take(self.spend);
-        let interrupted =
-            crate::run_pending(self.ledger, self.exp, &mut *self.progress, spend).map_err(fatal)?;
+        let interrupted = crate::run_pending(
+            self.ledger,
+            self.exp,
+            &begin.hash,
+            &mut *self.progress,
+            spend,
+        )
+        .map_err(fatal)?;
         if interrupted {
             return Err(ToolError::Interrupted);
         }
-        let record = self
-            .ledger
+        let ledger = lock(self.ledger);
+        let record = ledger
             .session()
-            .records
-            .last()
+            .record(&begin.hash)
             .expect("finished")
             .clone();
+        drop(ledger);
         let end = record.end.as_ref().expect("finished");
         Ok(ExperimentReport {
             index: record.begin.index,
@@ -261,7 +309,7 @@ impl Workbench for Bench<'_> {
     }
 
     fn results(&self) -> Vec<ResultLine> {
-        self.ledger
+        lock(self.ledger)
             .session()
             .records
             .iter()
@@ -287,7 +335,8 @@ impl Workbench for Bench<'_> {
     }
 
     fn show(&self, hash: &str) -> Result<String, ToolError> {
-        let session = self.ledger.session();
+        let ledger = lock(self.ledger);
+        let session = ledger.session();
         let found = session.find(hash);
         let record = match found.as_slice() {
             [one] if hash.len() >= 4 => *one,
@@ -302,8 +351,7 @@ impl Workbench for Bench<'_> {
                 )));
             }
         };
-        let diff =
-            ledger::diff_against_parent(self.ledger.root(), &record.begin.hash).map_err(fatal)?;
+        let diff = ledger::diff_against_parent(ledger.root(), &record.begin.hash).map_err(fatal)?;
         Ok(format!("{}\n{diff}", describe(record)))
     }
 

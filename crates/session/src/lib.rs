@@ -5,18 +5,22 @@
 mod bench;
 mod paths;
 mod replay;
+mod workers;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use ledger::{Begin, Decision, Finish, Judgement, Ledger, Record, RunEnd, SessionMeta, Status};
 use runner::{Device, Experiment, RunnerError};
 use workbench::{Proposer, ProposerError, Spend};
 
+use bench::Place;
 pub use bench::{Bench, describe};
 pub use ledger::{KeepSettings, Margins, RuleKind};
 pub use paths::resolve_readable;
 pub use replay::{Replay, replay};
+pub use workers::run_workers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -59,6 +63,9 @@ pub struct Settings {
     pub max_cost: Option<f64>,
     /// The experiments' cargo target dir (shared by every checkout).
     pub target_dir: PathBuf,
+    /// With several workers on CUDA, worker k's experiments see only `gpus[k]`
+    /// (`CUDA_VISIBLE_DEVICES`).
+    pub gpus: Vec<String>,
     pub resume: bool,
 }
 
@@ -105,12 +112,54 @@ pub fn install_interrupt_handler() {
     }
 }
 
-/// Starts (or resumes) the session and runs experiments until a stop condition.
+/// Starts (or resumes) the session and runs experiments until a stop condition, one at a
+/// time, in the repository itself.
 pub fn run(
     settings: &Settings,
     proposer: &mut dyn Proposer,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Stop, SessionError> {
+    let (ledger, exp) = open(settings, &proposer.name(), 1)?;
+    let ledger = Mutex::new(ledger);
+    // Spend of episodes that ended without an experiment, carried to the next one's record.
+    let mut spend = Spend::default();
+    let mut abandoned = 0u32;
+
+    let stop = loop {
+        if let Some(stop) = settle(settings, &ledger, &exp, progress, false)? {
+            break stop;
+        }
+        if let Some(stop) = stop_condition(settings, &lock(&ledger), &spend, 0) {
+            break stop;
+        }
+        let (outcome, ran) = {
+            let place = Place {
+                dir: settings.repo.clone(),
+                worker: None,
+                base: None,
+                claims: None,
+            };
+            let mut bench = Bench::new(&ledger, place, &exp, progress, &mut spend);
+            (proposer.episode(&mut bench), bench.ran())
+        };
+        lock(&ledger).restore_train_file()?;
+        match episode_end(outcome, ran, &mut abandoned, progress)? {
+            Some(stop) => break stop,
+            None if runner::interrupted() => break Stop::Interrupted,
+            None => {}
+        }
+    };
+    lock(&ledger).restore_train_file()?;
+    Ok(stop)
+}
+
+/// Opens (or resumes) the session's ledger, journals who runs it, and makes the experiment
+/// every run starts from.
+fn open(
+    settings: &Settings,
+    agent: &str,
+    workers: usize,
+) -> Result<(Ledger, Experiment), SessionError> {
     let data = prepare::Dataset::open(&settings.cache)?;
     let preset = data.preset();
     let mut ledger = if settings.resume {
@@ -136,7 +185,7 @@ pub fn run(
                 device: settings.device.as_str().into(),
                 budget_s: budget.as_secs_f64(),
                 seed: settings.seed,
-                agent: proposer.name(),
+                agent: agent.to_string(),
                 started_unix: 0,
                 keep: settings.keep,
             },
@@ -151,6 +200,7 @@ pub fn run(
             .map(|d| d.as_secs()),
         max_experiments: settings.max_experiments,
         max_cost_usd: settings.max_cost,
+        workers: (workers > 1).then_some(workers),
     })?;
     // A resumed session keeps its own budget, device and seed: its experiments stay comparable.
     let meta = ledger.session().meta.clone();
@@ -173,97 +223,145 @@ pub fn run(
     if ledger.session().records.is_empty() {
         tracing::info!("{}", describe_rule(&meta.keep));
     }
-    // Spend of episodes that ended without an experiment, carried to the next one's record.
-    let mut spend = Spend::default();
-    let mut abandoned = 0u32;
+    Ok((ledger, exp))
+}
 
-    let stop = loop {
-        if let Some(pending) = ledger.session().pending().cloned() {
+/// What must happen before any episode, in the repository itself: experiments left in flight
+/// by a kill (each run again on its own commit), then the baseline until one is kept. `Some`
+/// when the session must stop.
+///
+/// With `workers`, an experiment a worker left in flight is left for the workers to take up.
+fn settle(
+    settings: &Settings,
+    ledger: &Mutex<Ledger>,
+    exp: &Experiment,
+    progress: &mut dyn FnMut(Progress),
+    workers: bool,
+) -> Result<Option<Stop>, SessionError> {
+    loop {
+        let pending = lock(ledger)
+            .session()
+            .in_flight()
+            .into_iter()
+            .find(|r| !workers || r.begin.worker.is_none())
+            .cloned();
+        if let Some(pending) = pending {
             // Killed mid-experiment: run the same commit again.
             tracing::info!(
                 "re-running experiment {} ({}), interrupted last time",
                 pending.begin.index,
                 pending.short()
             );
+            lock(ledger).checkout_train_file(&settings.repo, &pending.begin.hash)?;
             progress(Progress::Started(&pending.begin));
-            if run_pending(&mut ledger, &exp, progress, Spend::default())? {
-                break Stop::Interrupted;
+            let interrupted =
+                run_pending(ledger, exp, &pending.begin.hash, progress, Spend::default())?;
+            lock(ledger).restore_train_file()?;
+            if interrupted {
+                return Ok(Some(Stop::Interrupted));
             }
             continue;
         }
-        if runner::interrupted() {
-            break Stop::Interrupted;
+        if !lock(ledger).session().kept().is_empty() {
+            return Ok(None);
         }
-        if settings
-            .max_experiments
-            .is_some_and(|max| ledger.session().records.len() >= max)
-        {
-            break Stop::MaxExperiments;
-        }
-        if settings.until.is_some_and(|t| SystemTime::now() >= t) {
-            break Stop::Until;
-        }
-        if let Some(max) = settings.max_cost {
-            let spent = ledger.session().cost_usd() + spend.cost_usd.unwrap_or(0.0);
-            if spent >= max {
-                break Stop::MaxCost;
-            }
+        if let Some(stop) = stop_condition(settings, &lock(ledger), &Spend::default(), 0) {
+            return Ok(Some(stop));
         }
         // The baseline runs until one is kept: an interrupted one runs again on resume.
-        if ledger.session().kept().is_empty() {
-            ledger.restore_train_file()?;
-            let begin = ledger.begin("baseline", "the train file as the session found it")?;
-            progress(Progress::Started(&begin));
-            if run_pending(&mut ledger, &exp, progress, Spend::default())? {
-                break Stop::Interrupted;
-            }
-            let baseline = ledger.session().records.last().expect("just ran");
-            if baseline.status() != Some(Status::Keep) {
-                let end = baseline.end.as_ref().expect("finished");
-                return Err(SessionError::Baseline(format!(
-                    "the baseline ({}) ended in {}: nothing can be compared with it. `autoresearch train` runs the train file alone to see why; fix it, commit, and start a new --tag.\n{}",
-                    baseline.short(),
-                    end.finish.outcome,
-                    end.finish.evidence
-                )));
-            }
-            continue;
-        }
-        let (outcome, ran) = {
-            let mut bench = Bench::new(&mut ledger, &exp, progress, &mut spend);
-            (proposer.episode(&mut bench), bench.ran())
+        let begin = {
+            let mut l = lock(ledger);
+            l.restore_train_file()?;
+            l.begin("baseline", "the train file as the session found it")?
         };
-        ledger.restore_train_file()?;
-        match outcome {
-            Ok(()) if ran => abandoned = 0,
-            Ok(()) => {
-                progress(Progress::Abandoned(
-                    "the proposer ended its episode without running an experiment",
-                ));
-                // A proposer that keeps failing (a request the API always rejects) must not
-                // spin all night: wait longer each time, and give up after a run of them.
-                abandoned += 1;
-                if abandoned >= MAX_ABANDONED {
-                    break Stop::Exhausted(format!(
-                        "{MAX_ABANDONED} episodes in a row ended without an experiment"
-                    ));
-                }
-                let wait = Duration::from_secs(1 << abandoned.min(6));
-                let until = std::time::Instant::now() + wait;
-                while std::time::Instant::now() < until && !runner::interrupted() {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+        progress(Progress::Started(&begin));
+        if run_pending(ledger, exp, &begin.hash, progress, Spend::default())? {
+            return Ok(Some(Stop::Interrupted));
+        }
+        let l = lock(ledger);
+        let baseline = l.session().record(&begin.hash).expect("just ran");
+        if baseline.status() != Some(Status::Keep) {
+            let end = baseline.end.as_ref().expect("finished");
+            return Err(SessionError::Baseline(format!(
+                "the baseline ({}) ended in {}: nothing can be compared with it. `autoresearch train` runs the train file alone to see why; fix it, commit, and start a new --tag.\n{}",
+                baseline.short(),
+                end.finish.outcome,
+                end.finish.evidence
+            )));
+        }
+    }
+}
+
+/// The stop condition that holds now, if any. `claimed`: experiments about to begin (a
+/// worker's episode in progress) that count against `--max-experiments` already.
+fn stop_condition(
+    settings: &Settings,
+    ledger: &Ledger,
+    unrecorded: &Spend,
+    claimed: usize,
+) -> Option<Stop> {
+    if runner::interrupted() {
+        return Some(Stop::Interrupted);
+    }
+    if settings
+        .max_experiments
+        .is_some_and(|max| ledger.session().records.len() + claimed >= max)
+    {
+        return Some(Stop::MaxExperiments);
+    }
+    if settings.until.is_some_and(|t| SystemTime::now() >= t) {
+        return Some(Stop::Until);
+    }
+    if let Some(max) = settings.max_cost {
+        let spent = ledger.session().cost_usd() + unrecorded.cost_usd.unwrap_or(0.0);
+        if spent >= max {
+            return Some(Stop::MaxCost);
+        }
+    }
+    None
+}
+
+/// What an episode's end means for the session: `Some` when it must stop. An episode without
+/// an experiment waits longer each time, and a run of them ends the session, so a proposer
+/// that keeps failing (a request the API always rejects) cannot spin all night.
+fn episode_end(
+    outcome: Result<(), ProposerError>,
+    ran: bool,
+    abandoned: &mut u32,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Option<Stop>, SessionError> {
+    match outcome {
+        Ok(()) if ran => *abandoned = 0,
+        Ok(()) => {
+            progress(Progress::Abandoned(
+                "the proposer ended its episode without running an experiment",
+            ));
+            *abandoned += 1;
+            if *abandoned >= MAX_ABANDONED {
+                return Ok(Some(Stop::Exhausted(format!(
+                    "{MAX_ABANDONED} episodes in a row ended without an experiment"
+                ))));
             }
-            Err(ProposerError::Exhausted(why)) => break Stop::Exhausted(why),
-            Err(ProposerError::Tool(workbench::ToolError::Interrupted)) => break Stop::Interrupted,
-            Err(e) => return Err(SessionError::Proposer(e.to_string())),
+            let until = std::time::Instant::now() + Duration::from_secs(1 << (*abandoned).min(6));
+            while std::time::Instant::now() < until && !runner::interrupted() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        if runner::interrupted() {
-            break Stop::Interrupted;
+        Err(ProposerError::Exhausted(why)) => return Ok(Some(Stop::Exhausted(why))),
+        Err(ProposerError::Tool(workbench::ToolError::Interrupted)) => {
+            return Ok(Some(Stop::Interrupted));
         }
-    };
-    ledger.restore_train_file()?;
-    Ok(stop)
+        Err(e) => return Err(SessionError::Proposer(e.to_string())),
+    }
+    Ok(None)
+}
+
+/// The ledger, whoever held it last: a worker that panicked leaves the journal as it was
+/// (each change is one synced append), so the lock is still good to take.
+pub(crate) fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+    ledger
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The keep rule in a line, for the log and the proposer.
@@ -279,30 +377,34 @@ pub fn describe_rule(k: &KeepSettings) -> String {
     }
 }
 
-/// Runs the experiment in flight, as many times as the keep rule asks, and records it. A run
-/// already journaled (a kill between runs) is not run again. True when it was interrupted.
-fn run_pending(
-    ledger: &mut Ledger,
+/// Runs experiment `hash` (in flight), as many times as the keep rule asks, and records it. A
+/// run already journaled (a kill between runs) is not run again. True when it was interrupted.
+/// The ledger is held only between runs: other workers' experiments go on meanwhile.
+pub(crate) fn run_pending(
+    ledger: &Mutex<Ledger>,
     exp: &Experiment,
+    hash: &str,
     progress: &mut dyn FnMut(Progress),
     spend: Spend,
 ) -> Result<bool, SessionError> {
-    let settings = ledger.session().meta.keep;
     loop {
-        let pending = ledger
+        let mut l = lock(ledger);
+        let settings = l.session().meta.keep;
+        let pending = l
             .session()
-            .pending()
+            .record(hash)
+            .filter(|r| r.end.is_none())
             .cloned()
             .expect("an experiment in flight");
         let failed = pending.runs.iter().any(|r| r.finish.outcome != "ok");
-        let (decision, judgement) = ledger::judge(&settings, ledger.session());
-        let max_runs = if ledger.session().best().is_none() {
+        let (decision, judgement) = ledger::judge_record(&settings, l.session(), &pending);
+        let max_runs = if l.session().best().is_none() {
             settings.baseline_runs.max(1)
         } else {
             settings.margins.max_runs.max(1)
         };
         if !pending.runs.is_empty() && (failed || decision != Decision::Confirm) {
-            finish_pending(ledger, &pending, decision, judgement, spend, progress)?;
+            finish_pending(&mut l, &pending, decision, judgement, spend, progress)?;
             return Ok(false);
         }
         if let Some(last) = pending.runs.last() {
@@ -318,23 +420,28 @@ fn run_pending(
             };
             progress(Progress::Again { run: last, why });
         }
-        let seed = ledger.next_seed().expect("in flight");
-        let (mut finish, interrupted) = run_once(ledger, exp, &pending, seed, progress);
+        let seed = l.next_seed_of(Some(hash)).expect("in flight");
+        let log_dir = l.dir().join("logs");
+        let root = l.root().to_path_buf();
+        drop(l);
+        let (mut finish, interrupted) = run_once(&root, &log_dir, exp, &pending, seed, progress);
+        let mut l = lock(ledger);
         if interrupted {
             // Ctrl-C ends the experiment (a crash the user caused, not the code).
             charge(&mut finish, spend);
-            ledger.finish(finish, Status::Crash, Some(judgement))?;
-            let record = ledger.session().records.last().expect("finished").clone();
+            l.finish_of(Some(hash), finish, Status::Crash, Some(judgement))?;
+            let record = l.session().record(hash).expect("finished").clone();
             progress(Progress::Finished(&record));
             return Ok(true);
         }
-        ledger.record_run(seed, finish)?;
+        l.record_run_of(Some(hash), seed, finish)?;
     }
 }
 
 /// One training run of the experiment in flight with `seed`. True when it was interrupted.
 fn run_once(
-    ledger: &Ledger,
+    root: &Path,
+    log_dir: &Path,
     exp: &Experiment,
     pending: &Record,
     seed: u64,
@@ -346,10 +453,10 @@ fn run_once(
         0 => format!("{}.log", pending.begin.hash),
         n => format!("{}-{n}.log", pending.begin.hash),
     };
-    let log = ledger.dir().join("logs").join(name);
+    let log = log_dir.join(name);
     exp.log_path = log.clone();
     let rel_log = log
-        .strip_prefix(ledger.root())
+        .strip_prefix(root)
         .unwrap_or(&log)
         .to_string_lossy()
         .into_owned();
@@ -453,11 +560,10 @@ fn finish_pending(
             runs.len()
         );
     }
-    ledger.finish(finish, status, Some(judgement))?;
+    ledger.finish_of(Some(&pending.begin.hash), finish, status, Some(judgement))?;
     let record = ledger
         .session()
-        .records
-        .last()
+        .record(&pending.begin.hash)
         .expect("just finished")
         .clone();
     progress(Progress::Finished(&record));
