@@ -169,6 +169,7 @@ fn hostile_train_files_are_contained_and_the_session_goes_on() {
         max_cost: None,
         target_dir: workspace().join("target/runner-tests"),
         gpus: Vec::new(),
+        slurm: None,
         resume: false,
     };
     settings.limits.tasks = 128;

@@ -75,6 +75,7 @@ fn changes_that_cannot_matter_are_not_kept_and_a_large_effect_is_kept_at_once() 
         max_cost: None,
         target_dir: workspace().join("target/runner-tests"),
         gpus: Vec::new(),
+        slurm: None,
         resume: false,
     };
     let mut proposer = NoOpsThenFix {

@@ -447,3 +447,31 @@ pub fn assert_conforms_to_sdk(provider: &str, bodies: &[Value]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A Slurm cluster to submit to: the one that answers, else (as root, with Debian's slurm-wlm and
+/// munge installed) a single-node one on localhost started by `tests/slurm/start.sh`. `false`
+/// when there is none, unless `AUTORESEARCH_SLURM_REQUIRED` is set (CI), which fails instead.
+pub fn slurm_cluster() -> bool {
+    let script = workspace().join("tests/slurm/start.sh");
+    let started = Command::new("bash").arg(&script).output().map(|o| {
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    });
+    match started {
+        Ok((true, _)) => true,
+        Ok((false, why)) if std::env::var_os("AUTORESEARCH_SLURM_REQUIRED").is_some() => {
+            panic!("no Slurm cluster could be started: {why}")
+        }
+        Err(e) if std::env::var_os("AUTORESEARCH_SLURM_REQUIRED").is_some() => {
+            panic!("no Slurm cluster could be started: {e}")
+        }
+        _ => {
+            eprintln!(
+                "skipped: no Slurm cluster here (apt-get install slurm-wlm munge, as root; AUTORESEARCH_SLURM_REQUIRED=1 makes this a failure)"
+            );
+            false
+        }
+    }
+}

@@ -94,6 +94,7 @@ fn a_discarded_experiment_can_be_shown_and_replayed() {
         max_cost: None,
         target_dir: workspace().join("target/runner-tests"),
         gpus: Vec::new(),
+        slurm: None,
         resume: false,
     };
     let mut proposer = FreezeRates;

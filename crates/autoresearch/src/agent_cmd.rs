@@ -69,6 +69,24 @@ pub struct Config {
     pub agent: AgentConfig,
     #[serde(default)]
     pub prices: BTreeMap<String, PriceConfig>,
+    #[serde(default)]
+    pub slurm: SlurmConfig,
+}
+
+/// `[slurm]`: how `run --executor slurm` submits experiments.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    /// GPUs per job [default: 1 on CUDA, none on the CPU].
+    pub gpus_per_job: Option<u32>,
+    pub cpus_per_job: Option<u32>,
+    /// Minutes of time limit beyond the run's own deadlines [default: 5].
+    pub grace_minutes: Option<u64>,
+    /// More `sbatch` flags, as given (e.g. ["--qos=normal", "--constraint=h100"]).
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
 }
 
 impl Config {

@@ -51,6 +51,10 @@ enum Command {
     /// A session at a glance: what runs and for how long, the best, the last outcomes, the
     /// pace and the spend (read-only: it never disturbs the run).
     Status(review_cmd::StatusArgs),
+    /// Runs one experiment on this node from its JSON spec and writes the verdict: what a
+    /// Slurm job of `run --executor slurm` does.
+    #[command(hide = true)]
+    JobRun { spec: PathBuf, verdict: PathBuf },
 }
 
 /// The data cache: `--cache`, else `$AUTORESEARCH_CACHE`, else `~/.cache/autoresearch`.
@@ -117,6 +121,10 @@ fn main() -> std::process::ExitCode {
         Command::Plot(args) => review_cmd::plot(args),
         Command::Report(args) => review_cmd::report(args),
         Command::Status(args) => review_cmd::status(args),
+        Command::JobRun { spec, verdict } => {
+            session::install_interrupt_handler();
+            runner::slurm::run_job(&spec, &verdict).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -44,7 +44,12 @@ pub struct RunArgs {
     /// Data cache [default: $AUTORESEARCH_CACHE or ~/.cache/autoresearch].
     #[arg(long)]
     cache: Option<PathBuf>,
-    /// Experiments at once on the CPU, each with an equal share of the cores [default: 1].
+    /// Where experiments run: `local` (on this machine) or `slurm` (each run a Slurm job, as
+    /// `[slurm]` in autoresearch.toml says; --workers jobs at once).
+    #[arg(long, default_value = "local")]
+    executor: String,
+    /// Experiments at once: on the CPU each with an equal share of the cores, with `--executor
+    /// slurm` jobs at once [default: 1].
     #[arg(long)]
     workers: Option<usize>,
     /// GPUs to use, one experiment on each at once: `CUDA_VISIBLE_DEVICES` numbers such as
@@ -72,6 +77,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let settings = Settings {
         target_dir: session::default_target_dir(&repo),
         gpus: Vec::new(),
+        slurm: None,
         repo,
         tag,
         cache: crate::cache_dir(args.cache),
@@ -94,10 +100,40 @@ pub fn run(args: RunArgs) -> Result<()> {
     let config = crate::agent_cmd::Config::load(&settings.repo)?;
     let mut settings = settings;
     settings.max_cost = args.llm.max_cost.or(config.agent.max_cost);
-    settings.gpus = gpus(settings.device, args.workers, args.gpus)?;
-    let workers = match settings.device {
-        Device::Cuda => settings.gpus.len().max(1),
-        Device::Cpu => args.workers.unwrap_or(1),
+    let workers = match args.executor.as_str() {
+        "local" => {
+            settings.gpus = gpus(settings.device, args.workers, args.gpus)?;
+            match settings.device {
+                Device::Cuda => settings.gpus.len().max(1),
+                Device::Cpu => args.workers.unwrap_or(1),
+            }
+        }
+        "slurm" => {
+            if args.gpus.is_some() {
+                bail!(
+                    "--gpus picks this machine's GPUs; with --executor slurm, Slurm places the jobs: set gpus_per_job under [slurm] in autoresearch.toml"
+                );
+            }
+            let c = &config.slurm;
+            settings.slurm = Some(runner::slurm::Slurm {
+                job_dir: PathBuf::new(),
+                harness: std::env::current_exe().context("finding the autoresearch binary")?,
+                partition: c.partition.clone(),
+                account: c.account.clone(),
+                gpus_per_job: c
+                    .gpus_per_job
+                    .unwrap_or(u32::from(settings.device == Device::Cuda)),
+                cpus_per_job: c.cpus_per_job,
+                grace_minutes: c.grace_minutes.unwrap_or(5),
+                sbatch_args: c.sbatch_args.clone(),
+                poll: Duration::from_secs(2),
+            });
+            match args.workers {
+                Some(0) => bail!("--workers counts experiments at once: give 1 or more"),
+                w => w.unwrap_or(1),
+            }
+        }
+        other => bail!("unknown --executor `{other}`: use `local` or `slurm`"),
     };
     let proposers = (0..workers)
         .map(|_| proposer(&args.agent, &args.llm, &config, &settings.repo))
@@ -496,6 +532,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         // Experiments build into the original repository's target dir: candle compiles once.
         target_dir: session::default_target_dir(&repo),
         gpus: Vec::new(),
+        slurm: None,
         repo: dir.clone(),
         tag: "demo".into(),
         cache,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{Device, RunnerError, io_err};
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Diagnostic {
     /// Relative to the repository, as cargo reports it.
     pub file: String,

@@ -57,7 +57,7 @@ impl Rows {
 
 /// How far two scorings of the same thing may differ: `|a - b| <= atol + rtol * max(|a|, |b|)`.
 /// Measured on the CPU (f32); on CUDA (bf16 matmuls, kernels chosen by batch shape) predicted.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
 pub struct Tolerance {
     pub atol: f64,
     pub rtol: f64,
@@ -86,7 +86,7 @@ impl Tolerance {
 }
 
 /// How many audit rows a run gets: about 4 % of the evaluation's forward passes, at least a few.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
 pub struct AuditPlan {
     pub causal_rows: usize,
     pub repeat_rows: usize,
@@ -113,7 +113,7 @@ pub struct Scored {
     pub audits: AuditSummary,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct AuditSummary {
     pub plan: AuditPlan,
     pub tolerance: Tolerance,

@@ -15,13 +15,14 @@ mod guard;
 mod limits;
 mod process;
 mod sandbox;
+pub mod slurm;
 mod supervise;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use prepare::{Dataset, RunReport, Summary};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use build::{BuildOutput, Diagnostic, build_train};
 pub use evaluate::AuditSummary;
@@ -71,7 +72,7 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
     move |source| RunnerError::Io { what, source }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Device {
     Cpu,
@@ -96,7 +97,7 @@ impl Device {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Ok,
@@ -120,8 +121,8 @@ impl Outcome {
     }
 }
 
-/// One experiment to run.
-#[derive(Clone, Debug)]
+/// One experiment to run (as JSON, a Slurm job's whole instructions).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Experiment {
     /// The checkout whose `train/` is built (the repository, or a worktree of it).
     pub repo: PathBuf,
@@ -162,6 +163,13 @@ pub struct Experiment {
     /// CPU threads for the run's tensor work (`RAYON_NUM_THREADS`), when experiments share the
     /// machine's cores. `None`: the harness's own setting, if any.
     pub threads: Option<usize>,
+    /// A train binary already built (`build_to`): copied into the run dir instead of building.
+    /// A Slurm job's run, built on the submit host.
+    #[serde(default)]
+    pub prebuilt: Option<PathBuf>,
+    /// Run it as a Slurm job instead of a child of this process.
+    #[serde(default)]
+    pub slurm: Option<slurm::Slurm>,
 }
 
 impl Experiment {
@@ -188,6 +196,8 @@ impl Experiment {
             build_timeout: Duration::from_secs(600),
             gpus: None,
             threads: None,
+            prebuilt: None,
+            slurm: None,
         }
     }
 
@@ -207,7 +217,7 @@ impl Experiment {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Verdict {
     pub outcome: Outcome,
     /// Present for `ok` (and for reports that were read but rejected).
@@ -225,6 +235,9 @@ pub struct Verdict {
 
 /// Builds and runs `exp`, calling `on_line` with each line the train binary prints.
 pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, RunnerError> {
+    if let Some(cluster) = &exp.slurm {
+        return slurm::run(exp, cluster, on_line);
+    }
     if exp.log_path.starts_with(&exp.run_dir) {
         return Err(RunnerError::Other(format!(
             "the log {} lies inside the run directory {}, which is removed after the run: put it elsewhere",
@@ -255,6 +268,49 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
     result
 }
 
+/// Builds the train binary and copies it to `dest`, under the target dir's lock (checkouts, and
+/// other harness processes, share cargo's output path).
+fn build_copy(exp: &Experiment, dest: &Path) -> Result<BuildOutput, RunnerError> {
+    let _lock = lock_file(&exp.target_dir.join("runner.lock"))?;
+    Ok(
+        match build_train(&exp.repo, &exp.target_dir, exp.device, exp.build_timeout)? {
+            BuildOutput::Built(exe) => {
+                copy_fresh(&exe, dest)?;
+                BuildOutput::Built(dest.to_path_buf())
+            }
+            failed => failed,
+        },
+    )
+}
+
+/// The verdict on a train file that does not compile.
+fn compile_error(exp: &Experiment, diagnostics: Vec<Diagnostic>, build_seconds: f64) -> Verdict {
+    let evidence = diagnostics
+        .iter()
+        .map(|d| d.rendered.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Verdict {
+        diagnostics,
+        build_seconds,
+        ..failed(exp, Outcome::CompileError, evidence)
+    }
+}
+
+/// A verdict without a report.
+fn failed(exp: &Experiment, outcome: Outcome, evidence: String) -> Verdict {
+    Verdict {
+        outcome,
+        report: None,
+        evidence,
+        diagnostics: Vec::new(),
+        log_path: exp.log_path.clone(),
+        build_seconds: 0.0,
+        run_seconds: 0.0,
+        audits: None,
+    }
+}
+
 fn build_and_run(
     exp: &Experiment,
     data: &Dataset,
@@ -266,16 +322,13 @@ fn build_and_run(
     let t = Instant::now();
     // Checkouts share the target dir, and so the path cargo leaves the binary at: build and take
     // a private copy of it under a file lock (other harness processes included).
-    let built = {
-        let _lock = lock_file(&exp.target_dir.join("runner.lock"))?;
-        match build_train(&exp.repo, &exp.target_dir, exp.device, exp.build_timeout)? {
-            BuildOutput::Built(exe) => {
-                let private = exp.run_dir.join("train-bin");
-                copy_fresh(&exe, &private)?;
-                BuildOutput::Built(private)
-            }
-            failed => failed,
+    let private = exp.run_dir.join("train-bin");
+    let built = match &exp.prebuilt {
+        Some(exe) => {
+            copy_fresh(exe, &private)?;
+            BuildOutput::Built(private)
         }
+        None => build_copy(exp, &private)?,
     };
     let build_seconds = t.elapsed().as_secs_f64();
     // A Ctrl-C at the terminal reaches cargo too: its failure is the interruption, not the code's.
@@ -285,16 +338,7 @@ fn build_and_run(
     let exe = match built {
         BuildOutput::Built(exe) => exe,
         BuildOutput::Failed(diagnostics) => {
-            let evidence = diagnostics
-                .iter()
-                .map(|d| d.rendered.as_str())
-                .collect::<Vec<_>>()
-                .join("\n");
-            return Ok(Verdict {
-                diagnostics,
-                build_seconds,
-                ..verdict(Outcome::CompileError, evidence)
-            });
+            return Ok(compile_error(exp, diagnostics, build_seconds));
         }
     };
 

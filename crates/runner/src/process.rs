@@ -41,12 +41,12 @@ const ALLOWED: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
-fn allowed(key: &str) -> bool {
+pub(crate) fn allowed(key: &str) -> bool {
     (ALLOWED.contains(&key) || key.starts_with("LC_")) && !crate::build::is_secret(key)
 }
 
 /// Bytes of output kept: the first `head` and the last `tail`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LogCap {
     pub head: usize,
     pub tail: usize,

@@ -66,6 +66,8 @@ pub struct Settings {
     /// With several workers on CUDA, worker k's experiments see only `gpus[k]`
     /// (`CUDA_VISIBLE_DEVICES`).
     pub gpus: Vec<String>,
+    /// Run each experiment as a Slurm job (`job_dir` is set to the session's `jobs/`).
+    pub slurm: Option<runner::slurm::Slurm>,
     pub resume: bool,
 }
 
@@ -220,6 +222,10 @@ fn open(
     exp.limits = settings.limits;
     exp.target_dir = settings.target_dir.clone();
     exp.run_dir = ledger.dir().join("work");
+    exp.slurm = settings.slurm.clone().map(|mut s| {
+        s.job_dir = ledger.dir().join("jobs");
+        s
+    });
     if ledger.session().records.is_empty() {
         tracing::info!("{}", describe_rule(&meta.keep));
     }

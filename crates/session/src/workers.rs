@@ -34,8 +34,10 @@ pub fn run_workers(
     let n = proposers.len().max(1);
     let agent = proposers.first().map(|p| p.name()).unwrap_or_default();
     let (ledger, mut exp) = crate::open(settings, &agent, n)?;
-    // The memory limit is the workers' together.
-    exp.limits.memory /= n as u64;
+    // The memory limit is the workers' together (a Slurm job has its node's).
+    if exp.slurm.is_none() {
+        exp.limits.memory /= n as u64;
+    }
     let ledger = Mutex::new(ledger);
     // The baseline (and an experiment of a one-worker run left in flight) goes first, alone.
     let mut first = |p: Progress| progress(0, p);
@@ -76,7 +78,9 @@ pub fn run_workers(
             let mut exp = exp.clone();
             exp.repo = checkout.path().to_path_buf();
             exp.run_dir = dir.join(format!("work-w{k}"));
+            // A Slurm job gets its GPUs and cores from Slurm.
             match exp.device {
+                _ if exp.slurm.is_some() => {}
                 runner::Device::Cuda => exp.gpus = settings.gpus.get(k).cloned(),
                 runner::Device::Cpu => exp.threads = Some((cores / n).max(1)),
             }
