@@ -281,8 +281,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunnerError> {
 /// naming it.
 pub fn run_job(spec: &Path, verdict_path: &Path) -> Result<(), RunnerError> {
     let bytes = std::fs::read(spec).map_err(io_err(format!("reading {}", spec.display())))?;
-    let exp: Experiment = serde_json::from_slice(&bytes)
+    let mut exp: Experiment = serde_json::from_slice(&bytes)
         .map_err(|e| RunnerError::Other(format!("{}: not an experiment: {e}", spec.display())))?;
+    // As many threads as the CPUs Slurm gave the job (its affinity), not the node's.
+    if exp.threads.is_none() {
+        exp.threads = std::thread::available_parallelism().ok().map(|n| n.get());
+    }
     let verdict = match crate::run(&exp, &mut |_| {}) {
         Ok(v) => v,
         Err(RunnerError::Interrupted) => return Err(RunnerError::Interrupted),

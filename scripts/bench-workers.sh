@@ -3,8 +3,8 @@
 # the journal: experiments per hour, and the harness's own time per experiment (build, lock
 # waits, git and journal: an experiment's wall time less its train process's).
 #
-#   bash bench/workers.sh real 1 2        # the tiny train file as it is
-#   bash bench/workers.sh stub 1 2 4 8    # a stub that sleeps through the budget: the harness alone
+#   bash scripts/bench-workers.sh real 1 2        # the tiny train file as it is
+#   bash scripts/bench-workers.sh stub 1 2 4 8    # a stub that sleeps through the budget: the harness alone
 #
 # BUDGET (default 5 s) and ROUNDS (experiments per worker after the baseline, default 4) tune it.
 set -euo pipefail
