@@ -313,6 +313,18 @@ fn two_workers_train_at_once_and_a_kill_nine_with_both_in_flight_resumes_exactly
         .collect();
     workers.sort();
     assert_eq!(workers, [0, 1]);
+    // `status` tells each worker's experiment, and that the harness is gone.
+    let status: Value = serde_json::from_slice(&p.run(&["status", "--tag", "w", "--json"]).stdout)
+        .expect("status --json");
+    assert_eq!(status["running"], false);
+    let mut shown: Vec<u64> = status["in_flight"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["worker"].as_u64().unwrap())
+        .collect();
+    shown.sort();
+    assert_eq!(shown, [0, 1], "{status}");
     // No process of either run outlives the harness.
     let runs = p.repo.join("runs/w");
     let gone = Instant::now() + Duration::from_secs(15);

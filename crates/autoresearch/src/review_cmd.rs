@@ -140,9 +140,12 @@ pub fn print_log(repo: &Path, tag: &str) -> Result<()> {
         "  {:>4}  {:<7}  {:>9}  {:>9}  {:>9}  {:>6}  {:>4}  {:>5}  description",
         "#", "commit", "val_bpb", "Δprev", "Δbase", "gain", "runs", "time"
     );
-    let kept = s.kept();
+    // In the order they were kept: with several workers, not always the order they began.
+    let mut kept = s.kept();
+    kept.sort_by_key(|r| (r.end.as_ref().map(|e| e.finished_unix), r.begin.index));
     let baseline = kept.first().and_then(|r| r.val_bpb());
     let mut prev: Option<f64> = None;
+    let mut prev_hash: Option<&str> = None;
     let delta = |a: Option<f64>, b: Option<f64>| match a.zip(b) {
         Some((a, b)) => format!("{:+.6}", a - b),
         None => "-".into(),
@@ -163,7 +166,25 @@ pub fn print_log(repo: &Path, tag: &str) -> Result<()> {
                 .map_or("-".into(), |e| crate::clock::hh_mm(e.finished_unix)),
             r.begin.description
         );
+        // Another worker's experiment was kept while this one ran: it began from an older
+        // kept state, and the branch moved onto it all the same (a tree, not a chain).
+        if let Some(h) = prev_hash.filter(|h| *h != r.begin.parent) {
+            let from = s
+                .records
+                .iter()
+                .find(|p| p.begin.hash == r.begin.parent)
+                .map_or_else(
+                    || r.begin.parent[..7].to_string(),
+                    |p| format!("#{}", p.begin.index),
+                );
+            println!(
+                "  {:>4}  began from {from}, not from {} (kept while it ran)",
+                "",
+                &h[..7]
+            );
+        }
         prev = v;
+        prev_hash = Some(&r.begin.hash);
     }
     let t = totals(&s);
     let mut line = format!(
@@ -580,6 +601,9 @@ pub struct StatusArgs {
     /// Seconds between redraws with --watch.
     #[arg(long, default_value_t = 2.0, value_name = "SECS")]
     interval: f64,
+    /// The same as one JSON object (each experiment in flight with its worker), once.
+    #[arg(long, conflicts_with = "watch")]
+    json: bool,
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
@@ -596,6 +620,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
         let s = Session::load(&repo, &tag)?;
         Ok(report::Glance::of(&s, report::now_unix()).to_string())
     };
+    if args.json {
+        let s = Session::load(&repo, &tag)?;
+        let glance = report::Glance::of(&s, report::now_unix());
+        println!("{}", serde_json::to_string_pretty(&glance)?);
+        return Ok(());
+    }
     if !args.watch {
         print!("{}", glance()?);
         return Ok(());

@@ -45,11 +45,12 @@ pub struct RunArgs {
     #[arg(long)]
     cache: Option<PathBuf>,
     /// Where experiments run: `local` (on this machine) or `slurm` (each run a Slurm job, as
-    /// `[slurm]` in autoresearch.toml says; --workers jobs at once).
-    #[arg(long, default_value = "local")]
-    executor: String,
+    /// `[slurm]` in autoresearch.toml says; --workers jobs at once) [default: local, or on
+    /// --resume what the session used].
+    #[arg(long)]
+    executor: Option<String>,
     /// Experiments at once: on the CPU each with an equal share of the cores, with `--executor
-    /// slurm` jobs at once [default: 1].
+    /// slurm` jobs at once [default: 1, or on --resume what the session used].
     #[arg(long)]
     workers: Option<usize>,
     /// GPUs to use, one experiment on each at once: `CUDA_VISIBLE_DEVICES` numbers such as
@@ -74,6 +75,31 @@ pub fn run(args: RunArgs) -> Result<()> {
         )?,
         (None, false) => crate::clock::today_tag(),
     };
+    // A resumed session goes on as it ran: its device, executor and workers, unless told.
+    let before = if args.resume {
+        ledger::Session::load(&repo, &tag).ok()
+    } else {
+        None
+    };
+    let device = match &before {
+        Some(s) if s.meta.device == "cuda" => Device::Cuda,
+        Some(_) => Device::Cpu,
+        None => parse_device(&args.device)?,
+    };
+    let attached = before.as_ref().and_then(|s| s.attached.clone());
+    let executor = args
+        .executor
+        .clone()
+        .or_else(|| attached.as_ref().and_then(|a| a.executor.clone()))
+        .unwrap_or_else(|| "local".into());
+    let workers_flag = args.workers.or_else(|| {
+        // On CUDA the GPUs the machine shows decide, unless --gpus or --workers says.
+        let cpu_or_cluster = device == Device::Cpu || executor == "slurm";
+        attached
+            .as_ref()
+            .and_then(|a| a.workers)
+            .filter(|_| cpu_or_cluster)
+    });
     let settings = Settings {
         target_dir: session::default_target_dir(&repo),
         gpus: Vec::new(),
@@ -81,7 +107,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         repo,
         tag,
         cache: crate::cache_dir(args.cache),
-        device: parse_device(&args.device)?,
+        device,
         budget: args.budget.map(Duration::from_secs_f64),
         seed: args.seed,
         keep: args.keep.settings()?,
@@ -100,12 +126,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     let config = crate::agent_cmd::Config::load(&settings.repo)?;
     let mut settings = settings;
     settings.max_cost = args.llm.max_cost.or(config.agent.max_cost);
-    let workers = match args.executor.as_str() {
+    let workers = match executor.as_str() {
         "local" => {
-            settings.gpus = gpus(settings.device, args.workers, args.gpus)?;
+            settings.gpus = gpus(settings.device, workers_flag, args.gpus)?;
             match settings.device {
                 Device::Cuda => settings.gpus.len().max(1),
-                Device::Cpu => args.workers.unwrap_or(1),
+                Device::Cpu => workers_flag.unwrap_or(1),
             }
         }
         "slurm" => {
@@ -127,8 +153,10 @@ pub fn run(args: RunArgs) -> Result<()> {
                 grace_minutes: c.grace_minutes.unwrap_or(5),
                 sbatch_args: c.sbatch_args.clone(),
                 poll: Duration::from_secs(2),
+                node_limits: args.sandbox.max_run_tasks.is_none()
+                    && args.sandbox.max_run_memory.is_none(),
             });
-            match args.workers {
+            match workers_flag {
                 Some(0) => bail!("--workers counts experiments at once: give 1 or more"),
                 w => w.unwrap_or(1),
             }

@@ -130,6 +130,9 @@ pub struct Attach {
     /// Experiments it runs at once (absent: one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// Where they run: `slurm` (absent: on this machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -489,12 +489,15 @@ impl Ledger {
             root: root.to_path_buf(),
             session,
         };
-        if let Some(last) = ledger
-            .session
-            .records
-            .iter()
+        // The last end in the journal's order (with several workers, experiments end in
+        // another order than they began).
+        if let Some(last) = journal::read(&journal_path)?
+            .into_iter()
             .rev()
-            .find_map(|r| r.end.clone())
+            .find_map(|e| match e {
+                Event::End(end) => Some(end),
+                _ => None,
+            })
         {
             ledger.apply_end(&last)?;
         }
@@ -607,7 +610,22 @@ impl Ledger {
         description: &str,
         rationale: &str,
     ) -> Result<Begin, LedgerError> {
-        self.commit_experiment(dir, parent, Some(worker), description, rationale)
+        let begin = self.commit_experiment(dir, parent, Some(worker), description, rationale)?;
+        // Reachable by a ref while no branch holds it (a long-dead session and `git gc`).
+        self.repo.reference(
+            &self.in_flight_ref(&begin.hash),
+            Oid::from_str(&begin.hash)?,
+            true,
+            "autoresearch: in flight",
+        )?;
+        Ok(begin)
+    }
+
+    fn in_flight_ref(&self, hash: &str) -> String {
+        format!(
+            "refs/autoresearch/{}/in-flight/{hash}",
+            self.session.meta.tag
+        )
     }
 
     fn commit_experiment(
@@ -801,7 +819,9 @@ impl Ledger {
         )?;
         if end.status == Status::Keep {
             let tip = self.tip()?;
-            if tip != oid {
+            // Redone on resume: a branch already on it, or past it (an experiment begun from
+            // it is in flight), stays where it is.
+            if tip != oid && !self.repo.graph_descendant_of(tip, oid)? {
                 if !self.repo.graph_descendant_of(oid, tip)? {
                     // Another worker's experiment, kept while this one ran, leaves the branch:
                     // a ref keeps it reachable.
@@ -825,6 +845,10 @@ impl Ledger {
                 let parent = self.repo.find_commit(oid)?.parent_id(0)?;
                 self.set_branch(parent, "autoresearch: revert")?;
             }
+        }
+        // Last: the branch or a ref above holds it now.
+        if let Ok(mut r) = self.repo.find_reference(&self.in_flight_ref(&end.hash)) {
+            r.delete()?;
         }
         Ok(())
     }

@@ -398,6 +398,11 @@ fn workers_experiments_begin_from_the_kept_state_and_the_branch_follows_the_best
     );
     assert_eq!(ledger.tip().unwrap(), base, "the branch waits for a keep");
     assert_eq!(ledger.session().in_flight().len(), 2);
+    let in_flight_ref = |h: &str| format!("refs/autoresearch/t9/in-flight/{h}");
+    {
+        let repo = Repository::open(root).unwrap();
+        assert!(repo.find_reference(&in_flight_ref(&a.hash)).is_ok());
+    }
 
     // Killed with both in flight: resume leaves the branch alone and knows both.
     drop(ledger);
@@ -453,6 +458,13 @@ fn workers_experiments_begin_from_the_kept_state_and_the_branch_follows_the_best
         b.hash
     );
     assert_eq!(branch_commits(&repo, "t9").len(), 2, "baseline and a");
+    assert!(repo.find_reference(&in_flight_ref(&a.hash)).is_err());
+    assert!(repo.find_reference(&in_flight_ref(&b.hash)).is_err());
+    // Resume redoes the last end in the journal's order (a), not the last begun (b): the
+    // branch stays on the best.
+    drop(ledger);
+    let ledger = Ledger::resume(root, "t9").unwrap();
+    assert_eq!(ledger.tip().unwrap().to_string(), a.hash);
     // The workers' checkouts go with their owners, leaving no worktree.
     drop((c0, c1));
     assert!(repo.worktrees().unwrap().is_empty());

@@ -11,7 +11,7 @@ use crate::Totals;
 /// Outcomes listed under "last outcomes".
 const RECENT: usize = 5;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Glance {
     pub tag: String,
     /// The harness process that took the session up last, and whether it still runs.
@@ -24,7 +24,7 @@ pub struct Glance {
     pub now: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct InFlight {
     pub index: usize,
     pub short: String,
@@ -38,7 +38,7 @@ pub struct InFlight {
     pub worker: Option<usize>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
     pub index: usize,
     pub short: String,

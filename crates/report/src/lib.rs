@@ -154,7 +154,7 @@ fn row<'a>(r: &'a Record, d: &'a Detail) -> Row<'a> {
 }
 
 /// The session's totals, as the page and `status` show them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Totals {
     pub experiments: usize,
     pub kept: usize,

@@ -259,6 +259,7 @@ fn the_glance_knows_a_live_harness_and_its_deadline() {
         max_experiments: Some(50),
         max_cost_usd: None,
         workers: None,
+        executor: None,
     });
     let is_harness = is_running(std::process::id());
     let text = Glance::of(&s, now).to_string();

@@ -170,6 +170,9 @@ pub struct Experiment {
     /// Run it as a Slurm job instead of a child of this process.
     #[serde(default)]
     pub slurm: Option<slurm::Slurm>,
+    /// A Slurm job's run: `limits` are those of the node it lands on, not the submit host's.
+    #[serde(default)]
+    pub limits_from_node: bool,
 }
 
 impl Experiment {
@@ -198,6 +201,7 @@ impl Experiment {
             threads: None,
             prebuilt: None,
             slurm: None,
+            limits_from_node: false,
         }
     }
 

@@ -41,10 +41,15 @@ pub struct Slurm {
     pub sbatch_args: Vec<String>,
     /// How often the queue is asked about a job.
     pub poll: Duration,
+    /// The node sizes the run's limits (tasks, memory) from its own machine: no
+    /// `--max-run-tasks` or `--max-run-memory` was given.
+    pub node_limits: bool,
 }
 
 /// The files of one run's job.
 struct JobFiles {
+    /// `HASH` or `HASH-N`: the run's log name.
+    stem: String,
     exe: PathBuf,
     spec: PathBuf,
     script: PathBuf,
@@ -61,6 +66,7 @@ impl JobFiles {
             .map_or_else(|| "run".into(), |s| s.to_string_lossy().into_owned());
         let file = |ext: &str| cluster.job_dir.join(format!("{stem}.{ext}"));
         JobFiles {
+            stem: stem.clone(),
             exe: file("bin"),
             spec: file("json"),
             script: file("sh"),
@@ -95,16 +101,19 @@ pub fn run(
     std::fs::create_dir_all(&cluster.job_dir)
         .map_err(io_err(format!("creating {}", cluster.job_dir.display())))?;
     let mut build_seconds = 0.0;
-    let id = match std::fs::read_to_string(&files.id) {
-        // A job a killed harness submitted: still queued or running, wait for it; ended,
-        // its verdict (if it wrote one) stands.
-        Ok(id) if queued(id.trim()) || files.verdict.is_file() => {
+    // A job a killed harness submitted (its id on file, or, killed before it could write the
+    // id, found by name): still queued or running, wait for it; ended, its verdict stands.
+    let earlier = std::fs::read_to_string(&files.id)
+        .ok()
+        .map(|id| id.trim().to_string())
+        .or_else(|| by_name(&job_name(&files.stem)));
+    let id = match earlier {
+        Some(id) if queued(&id) != Some(false) || files.verdict.is_file() => {
             tracing::info!(
-                "{}: adopting Slurm job {}, left by an earlier harness",
-                exp.log_path.display(),
-                id.trim()
+                "{}: adopting Slurm job {id}, left by an earlier harness",
+                exp.log_path.display()
             );
-            id.trim().to_string()
+            id
         }
         _ => {
             let t = Instant::now();
@@ -122,13 +131,30 @@ pub fn run(
             id
         }
     };
-    while queued(&id) {
+    // `squeue` failing (a busy controller) is not the job ending: ask again.
+    let mut unanswered = 0u32;
+    loop {
         if interrupted() {
             cancel(&id);
             files.remove();
             return Err(RunnerError::Interrupted);
         }
+        match queued(&id) {
+            Some(true) => unanswered = 0,
+            Some(false) => break,
+            None => {
+                unanswered += 1;
+                if unanswered % 30 == 1 {
+                    tracing::warn!("squeue does not answer about job {id}; asking again");
+                }
+            }
+        }
         std::thread::sleep(cluster.poll);
+    }
+    // On a network filesystem the node's last write may show here a little later.
+    let seen = Instant::now();
+    while !files.verdict.is_file() && seen.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
     }
     let verdict = match std::fs::read(&files.verdict) {
         Ok(bytes) => serde_json::from_slice::<Verdict>(&bytes).map_err(|e| {
@@ -163,6 +189,9 @@ fn submit(exp: &Experiment, cluster: &Slurm, files: &JobFiles) -> Result<String,
     let mut node = exp.clone();
     node.slurm = None;
     node.prebuilt = Some(files.exe.clone());
+    // A run dir of the run's own: a job adopted after a resume may still be using its worker's.
+    node.run_dir = cluster.job_dir.join(format!("{}.run", files.stem));
+    node.limits_from_node = cluster.node_limits;
     write_atomic(
         &files.spec,
         &serde_json::to_vec_pretty(&node).expect("an experiment serialises"),
@@ -185,16 +214,11 @@ fn submit(exp: &Experiment, cluster: &Slurm, files: &JobFiles) -> Result<String,
         .filter_map(|(k, _)| k.into_string().ok())
         .filter(|k| crate::process::allowed(k))
         .collect();
-    let name = files
-        .exe
-        .file_stem()
-        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
     let mut cmd = Command::new("sbatch");
     cmd.arg("--parsable")
-        .arg(format!(
-            "--job-name=autoresearch-{}",
-            &name[..name.len().min(12)]
-        ))
+        .arg(format!("--job-name={}", job_name(&files.stem)))
+        // A preempted job ends (and says so) rather than running again behind our back.
+        .arg("--no-requeue")
         .arg(format!("--output={}", files.out.display()))
         .arg(format!("--time={minutes}"))
         .arg(format!("--chdir={}", exp.repo.display()))
@@ -239,29 +263,55 @@ fn submit(exp: &Experiment, cluster: &Slurm, files: &JobFiles) -> Result<String,
     Ok(id)
 }
 
-/// Whether job `id` is still queued or running (`squeue` knows it and it has not ended).
-pub fn queued(id: &str) -> bool {
-    Command::new("squeue")
-        .args(["--noheader", "--format=%T", "--jobs", id])
+fn job_name(stem: &str) -> String {
+    format!("autoresearch-{stem}")
+}
+
+/// The id of this user's job named `name`, if the queue holds one.
+fn by_name(name: &str) -> Option<String> {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let out = Command::new("squeue")
+        .args(["--noheader", "--format=%i", "--name", name])
+        .arg(format!("--user={uid}"))
         .output()
         .ok()
-        .filter(|o| o.status.success())
-        .is_some_and(|o| {
-            let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            !state.is_empty()
-                && !matches!(
-                    state.as_str(),
-                    "COMPLETED"
-                        | "CANCELLED"
-                        | "FAILED"
-                        | "TIMEOUT"
-                        | "NODE_FAIL"
-                        | "PREEMPTED"
-                        | "OUT_OF_MEMORY"
-                        | "BOOT_FAIL"
-                        | "DEADLINE"
-                )
-        })
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .map(|l| l.trim().to_string())
+        .filter(|id| !id.is_empty())
+}
+
+/// Whether job `id` is still queued or running: `Some(false)` once the queue no longer holds
+/// it (or holds it ended), `None` when `squeue` does not answer.
+pub fn queued(id: &str) -> Option<bool> {
+    let out = Command::new("squeue")
+        .args(["--noheader", "--format=%T", "--jobs", id])
+        .output()
+        .ok()?;
+    let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() {
+        // An id the controller has forgotten (ended long ago) is an answer too.
+        let err = String::from_utf8_lossy(&out.stderr);
+        return err.contains("Invalid job id").then_some(false);
+    }
+    Some(
+        !state.is_empty()
+            && !matches!(
+                state.as_str(),
+                "COMPLETED"
+                    | "CANCELLED"
+                    | "FAILED"
+                    | "TIMEOUT"
+                    | "NODE_FAIL"
+                    | "PREEMPTED"
+                    | "OUT_OF_MEMORY"
+                    | "BOOT_FAIL"
+                    | "DEADLINE"
+            ),
+    )
 }
 
 /// Cancels job `id` (Ctrl-C).
@@ -283,6 +333,9 @@ pub fn run_job(spec: &Path, verdict_path: &Path) -> Result<(), RunnerError> {
     let bytes = std::fs::read(spec).map_err(io_err(format!("reading {}", spec.display())))?;
     let mut exp: Experiment = serde_json::from_slice(&bytes)
         .map_err(|e| RunnerError::Other(format!("{}: not an experiment: {e}", spec.display())))?;
+    if exp.limits_from_node {
+        exp.limits = crate::Limits::for_machine();
+    }
     // As many threads as the CPUs Slurm gave the job (its affinity), not the node's.
     if exp.threads.is_none() {
         exp.threads = std::thread::available_parallelism().ok().map(|n| n.get());

@@ -28,6 +28,8 @@ pub(crate) struct Place<'a> {
     /// A worker's claim on one of `--max-experiments`' places, released once its experiment
     /// is committed (then it counts as a record) or the episode ends without one.
     pub claims: Option<&'a AtomicUsize>,
+    /// Another worker stopped the session: begin nothing more.
+    pub halted: Option<&'a (dyn Fn() -> bool + Sync)>,
 }
 
 pub struct Bench<'a> {
@@ -70,43 +72,42 @@ impl<'a> Bench<'a> {
     fn notes_path(&self) -> PathBuf {
         lock(self.ledger).dir().join("notes.md")
     }
+}
 
-    /// Every experiment after the baseline, with what its diff changed: finished ones, and
-    /// those in flight on other workers (so no two workers run the same idea).
-    fn ideas_tried(&self) -> Result<Vec<workbench::ideas::Idea>, ToolError> {
-        let ledger = lock(self.ledger);
-        let file = |hash: &str| -> Result<String, ToolError> {
-            let bytes = ledger.train_file_of(hash).map_err(fatal)?;
-            Ok(String::from_utf8_lossy(&bytes).into_owned())
-        };
-        let mut ideas = Vec::new();
-        for r in &ledger.session().records {
-            if r.begin.index == 0 {
-                continue;
-            }
-            let status = match &r.end {
-                Some(end) => end.status.as_str().to_string(),
-                None => "in flight on another worker".to_string(),
-            };
-            ideas.push(workbench::ideas::Idea {
-                index: r.begin.index,
-                hash: r.short().to_string(),
-                description: r.begin.description.clone(),
-                settings: workbench::ideas::setting_changes(
-                    &file(&r.begin.parent)?,
-                    &file(&r.begin.hash)?,
-                ),
-                val_bpb: r.val_bpb(),
-                status,
-                gain_sigma: r
-                    .end
-                    .as_ref()
-                    .and_then(|e| e.judgement.as_ref())
-                    .and_then(|j| j.gain_sigma),
-            });
+/// Every experiment after the baseline, with what its diff changed: finished ones, and
+/// those in flight on other workers (so no two workers run the same idea).
+fn ideas_tried(ledger: &Ledger) -> Result<Vec<workbench::ideas::Idea>, ToolError> {
+    let file = |hash: &str| -> Result<String, ToolError> {
+        let bytes = ledger.train_file_of(hash).map_err(fatal)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let mut ideas = Vec::new();
+    for r in &ledger.session().records {
+        if r.begin.index == 0 {
+            continue;
         }
-        Ok(ideas)
+        let status = match &r.end {
+            Some(end) => end.status.as_str().to_string(),
+            None => "in flight on another worker".to_string(),
+        };
+        ideas.push(workbench::ideas::Idea {
+            index: r.begin.index,
+            hash: r.short().to_string(),
+            description: r.begin.description.clone(),
+            settings: workbench::ideas::setting_changes(
+                &file(&r.begin.parent)?,
+                &file(&r.begin.hash)?,
+            ),
+            val_bpb: r.val_bpb(),
+            status,
+            gain_sigma: r
+                .end
+                .as_ref()
+                .and_then(|e| e.judgement.as_ref())
+                .and_then(|j| j.gain_sigma),
+        });
     }
+    Ok(ideas)
 }
 
 fn fatal(e: impl std::fmt::Display) -> ToolError {
@@ -222,7 +223,6 @@ impl Workbench for Bench<'_> {
             ));
         }
         let content = std::fs::read(self.train_path()).map_err(fatal)?;
-        let ideas = self.ideas_tried()?;
         let mut ledger = lock(self.ledger);
         if let Some(r) = ledger.tried(&content).map_err(fatal)? {
             return Err(ToolError::AlreadyTried {
@@ -239,7 +239,7 @@ impl Workbench for Bench<'_> {
         if let Some(changes) = workbench::ideas::setting_changes(
             &String::from_utf8_lossy(&kept),
             &String::from_utf8_lossy(&content),
-        ) && let Some(earlier) = ideas
+        ) && let Some(earlier) = ideas_tried(&ledger)?
             .into_iter()
             .find(|i| i.settings.as_ref() == Some(&changes))
         {
@@ -253,7 +253,7 @@ impl Workbench for Bench<'_> {
                 },
             });
         }
-        if runner::interrupted() {
+        if runner::interrupted() || self.place.halted.is_some_and(|h| h()) {
             return Err(ToolError::Interrupted);
         }
         let best_before = ledger.session().best().and_then(Record::val_bpb);
@@ -297,7 +297,8 @@ impl Workbench for Bench<'_> {
             runs: record.values(),
             sigma: end.judgement.as_ref().and_then(|j| j.sigma),
             gain_sigma: end.judgement.as_ref().and_then(|j| j.gain_sigma),
-            best_before,
+            // The best it was judged against (with several workers, the best when it ended).
+            best_before: end.judgement.as_ref().and_then(|j| j.best).or(best_before),
             summary: end
                 .finish
                 .summary
@@ -370,7 +371,7 @@ impl Workbench for Bench<'_> {
     }
 
     fn ideas(&self) -> String {
-        self.ideas_tried()
+        ideas_tried(&lock(self.ledger))
             .map(|ideas| workbench::ideas::render(&ideas))
             .unwrap_or_default()
     }
@@ -380,7 +381,7 @@ impl Workbench for Bench<'_> {
     }
 
     fn stop_requested(&self) -> bool {
-        runner::interrupted()
+        runner::interrupted() || self.place.halted.is_some_and(|h| h())
     }
 }
 

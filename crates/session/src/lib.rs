@@ -140,6 +140,7 @@ pub fn run(
                 worker: None,
                 base: None,
                 claims: None,
+                halted: None,
             };
             let mut bench = Bench::new(&ledger, place, &exp, progress, &mut spend);
             (proposer.episode(&mut bench), bench.ran())
@@ -203,6 +204,7 @@ fn open(
         max_experiments: settings.max_experiments,
         max_cost_usd: settings.max_cost,
         workers: (workers > 1).then_some(workers),
+        executor: settings.slurm.is_some().then(|| "slurm".to_string()),
     })?;
     // A resumed session keeps its own budget, device and seed: its experiments stay comparable.
     let meta = ledger.session().meta.clone();
@@ -222,6 +224,10 @@ fn open(
     exp.limits = settings.limits;
     exp.target_dir = settings.target_dir.clone();
     exp.run_dir = ledger.dir().join("work");
+    // One GPU picked (`--gpus 3`): the runs see only it.
+    if let [gpu] = settings.gpus.as_slice() {
+        exp.gpus = Some(gpu.clone());
+    }
     exp.slurm = settings.slurm.clone().map(|mut s| {
         s.job_dir = ledger.dir().join("jobs");
         s

@@ -39,9 +39,19 @@ pub fn run_workers(
         exp.limits.memory /= n as u64;
     }
     let ledger = Mutex::new(ledger);
-    // The baseline (and an experiment of a one-worker run left in flight) goes first, alone.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // Worker k's share of the machine: a GPU, or cores / N (a Slurm job gets its own).
+    let pin = |exp: &mut Experiment, k: usize| match exp.device {
+        _ if exp.slurm.is_some() => {}
+        runner::Device::Cuda => exp.gpus = settings.gpus.get(k).cloned(),
+        runner::Device::Cpu => exp.threads = Some((cores / n).max(1)),
+    };
+    // The baseline (and an experiment of a one-worker run left in flight) goes first, alone,
+    // with worker 0's share: what every experiment after it gets.
     let mut first = |p: Progress| progress(0, p);
-    if let Some(stop) = settle(settings, &ledger, &exp, &mut first, true)? {
+    let mut alone = exp.clone();
+    pin(&mut alone, 0);
+    if let Some(stop) = settle(settings, &ledger, &alone, &mut first, true)? {
         lock(&ledger).restore_train_file()?;
         return Ok(stop);
     }
@@ -72,18 +82,12 @@ pub fn run_workers(
     let resumed = Mutex::new(left);
     let claims = AtomicUsize::new(0);
     let halt: Halt = Mutex::new(None);
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     std::thread::scope(|scope| {
         for (k, (proposer, checkout)) in proposers.into_iter().zip(&checkouts).enumerate() {
             let mut exp = exp.clone();
             exp.repo = checkout.path().to_path_buf();
             exp.run_dir = dir.join(format!("work-w{k}"));
-            // A Slurm job gets its GPUs and cores from Slurm.
-            match exp.device {
-                _ if exp.slurm.is_some() => {}
-                runner::Device::Cuda => exp.gpus = settings.gpus.get(k).cloned(),
-                runner::Device::Cpu => exp.threads = Some((cores / n).max(1)),
-            }
+            pin(&mut exp, k);
             let shared = Shared {
                 settings,
                 ledger: &ledger,
@@ -93,7 +97,16 @@ pub fn run_workers(
             };
             scope.spawn(move || {
                 let mut hear = |p: Progress| progress(k, p);
-                let result = work(&shared, k, proposer, &exp, checkout, &mut hear);
+                // A worker that panics stops the others (after their experiment in flight)
+                // instead of leaving them to wait on it.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    work(&shared, k, proposer, &exp, checkout, &mut hear)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(SessionError::Proposer(format!(
+                        "worker {k} panicked: see the message above"
+                    )))
+                });
                 let mut halt = shared.halt.lock().unwrap_or_else(|p| p.into_inner());
                 match result {
                     Ok(stop) if halt.is_none() => *halt = Some(Ok(stop)),
@@ -181,11 +194,13 @@ fn work(
             checkout.reset(tip)?;
             tip
         };
+        let halted = || shared.halted();
         let place = Place {
             dir: checkout.path().to_path_buf(),
             worker: Some(k),
             base: Some(base),
             claims: Some(shared.claims),
+            halted: Some(&halted),
         };
         let (outcome, ran) = {
             let mut bench = Bench::new(shared.ledger, place, exp, hear, &mut spend);
@@ -194,7 +209,7 @@ fn work(
         if !ran {
             shared.claims.fetch_sub(1, Ordering::SeqCst);
         }
-        if matches!(outcome, Err(ProposerError::Exhausted(_))) && wait_for_news(shared) {
+        if matches!(outcome, Err(ProposerError::Exhausted(_))) && wait_for_news(shared, base) {
             // Nothing new from this kept state, but experiments in flight may move it.
             continue;
         }
@@ -207,9 +222,10 @@ fn work(
     }
 }
 
-/// Waits until another worker's experiment ends; false at once when none is in flight or about
-/// to be (then nothing can change the kept state).
-fn wait_for_news(shared: &Shared) -> bool {
+/// After an episode from `base` found nothing to try: true at once when the kept state has
+/// moved since, else waits until another worker's experiment ends; false at once when none is
+/// in flight or about to be (then nothing can change the kept state).
+fn wait_for_news(shared: &Shared, base: ledger::Oid) -> bool {
     let ended = |l: &Ledger| {
         l.session()
             .records
@@ -217,11 +233,14 @@ fn wait_for_news(shared: &Shared) -> bool {
             .filter(|r| r.end.is_some())
             .count()
     };
-    let (before, busy) = {
+    let (before, busy, moved) = {
         let l = lock(shared.ledger);
         let busy = !l.session().in_flight().is_empty() || shared.claims.load(Ordering::SeqCst) > 0;
-        (ended(&l), busy)
+        (ended(&l), busy, l.tip().ok() != Some(base))
     };
+    if moved {
+        return true;
+    }
     if !busy {
         return false;
     }
