@@ -252,19 +252,8 @@ pub fn run(exp: &Experiment, on_line: &mut dyn FnMut(&str)) -> Result<Verdict, R
     let data = Dataset::open(&exp.cache)?;
     let rows = evaluate::Rows::load(&data)?;
     let snapshot = Snapshot::take(&exp.repo)?;
-    let verdict = |outcome, evidence: String| Verdict {
-        outcome,
-        report: None,
-        evidence,
-        diagnostics: Vec::new(),
-        log_path: exp.log_path.clone(),
-        build_seconds: 0.0,
-        run_seconds: 0.0,
-        audits: None,
-    };
-
     fresh_dir(&exp.run_dir)?;
-    let result = build_and_run(exp, &data, &rows, &snapshot, on_line, &verdict);
+    let result = build_and_run(exp, &data, &rows, &snapshot, on_line);
     // The run's files go with it; the log lives elsewhere.
     if let Err(e) = std::fs::remove_dir_all(&exp.run_dir) {
         tracing::warn!("could not remove {}: {e}", exp.run_dir.display());
@@ -321,7 +310,6 @@ fn build_and_run(
     rows: &evaluate::Rows,
     snapshot: &Snapshot,
     on_line: &mut dyn FnMut(&str),
-    verdict: &dyn Fn(Outcome, String) -> Verdict,
 ) -> Result<Verdict, RunnerError> {
     let t = Instant::now();
     // Checkouts share the target dir, and so the path cargo leaves the binary at: build and take
@@ -361,7 +349,7 @@ fn build_and_run(
     let verdict = |outcome, evidence| Verdict {
         build_seconds,
         run_seconds: child.wall.as_secs_f64(),
-        ..verdict(outcome, evidence)
+        ..failed(exp, outcome, evidence)
     };
     let tail = last_lines(&child.tail, 40);
 
