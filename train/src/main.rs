@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
-use prepare::eval::per_token_cross_entropy;
 use prepare::init::HostInit;
 use prepare::{BudgetClock, Loader, Run, Split, Stopwatch, TrainStats};
 
@@ -209,6 +208,19 @@ impl Gpt {
 
     /// Soft-capped logits `[B, T, vocab]` in f32: what the evaluation scores.
     fn logits(&self, idx: &Tensor) -> Result<Tensor> {
+        let logits = self.head(idx)?.to_dtype(DType::F32)?;
+        Ok(((logits / SOFTCAP)?.tanh()? * SOFTCAP)?)
+    }
+
+    /// The mean cross-entropy of the soft-capped logits, fused: the normalised logits are never
+    /// materialised.
+    fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let per_token = fused::softcap_cross_entropy(&self.head(idx)?, targets, SOFTCAP)?;
+        Ok(per_token.mean_all()?)
+    }
+
+    /// The lm_head's output `[B, T, vocab]` in the compute dtype, before the soft-cap.
+    fn head(&self, idx: &Tensor) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         let flat = idx.flatten_all()?;
         let embed = |table: &Var| -> Result<Tensor> {
@@ -226,13 +238,7 @@ impl Gpt {
             x = (&x + self.attention(block, &norm(&x)?, ve.as_ref(), i)?)?;
             x = (&x + self.mlp(block, &norm(&x)?)?)?;
         }
-        let x = norm(&x)?;
-        let logits = self.linear(&x, &self.lm_head)?.to_dtype(DType::F32)?;
-        Ok(((logits / SOFTCAP)?.tanh()? * SOFTCAP)?)
-    }
-
-    fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        Ok(per_token_cross_entropy(&self.logits(idx)?, targets)?.mean_all()?)
+        self.linear(&norm(&x)?, &self.lm_head)
     }
 
     /// `x @ wᵀ` in the compute dtype, for `x [.., in]` and `w [out, in]`.

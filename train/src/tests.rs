@@ -2,6 +2,7 @@
 
 use super::*;
 use prepare::Dataset;
+use prepare::eval::per_token_cross_entropy;
 use prepare::init::normal;
 use prepare::loader::Rng;
 use prepare::pipeline::{Outcome, PrepareOptions, prepare};
@@ -208,6 +209,29 @@ fn short_windows_cannot_see_past_their_window() {
     // The pattern: S = half context, L = full, the last layer always full.
     let cfg = Config::new(&Hyper { depth: 6, ..TINY }, 100, 256).unwrap();
     assert_eq!(cfg.windows, [128, 128, 128, 256, 128, 256]);
+}
+
+#[test]
+fn the_fused_training_loss_is_the_cross_entropy_of_the_evaluated_logits() {
+    let (_dir, data) = tiny_data();
+    let cfg = Config::new(&TINY, data.vocab_size(), data.preset().seq_len).unwrap();
+    let model = Gpt::new(cfg, &Device::Cpu, 3).unwrap();
+    let mut rng = Rng::new(5);
+    let v = data.vocab_size() as u64;
+    let ids: Vec<u32> = (0..2 * 64).map(|_| (rng.next_u64() % v) as u32).collect();
+    let x = Tensor::from_vec(ids[..64].to_vec(), (1, 64), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(ids[64..].to_vec(), (1, 64), &Device::Cpu).unwrap();
+    let trained = model.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap();
+    let evaluated = per_token_cross_entropy(&model.logits(&x).unwrap(), &y)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (trained - evaluated).abs() < 1e-5 * evaluated,
+        "{trained} {evaluated}"
+    );
 }
 
 #[test]

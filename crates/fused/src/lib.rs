@@ -4,11 +4,19 @@
 //! the train file spelled both out in primitive ops: about six passes over the tensor forward
 //! and a dozen backward, each with a fresh allocation. Here each is one pass forward and one
 //! backward, with a hand-written gradient, on the CPU in f32. Other devices and dtypes take the
-//! plain differentiable path, so a caller never has to ask which one runs (a CUDA kernel is the
-//! next step; it must pass the same comparison tests on a GPU).
+//! plain differentiable path, so a caller never has to ask which one runs.
+//!
+//! The soft-capped cross-entropy (`cross_entropy.rs`) is fused on the CPU and, under the `cuda`
+//! feature, on CUDA too (`kernels/`, checked against the plain path on the GPU at first use).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+pub use cross_entropy::softcap_cross_entropy;
 
 /// Softmax over the last axis. Rows may hold `-inf` (masked keys), not only `-inf`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -34,6 +42,8 @@ fn fusable(x: &Tensor) -> bool {
 /// devices without a fused kernel.
 pub mod plain {
     use candle_core::{D, DType, Result, Tensor};
+
+    pub use crate::cross_entropy::plain::softcap_cross_entropy;
 
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         // The max is a constant shift: no gradient flows through it.
@@ -305,5 +315,82 @@ mod tests {
         let back = plain::rms_norm(&x64, 1e-6).unwrap();
         let diff = (y - back).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
+    }
+
+    /// Values and gradients (of a random weighting of the per-token losses) of the fused
+    /// soft-capped cross-entropy against the plain path.
+    fn compare_cross_entropy(x: &Tensor, targets: &Tensor, cap: f64) -> (f32, f32) {
+        let w = random(targets.dims(), 98, 1.0);
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
+            let var = Var::from_tensor(x).unwrap();
+            let y = f(var.as_tensor()).unwrap();
+            assert_eq!(y.dims(), targets.dims());
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(var.as_tensor()).unwrap().clone())
+        };
+        let (y_fused, g_fused) = run(&|x| softcap_cross_entropy(x, targets, cap));
+        let (y_plain, g_plain) = run(&|x| plain::softcap_cross_entropy(x, targets, cap));
+        (
+            max_rel_err(&y_fused, &y_plain),
+            max_rel_err(&g_fused, &g_plain),
+        )
+    }
+
+    fn random_targets(shape: &[usize], vocab: usize, seed: u64) -> Tensor {
+        let r = random(shape, seed, 1.0).flatten_all().unwrap();
+        let t: Vec<u32> = r
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| (((r + 1.0) / 2.0 * vocab as f32) as u32).min(vocab as u32 - 1))
+            .collect();
+        Tensor::from_vec(t, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn softcap_cross_entropy_matches_the_plain_path_values_and_gradients() {
+        // Logits past the cap (saturated tanh), a batch of rows, an odd vocabulary, one row.
+        for (dims, vocab, scale, cap) in [
+            (vec![2, 5], 300, 60.0, 15.0),
+            (vec![7], 1003, 3.0, 15.0),
+            (vec![1], 17, 10.0, 5.0),
+        ] {
+            let mut shape = dims.clone();
+            shape.push(vocab);
+            let x = random(&shape, vocab as u64, scale);
+            let t = random_targets(&dims, vocab, 11);
+            let (value, grad) = compare_cross_entropy(&x, &t, cap);
+            assert!(value < 1e-5 && grad < 1e-5, "{shape:?}: {value} {grad}");
+        }
+    }
+
+    #[test]
+    fn softcap_cross_entropy_refuses_bad_targets_and_takes_the_plain_path_elsewhere() {
+        let x = random(&[3, 8], 12, 4.0);
+        // A target past the vocabulary is a NaN loss (the train loop stops on it), not a read
+        // out of bounds.
+        let t = Tensor::new(&[1u32, 8, 2], &Device::Cpu).unwrap();
+        let loss = softcap_cross_entropy(&x, &t, 15.0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            loss[0].is_finite() && loss[1].is_nan() && loss[2].is_finite(),
+            "{loss:?}"
+        );
+        // Targets of the wrong shape or dtype are an error naming both shapes.
+        let err = softcap_cross_entropy(&x, &Tensor::new(&[1u32, 2], &Device::Cpu).unwrap(), 15.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[3, 8]") && err.contains("[2]"), "{err}");
+        assert!(softcap_cross_entropy(&x, &t.to_dtype(DType::I64).unwrap(), 15.0).is_err());
+        // f64 logits take the plain path: the same figures exactly.
+        let t = random_targets(&[3], 8, 13);
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let a = softcap_cross_entropy(&x64, &t, 15.0).unwrap();
+        let b = plain::softcap_cross_entropy(&x64, &t, 15.0).unwrap();
+        assert_eq!(a.dtype(), DType::F32);
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
 }
