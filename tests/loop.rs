@@ -34,6 +34,19 @@ fn a_sweep_session_keeps_exactly_the_improvements() {
         show.status.success() && shown.contains("+++ b/train/src/main.rs"),
         "{shown}"
     );
+    // The baseline's runs alone may fill the CUDA JIT cache (the sandbox's line says so).
+    let first_line = |hash: &str| {
+        let log = std::fs::read_to_string(p.repo.join(format!("runs/s1/logs/{hash}.log"))).unwrap();
+        log.lines().next().unwrap_or_default().to_string()
+    };
+    let (baseline, other) = (first_line(&experiments[0].0), first_line(&experiments[1].0));
+    if baseline.starts_with("# sandbox:") {
+        assert!(
+            baseline.contains("cuda-jit written (the baseline's runs only)"),
+            "{baseline}"
+        );
+        assert!(other.contains("cuda-jit read only"), "{other}");
+    }
     let notes = git(
         &p.repo,
         &["log", "--notes=autoresearch", "-1", &experiments[0].0],

@@ -28,7 +28,7 @@ pub use build::{BuildOutput, Diagnostic, build_train};
 pub use evaluate::AuditSummary;
 pub use guard::Snapshot;
 pub use limits::Limits;
-pub use process::{ChildRun, End, LogCap, last_lines};
+pub use process::{ChildRun, End, JIT_CACHE_DIR, LogCap, last_lines};
 
 /// The file the agent may change; everything else tracked is guarded.
 pub const TRAIN_FILE: &str = "train/src/main.rs";
@@ -173,6 +173,12 @@ pub struct Experiment {
     /// A Slurm job's run: `limits` are those of the node it lands on, not the submit host's.
     #[serde(default)]
     pub limits_from_node: bool,
+    /// Whether the run may write the CUDA driver's JIT cache (`CUDA_CACHE_PATH`, `cuda-jit`
+    /// under the data cache), which every run reads. Only the baseline, the train file as the
+    /// user committed it, writes it: a cache every experiment could write would carry files
+    /// (trained weights, say) from one experiment to the next.
+    #[serde(default)]
+    pub writes_jit_cache: bool,
 }
 
 impl Experiment {
@@ -202,6 +208,7 @@ impl Experiment {
             prebuilt: None,
             slurm: None,
             limits_from_node: false,
+            writes_jit_cache: false,
         }
     }
 

@@ -41,6 +41,9 @@ const ALLOWED: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
+/// The CUDA driver's JIT cache, under the data cache (`Experiment::writes_jit_cache`).
+pub const JIT_CACHE_DIR: &str = "cuda-jit";
+
 pub(crate) fn allowed(key: &str) -> bool {
     (ALLOWED.contains(&key) || key.starts_with("LC_")) && !crate::build::is_secret(key)
 }
@@ -323,14 +326,30 @@ pub(crate) fn run_child(
     let tmp = exp.run_dir.join("tmp");
     std::fs::create_dir_all(&tmp).map_err(io_err("creating the run's tmp dir"))?;
     cmd.env("TMPDIR", &tmp);
+    // The driver's PTX JIT cache, so kernels compile for this GPU once, not at every run's
+    // start. Set on the CPU too (nothing reads it there), so its confinement is tested anywhere.
+    let jit_cache = exp.cache.join(JIT_CACHE_DIR);
+    std::fs::create_dir_all(&jit_cache).map_err(io_err("creating the CUDA JIT cache dir"))?;
+    cmd.env("CUDA_CACHE_PATH", &jit_cache);
+    let jit_access = if exp.writes_jit_cache {
+        crate::sandbox::Access::Write
+    } else {
+        crate::sandbox::Access::Read
+    };
     if !crate::supervise::available() {
         return Err(RunnerError::Other(
             "this kernel does not list a process's children (/proc/PID/task/TID/children, CONFIG_PROC_CHILDREN), which the harness needs to stop every process a run starts: use a kernel built with it".into(),
         ));
     }
     let (sandbox, mut filter) = if exp.sandbox {
-        let rules = crate::sandbox::rules(&exp.run_dir, setup.data, &exp.sandbox_allow)
-            .map_err(RunnerError::Other)?;
+        let mut allow: Vec<_> = exp
+            .sandbox_allow
+            .iter()
+            .map(|p| (p.clone(), crate::sandbox::Access::Read))
+            .collect();
+        allow.push((jit_cache.clone(), jit_access));
+        let rules =
+            crate::sandbox::rules(&exp.run_dir, setup.data, &allow).map_err(RunnerError::Other)?;
         // Fail closed: a run the harness cannot confine does not start.
         let sandbox = crate::sandbox::Sandbox::new(&rules).map_err(|why| {
             RunnerError::Other(why.unwrap_or_else(|| "this kernel has no Landlock (Linux 5.13+ with `landlock` in its lsm= list), so the experiment cannot be confined: it could read the validation data and your home directory. Enable Landlock, or pass --no-sandbox to run experiments unconfined at your own risk".into()))
@@ -345,7 +364,7 @@ pub(crate) fn run_child(
         (None, None)
     };
     let sandbox_line = match &sandbox {
-        Some(s) => s.describe(&exp.run_dir),
+        Some(s) => s.describe(&exp.run_dir, (&jit_cache, jit_access)),
         None => {
             "# sandbox: environment scrubbed to an allowlist; confinement turned off (--no-sandbox)"
                 .into()

@@ -122,11 +122,16 @@ impl Sandbox {
         Ok(())
     }
 
-    pub fn describe(&self, run_dir: &Path) -> String {
+    pub fn describe(&self, run_dir: &Path, jit_cache: (&Path, Access)) -> String {
         format!(
-            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files; seccomp: no sockets (TCP, UDP, Unix), no io_uring, no other process's memory, no signal to the supervisor or the harness, no raised limits",
+            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files; the CUDA JIT cache {}; seccomp: no sockets (TCP, UDP, Unix), no io_uring, no other process's memory, no signal to the supervisor or the harness, no raised limits",
             self.abi,
             run_dir.display(),
+            match jit_cache {
+                (dir, Access::Write) =>
+                    format!("{} written (the baseline's runs only)", dir.display()),
+                (dir, Access::Read) => format!("{} read only", dir.display()),
+            },
         )
     }
 }
@@ -274,12 +279,12 @@ fn writable_devices() -> Vec<PathBuf> {
 }
 
 /// The rules for one run: the system, the GPU stack (`LD_LIBRARY_PATH`, `CUDA_HOME`,
-/// `CUDA_PATH`, `CUDA_ROOT`), the prepared data's training files, `extra` (read), the run dir
+/// `CUDA_PATH`, `CUDA_ROOT`), the prepared data's training files, `extra`, the run dir
 /// (write). Refuses when a rule would make a validation file readable.
 pub fn rules(
     run_dir: &Path,
     data: &prepare::Dataset,
-    extra: &[PathBuf],
+    extra: &[(PathBuf, Access)],
 ) -> Result<Vec<(PathBuf, Access)>, String> {
     let mut rules: Vec<(PathBuf, Access)> = SYSTEM_READ
         .iter()
@@ -292,7 +297,7 @@ pub fn rules(
             }
         }
     }
-    rules.extend(extra.iter().map(|p| (p.clone(), Access::Read)));
+    rules.extend(extra.iter().cloned());
     let cache = &data.cache;
     let m = &data.manifest;
     rules.push((cache.join(prepare::manifest::MANIFEST_FILE), Access::Read));

@@ -489,13 +489,14 @@ fn a_run_that_raises_its_own_budget_is_refused_or_killed() {
 #[test]
 fn nothing_a_run_leaves_behind_reaches_the_next_one() {
     // Looks for state where a previous run could have left it (its working directory, its
-    // TMPDIR, /dev/shm), reports it, and leaves some for the next run.
-    let s = Scenario::new(
+    // TMPDIR, /dev/shm, the CUDA JIT cache), reports it, and leaves some for the next run.
+    let mut s = Scenario::new(
         replacing(
             "    let run = Run::from_env()?;",
             r#"    let run = Run::from_env()?;
     let tmp = std::env::var("TMPDIR").unwrap_or_default();
-    for place in ["leftover.bin".to_string(), format!("{tmp}/leftover.bin"), "/dev/shm/autoresearch-leftover.bin".into()] {
+    let jit = std::env::var("CUDA_CACHE_PATH").unwrap_or_default();
+    for place in ["leftover.bin".to_string(), format!("{tmp}/leftover.bin"), "/dev/shm/autoresearch-leftover.bin".into(), format!("{jit}/leftover.bin")] {
         match std::fs::read(&place) {
             Ok(_) => println!("leftover: found at {place}"),
             Err(_) => println!("leftover: none at {place}"),
@@ -508,13 +509,19 @@ fn nothing_a_run_leaves_behind_reaches_the_next_one() {
         ),
         2.0,
     );
+    // The first run is a baseline's, which may fill the JIT cache; the second is not.
+    s.exp.writes_jit_cache = true;
     let first = s.run();
     assert_eq!(first.outcome, Outcome::Ok, "{}", first.evidence);
+    let jit = s.exp.cache.join(runner::JIT_CACHE_DIR).join("leftover.bin");
+    let jit = jit.display();
     assert!(
-        s.log().contains("leftover: left at leftover.bin"),
+        s.log().contains("leftover: left at leftover.bin")
+            && s.log().contains(&format!("leftover: left at {jit}")),
         "{}",
         s.log()
     );
+    s.exp.writes_jit_cache = false;
     let second = s.run();
     assert_eq!(second.outcome, Outcome::Ok, "{}", second.evidence);
     let log = s.log();
@@ -527,7 +534,9 @@ fn nothing_a_run_leaves_behind_reaches_the_next_one() {
     );
     assert!(
         log.lines()
-            .filter(|l| l.starts_with("leftover: found") && l.contains("/tmp/"))
+            .filter(|l| l.starts_with("leftover: found")
+                && l.contains("/tmp/")
+                && !l.contains(runner::JIT_CACHE_DIR))
             .count()
             == 0,
         "{log}"
@@ -537,10 +546,16 @@ fn nothing_a_run_leaves_behind_reaches_the_next_one() {
         "the run dir is removed after the run"
     );
     if sandboxed(&log) {
-        // /dev/shm outlives runs: it is not writable.
+        // /dev/shm outlives runs: it is not writable. Nor is the JIT cache, but by a baseline:
+        // what the baseline left there every later run reads.
         assert!(
             log.contains("leftover: cannot leave at /dev/shm")
                 && !log.contains("found at /dev/shm"),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!("leftover: found at {jit}"))
+                && log.contains(&format!("leftover: cannot leave at {jit}")),
             "{log}"
         );
     } else {

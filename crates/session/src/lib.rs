@@ -461,6 +461,9 @@ fn run_once(
 ) -> (Finish, bool) {
     let mut exp = exp.clone();
     exp.seed = seed;
+    // The baseline (always #0) is the train file the user started the session from: its runs
+    // alone fill the CUDA JIT cache that every run reads.
+    exp.writes_jit_cache = pending.begin.index == 0;
     let name = match pending.runs.len() {
         0 => format!("{}.log", pending.begin.hash),
         n => format!("{}-{n}.log", pending.begin.hash),
