@@ -469,7 +469,7 @@ fn max_cost_stops_the_session() {
     });
     // gpt-4.1 at $2/$8 per Mtok: one scripted turn (1000 in, 100 out) costs $0.0028.
     let out = llm_run(&p, "openai", "gpt-4.1", &fake.base_url(), "cost", 5, "1")
-        .args(["--max-cost", "0.002"])
+        .args(["--max-cost", "0.002", "--keep-rule", "strict"])
         .env("OPENAI_API_KEY", "sk-test-cost")
         .output()
         .unwrap();

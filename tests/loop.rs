@@ -13,7 +13,12 @@ use serde_json::Value;
 #[test]
 fn a_sweep_session_keeps_exactly_the_improvements() {
     let p = project();
-    let out = p.session("s1", 4, false).output().unwrap();
+    // The noise rule's extra runs are tested in noise.rs and by the kill tests here.
+    let out = p
+        .session("s1", 4, false)
+        .args(["--keep-rule", "strict"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let experiments = check_consistent(&p, "s1");
     assert_eq!(experiments.len(), 4);
@@ -140,7 +145,11 @@ fn kill_nine_at_any_point_then_resume_loses_nothing() {
 #[test]
 fn ctrl_c_stops_cleanly_and_the_session_goes_on() {
     let p = project();
-    let mut child = p.session("c", 3, false).spawn().unwrap();
+    let mut child = p
+        .session("c", 3, false)
+        .args(["--keep-rule", "strict"])
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(400);
     // Interrupt the second experiment (the first proposal) mid-training.
     let mut trained = 0;
