@@ -60,15 +60,20 @@ if [ "$rc" -ne 2 ] || ! grep -q "nvidia-smi not found" <<<"$run_sh"; then
   exit 1
 fi
 
-python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-  "$bundle/train.xz" "$bundle/train" && chmod +x "$bundle/train"
+run_libs="$torch_libs:$bundle/lib-fallback:${CUDA_PREFIX:-$HOME/.cache/cuda13-wheels}/cuda/lib/stubs-run"
+for bin in train fused-bench; do
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$bundle/$bin.xz" "$bundle/$bin" && chmod +x "$bundle/$bin"
+done
 set +e
-cuda_run=$(LD_LIBRARY_PATH="$torch_libs:$bundle/lib-fallback:${CUDA_PREFIX:-$HOME/.cache/cuda13-wheels}/cuda/lib/stubs-run" \
-  AUTORESEARCH_CACHE="$bundle/data" AUTORESEARCH_DEVICE=cuda "$bundle/train" 2>&1)
+cuda_run=$(LD_LIBRARY_PATH="$run_libs" AUTORESEARCH_CACHE="$bundle/data" AUTORESEARCH_DEVICE=cuda \
+  "$bundle/train" 2>&1)
+bench_run=$(LD_LIBRARY_PATH="$run_libs" "$bundle/fused-bench" --device cuda 2>&1)
 set -e
 echo "$cuda_run" | head -4
-if ! grep -q "CUDA_ERROR_NO_DEVICE" <<<"$cuda_run"; then
-  echo "the CUDA binary did not start with PyTorch's CUDA libraries and the bundle's fallbacks" >&2
+echo "$bench_run" | head -4
+if ! grep -q "CUDA_ERROR_NO_DEVICE" <<<"$cuda_run" || ! grep -q "CUDA_ERROR_NO_DEVICE" <<<"$bench_run"; then
+  echo "the CUDA binaries did not start with PyTorch's CUDA libraries and the bundle's fallbacks" >&2
   exit 1
 fi
 

@@ -30,10 +30,13 @@ echo "== CUDA 13.0 toolkit (PyPI wheels) and the CUDA train binary"
 # shellcheck disable=SC1091
 source scripts/cuda-env.sh
 CARGO_TARGET_DIR=$target cargo build --release --locked -p train --features cuda
+CARGO_TARGET_DIR=$target cargo build --release --locked -p fused --features cuda --bin fused-bench
 rm -rf "$out"
 mkdir -p "$out/lib-fallback"
-strip -o "$out/train" "$target/release/train"
-xz -6 -T0 "$out/train"
+for bin in train fused-bench; do
+  strip -o "$out/$bin" "$target/release/$bin"
+  xz -6 -T0 "$out/$bin"
+done
 
 echo "== data: builtin corpus, h100 preset, ${data_mb} MB"
 # The harness: AUTORESEARCH_BIN where one is built (CI's tests built it), else the dev profile's

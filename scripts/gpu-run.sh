@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # run.sh of the GPU bundle (made by scripts/gpu-bundle.sh): on a GPU machine with no Rust
 # toolchain and no network, checks that the twin agrees with ours on the GPU, then runs both
-# sides for the full budget and prints the side-by-side tables.
+# sides for the full budget and prints the side-by-side tables. `kernels` times our fused kernels
+# against the plain path (fused-bench; seconds) and says whether they passed their self-check.
 #
-#   ./run.sh [check|run|all] [side_by_side.py options...]     # default: all
+#   ./run.sh [kernels|check|run|all] [side_by_side.py options...]   # default: all (kernels first)
 #   ./run.sh run --side ours; ./run.sh run --side twin        # one side per call (each ~6 min)
 #   PYTHON=/path/to/python ./run.sh                            # a Python with CUDA PyTorch
 #   CUDA_LIB_DIR=/dir/with/libcublas.so.13 ./run.sh
-# BUDGET=300 (the preset's). Results go to $OUT/{check,run} when OUT is set (the device tool
+# BUDGET=300 (the preset's). Results go to $OUT/{kernels.txt,check,run} when OUT is set (the device tool
 # brings $OUT back), else to results/{check,run} here; sides run by separate calls merge with
 # `python side_by_side.py table --from DIR1 --from DIR2`.
 set -euo pipefail
@@ -16,8 +17,8 @@ mode=${1:-all}
 [ $# -gt 0 ] && shift
 fail() { echo "run.sh: $*" >&2; exit 2; }
 case $mode in
-  check | run | all) ;;
-  *) fail "usage: ./run.sh [check|run|all] [side_by_side.py options...], not \`$mode\`" ;;
+  kernels | check | run | all) ;;
+  *) fail "usage: ./run.sh [kernels|check|run|all] [side_by_side.py options...], not \`$mode\`" ;;
 esac
 ours=yes
 if [ "$mode" = run ]; then
@@ -38,11 +39,13 @@ if [ "$ours" = yes ]; then
   driver=$(echo "$gpu" | awk -F', ' '{print $2}')
   [ "${driver%%.*}" -ge 580 ] 2>/dev/null \
     || fail "driver $driver: ours is built with CUDA 13.0 and needs driver >= 580 (\`./run.sh run --side twin\` runs the twin alone)"
-  if [ ! -x "$here/train" ]; then
-    "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-      "$here/train.xz" "$here/train.tmp"
-    chmod +x "$here/train.tmp" && mv "$here/train.tmp" "$here/train"
-  fi
+  for bin in train fused-bench; do
+    if [ ! -x "$here/$bin" ]; then
+      "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$here/$bin.xz" "$here/$bin.tmp"
+      chmod +x "$here/$bin.tmp" && mv "$here/$bin.tmp" "$here/$bin"
+    fi
+  done
   # CUDA 13 runtime libraries: CUDA_LIB_DIR, else beside this PyTorch, else anywhere on the
   # machine. Only ours gets them (through train.sh): the twin keeps its PyTorch's own.
   site=$("$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
@@ -65,8 +68,8 @@ if [ "$ours" = yes ]; then
   curand=$(find_lib libcurand.so.10)
   libs=$libs:${curand:-$here/lib-fallback}
   echo "CUDA libraries for ours: $libs"
-  if LD_LIBRARY_PATH=$libs ldd "$here/train" | grep "not found"; then
-    fail "the train binary still misses the libraries above"
+  if LD_LIBRARY_PATH=$libs ldd "$here/train" "$here/fused-bench" | grep "not found"; then
+    fail "the train binary or fused-bench still misses the libraries above"
   fi
   printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "'$libs'" "'$here/train'" > "$here/train.sh"
   chmod +x "$here/train.sh"
@@ -77,6 +80,9 @@ export AUTORESEARCH_CACHE=$here/data
 out=${OUT:-$here/results}
 mkdir -p "$out"
 sbs=("$py" "$here/side_by_side.py")
+if [ "$mode" = kernels ] || [ "$mode" = all ]; then
+  LD_LIBRARY_PATH=$libs "$here/fused-bench" --device cuda 2>&1 | tee "$out/kernels.txt"
+fi
 if [ "$mode" = check ] || [ "$mode" = all ]; then
   "${sbs[@]}" check --device cuda --train "$train" --out "$out/check" "$@"
 fi

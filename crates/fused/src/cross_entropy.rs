@@ -27,16 +27,21 @@ pub fn softcap_cross_entropy(logits: &Tensor, targets: &Tensor, cap: f64) -> Res
         );
     }
     let op = SoftcapCrossEntropy { cap: cap as f32 };
-    let fused = match (logits.device(), logits.dtype()) {
+    if is_fused(logits.device(), logits.dtype()) {
+        return logits.contiguous()?.apply_op2(&targets.contiguous()?, op);
+    }
+    plain::softcap_cross_entropy(logits, targets, cap)
+}
+
+/// Whether `softcap_cross_entropy` takes the fused path for logits of `dtype` on `device`: f32
+/// on the CPU; bf16 and f32 on CUDA once the kernel passed its self-check on this GPU.
+pub fn is_fused(device: &candle_core::Device, dtype: DType) -> bool {
+    match (device, dtype) {
         (d, DType::F32) if d.is_cpu() => true,
         #[cfg(feature = "cuda")]
         (candle_core::Device::Cuda(dev), DType::F32 | DType::BF16) => crate::cuda::checked(dev),
         _ => false,
-    };
-    if fused {
-        return logits.contiguous()?.apply_op2(&targets.contiguous()?, op);
     }
-    plain::softcap_cross_entropy(logits, targets, cap)
 }
 
 pub(crate) mod plain {

@@ -16,7 +16,7 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-pub use cross_entropy::softcap_cross_entropy;
+pub use cross_entropy::{is_fused, softcap_cross_entropy};
 
 /// Softmax over the last axis. Rows may hold `-inf` (masked keys), not only `-inf`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
