@@ -148,8 +148,6 @@ struct Gpt {
     x0_lambdas: Var,
     cos: Tensor,
     sin: Tensor,
-    /// Additive attention masks (0 or -inf), one per distinct window.
-    masks: BTreeMap<usize, Tensor>,
     /// bf16 on CUDA (f32 master weights, bf16 matmuls: the autocast equivalent), f32 on CPU.
     compute: DType,
 }
@@ -188,10 +186,6 @@ impl Gpt {
             DType::F32
         };
         let (cos, sin) = rotary_tables(cfg.seq_len, cfg.head_dim, device, compute)?;
-        let mut masks = BTreeMap::new();
-        for &w in &cfg.windows {
-            masks.insert(w, window_mask(cfg.seq_len, w, device)?);
-        }
         Ok(Gpt {
             cfg,
             wte,
@@ -201,7 +195,6 @@ impl Gpt {
             x0_lambdas,
             cos,
             sin,
-            masks,
             compute,
         })
     }
@@ -275,8 +268,7 @@ impl Gpt {
         }
         let q = norm(&self.rotary(&q, t)?)?;
         let k = norm(&self.rotary(&k, t)?)?;
-        let mask = &self.masks[&self.cfg.windows[layer]];
-        let y = attend(&q, &k, &v, &mask.narrow(0, 0, t)?.narrow(1, 0, t)?)?;
+        let y = attend(&q, &k, &v, self.cfg.windows[layer])?;
         self.linear(&y.reshape((b, t, h * hd))?, &block.c_proj)
     }
 
@@ -358,32 +350,16 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.exp()? + 1.0)?.recip()?)
 }
 
-/// Materialised attention: `q, k, v [B, T, H, hd]`, `mask [T, T]` additive → `[B, T, H, hd]`.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let dtype = q.dtype();
+/// Materialised attention: `q, k, v [B, T, H, hd]` → `[B, T, H, hd]`; query i sees keys
+/// `i - window ..= i`.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
     let q = q.transpose(1, 2)?.contiguous()?;
     let k = k.transpose(1, 2)?.contiguous()?;
     let v = v.transpose(1, 2)?.contiguous()?;
-    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    // Differentiable softmax (fused on the CPU, as `norm`).
-    let p = fused::softmax_last_dim(&scores.broadcast_add(mask)?)?.to_dtype(dtype)?;
+    // Scale, window and softmax (in f32) in one fused op, back in the compute dtype.
+    let p = fused::causal_softmax(&q.matmul(&k.t()?)?, scale, window)?;
     Ok(p.matmul(&v)?.transpose(1, 2)?)
-}
-
-/// Query i sees key j when j <= i and i - j <= window (FlashAttention's `(window, 0)`).
-fn window_mask(t: usize, window: usize, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..t * t)
-        .map(|n| {
-            let (i, j) = (n / t, n % t);
-            if j <= i && i - j <= window {
-                0.0
-            } else {
-                f32::NEG_INFINITY
-            }
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, (t, t), device)?)
 }
 
 /// cos and sin of the rotary angles, `[1, T, 1, hd/2]`.

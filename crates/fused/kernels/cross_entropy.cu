@@ -2,19 +2,9 @@
 // normalised logits are never written. z = cap * tanh(x / cap); loss = logsumexp(z) - z[t];
 // dL/dx = g * (softmax(z) - onehot(t)) * (1 - tanh^2). Built to PTX by build.rs (nvcc) under
 // the `cuda` feature; src/cuda.rs launches it and checks it against the plain path at start-up.
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "loads.cuh"
 
 #define THREADS 256
-
-__device__ __forceinline__ float load(const float *p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __nv_bfloat16 *p, size_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ void store(float *p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(__nv_bfloat16 *p, size_t i, float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
 
 // Merges a running (max, sum of exp(z - max)) with another.
 __device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {

@@ -39,7 +39,9 @@ pub fn is_fused(device: &candle_core::Device, dtype: DType) -> bool {
     match (device, dtype) {
         (d, DType::F32) if d.is_cpu() => true,
         #[cfg(feature = "cuda")]
-        (candle_core::Device::Cuda(dev), DType::F32 | DType::BF16) => crate::cuda::checked(dev),
+        (candle_core::Device::Cuda(dev), DType::F32 | DType::BF16) => {
+            crate::cuda::checked_cross_entropy(dev)
+        }
         _ => false,
     }
 }

@@ -1,5 +1,5 @@
-//! The CUDA kernels (`kernels/*.cu`, built to PTX by build.rs with nvcc) and their start-up
-//! self-check: a kernel that disagrees with the plain path on this GPU, or fails to load, is
+//! The CUDA kernels (`kernels/*.cu`, built to PTX by build.rs with nvcc) and their self-check
+//! at first use: a kernel that disagrees with the plain path on this GPU, or fails to load, is
 //! not used; the run goes on on the plain path after one warning line.
 
 use std::sync::OnceLock;
@@ -10,6 +10,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Tensor, Var};
 
+use crate::attention::{CausalSoftmax, CausalSoftmaxBackward};
 use crate::cross_entropy::{SoftcapCrossEntropy, plain};
 
 mod ptx {
@@ -20,55 +21,101 @@ mod ptx {
 const THREADS: u32 = 256;
 
 /// Whether the fused cross-entropy passed its self-check on this process's GPU (checked once).
-pub(crate) fn checked(dev: &CudaDevice) -> bool {
+pub(crate) fn checked_cross_entropy(dev: &CudaDevice) -> bool {
     static PASSED: OnceLock<bool> = OnceLock::new();
-    *PASSED.get_or_init(|| match self_check(dev) {
+    *PASSED.get_or_init(|| passed("cross-entropy", check_cross_entropy(dev)))
+}
+
+/// Whether the fused causal softmax passed its self-check on this process's GPU (checked once).
+pub(crate) fn checked_softmax(dev: &CudaDevice) -> bool {
+    static PASSED: OnceLock<bool> = OnceLock::new();
+    *PASSED.get_or_init(|| passed("causal softmax", check_softmax(dev)))
+}
+
+fn passed(kernel: &str, check: Result<()>) -> bool {
+    match check {
         Ok(()) => true,
         Err(e) => {
             eprintln!(
-                "warning: the fused cross-entropy kernel failed its self-check on this GPU ({e}); the plain path runs instead"
+                "warning: the fused {kernel} kernel failed its self-check on this GPU ({e}); the plain path runs instead"
             );
             false
         }
-    })
+    }
 }
 
-/// Values and gradients of the kernel against the plain path on random inputs, in f32 and
-/// bf16, at a vocabulary that is not a multiple of the block size.
-fn self_check(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let (rows, vocab, cap) = (37, 1003, 15.0);
-    let x = host_random(rows * vocab, 1, 40.0);
-    let t: Vec<u32> = host_random(rows, 2, 1.0)
-        .iter()
-        .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
-        .collect();
-    let w = Tensor::from_vec(host_random(rows, 3, 1.0), rows, &device)?;
-    let targets = Tensor::from_vec(t, rows, &device)?;
+/// Values and gradients (of a random weighting of the output) of `fused` against `plain` on
+/// `x` in f32 and in bf16 (tolerances as in PERF-NOTES: 1e-4 and 2e-2 relative).
+fn compare(
+    x: &[f32],
+    shape: &[usize],
+    device: &Device,
+    fused: &dyn Fn(&Tensor) -> Result<Tensor>,
+    plain: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<()> {
     for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
-        let x = Tensor::from_vec(x.clone(), (rows, vocab), &device)?.to_dtype(dtype)?;
-        let run = |fused: bool| -> Result<(Tensor, Tensor)> {
+        let x = Tensor::from_vec(x.to_vec(), shape, device)?.to_dtype(dtype)?;
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(Tensor, Tensor)> {
             let var = Var::from_tensor(&x)?;
-            let loss = if fused {
-                let op = SoftcapCrossEntropy { cap: cap as f32 };
-                var.as_tensor().apply_op2(&targets, op)?
-            } else {
-                plain::softcap_cross_entropy(var.as_tensor(), &targets, cap)?
-            };
-            let grads = (&loss * &w)?.sum_all()?.backward()?;
+            let y = f(var.as_tensor())?.to_dtype(DType::F32)?;
+            let w = Tensor::from_vec(host_random(y.elem_count(), 3, 1.0), y.shape(), device)?;
+            let grads = (&y * &w)?.sum_all()?.backward()?;
             let Some(g) = grads.get(var.as_tensor()) else {
-                candle_core::bail!("no gradient reached the logits")
+                candle_core::bail!("no gradient reached the input")
             };
-            Ok((loss, g.to_dtype(DType::F32)?))
+            Ok((y, g.to_dtype(DType::F32)?))
         };
-        let (loss, grad) = run(true)?;
-        let (want_loss, want_grad) = run(false)?;
-        for (what, got, want) in [("loss", &loss, &want_loss), ("gradient", &grad, &want_grad)] {
+        let (y, grad) = run(fused)?;
+        let (want_y, want_grad) = run(plain)?;
+        for (what, got, want) in [("value", &y, &want_y), ("gradient", &grad, &want_grad)] {
             let err = relative_error(got, want)?;
             if err.is_nan() || err > tolerance {
                 candle_core::bail!("{dtype:?} {what}: relative error {err:.1e} > {tolerance:.0e}");
             }
         }
+    }
+    Ok(())
+}
+
+/// At a vocabulary that is not a multiple of the block size.
+fn check_cross_entropy(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let (rows, vocab, cap) = (37, 1003, 15.0);
+    let t: Vec<u32> = host_random(rows, 2, 1.0)
+        .iter()
+        .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
+        .collect();
+    let targets = Tensor::from_vec(t, rows, &device)?;
+    compare(
+        &host_random(rows * vocab, 1, 40.0),
+        &[rows, vocab],
+        &device,
+        &|x| x.apply_op2(&targets, SoftcapCrossEntropy { cap: cap as f32 }),
+        &|x| plain::softcap_cross_entropy(x, &targets, cap),
+    )
+}
+
+/// A window shorter than the rows, and one past them (plain causal), at a length that is not a
+/// multiple of the block size.
+fn check_softmax(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let t = 300;
+    let scores = host_random(2 * 3 * t * t, 4, 8.0);
+    for window in [37, t] {
+        let scale = 0.125;
+        compare(
+            &scores,
+            &[2, 3, t, t],
+            &device,
+            &|x| {
+                x.apply_op1(CausalSoftmax {
+                    scale: scale as f32,
+                    window,
+                })
+            },
+            &|x| crate::attention::plain::causal_softmax(x, scale, window),
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("window {window}: {e}")))?;
     }
     Ok(())
 }
@@ -202,4 +249,96 @@ pub(crate) fn backward(
         _ => candle_core::bail!("the fused cross-entropy takes bf16 or f32 logits"),
     };
     Ok((dx, xl.shape().clone()))
+}
+
+pub(crate) fn causal_softmax(
+    op: &CausalSoftmax,
+    ss: &CudaStorage,
+    sl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        s: &CudaSlice<T>,
+        sl: &Layout,
+        op: &CausalSoftmax,
+    ) -> Result<CudaSlice<T>> {
+        let (start, rows, t) = row_major(sl)?;
+        let s = s.slice(start..start + rows * t);
+        let p = unsafe { dev.alloc::<T>(rows * t)? };
+        let func =
+            dev.get_or_load_custom_func(name, "fused-causal-softmax", ptx::CAUSAL_SOFTMAX)?;
+        let (t, window) = (t as i32, op.window.min(i32::MAX as usize) as i32);
+        let mut b = func.builder();
+        b.arg(&s).arg(&p).arg(&t).arg(&window).arg(&op.scale);
+        // SAFETY: reads and writes rows × t elements.
+        unsafe { b.launch(grid(rows)) }.w()?;
+        Ok(p)
+    }
+    let dev = &ss.device;
+    let p = match &ss.slice {
+        CudaStorageSlice::BF16(s) => CudaStorage::wrap_cuda_slice(
+            launch("causal_softmax_forward_bf16", dev, s, sl, op)?,
+            dev.clone(),
+        ),
+        CudaStorageSlice::F32(s) => CudaStorage::wrap_cuda_slice(
+            launch("causal_softmax_forward_f32", dev, s, sl, op)?,
+            dev.clone(),
+        ),
+        _ => candle_core::bail!("the fused causal softmax takes bf16 or f32 scores"),
+    };
+    Ok((p, sl.shape().clone()))
+}
+
+pub(crate) fn causal_softmax_backward(
+    op: &CausalSoftmaxBackward,
+    ps: &CudaStorage,
+    pl: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        (p, pl): (&CudaSlice<T>, &Layout),
+        (g, gl): (&CudaSlice<T>, &Layout),
+        op: &CausalSoftmaxBackward,
+    ) -> Result<CudaSlice<T>> {
+        let (p_start, rows, t) = row_major(pl)?;
+        let (g_start, _, _) = row_major(gl)?;
+        let p = p.slice(p_start..p_start + rows * t);
+        let g = g.slice(g_start..g_start + rows * t);
+        let ds = unsafe { dev.alloc::<T>(rows * t)? };
+        let func =
+            dev.get_or_load_custom_func(name, "fused-causal-softmax", ptx::CAUSAL_SOFTMAX)?;
+        let (t, window) = (t as i32, op.window.min(i32::MAX as usize) as i32);
+        let mut b = func.builder();
+        b.arg(&p)
+            .arg(&g)
+            .arg(&ds)
+            .arg(&t)
+            .arg(&window)
+            .arg(&op.scale);
+        // SAFETY: reads 2 × rows × t elements, writes rows × t.
+        unsafe { b.launch(grid(rows)) }.w()?;
+        Ok(ds)
+    }
+    if pl.shape() != gl.shape() {
+        candle_core::bail!("shape mismatch: {:?} and {:?}", pl.shape(), gl.shape())
+    }
+    let dev = &ps.device;
+    let ds = match (&ps.slice, &gs.slice) {
+        (CudaStorageSlice::BF16(p), CudaStorageSlice::BF16(g)) => CudaStorage::wrap_cuda_slice(
+            launch("causal_softmax_backward_bf16", dev, (p, pl), (g, gl), op)?,
+            dev.clone(),
+        ),
+        (CudaStorageSlice::F32(p), CudaStorageSlice::F32(g)) => CudaStorage::wrap_cuda_slice(
+            launch("causal_softmax_backward_f32", dev, (p, pl), (g, gl), op)?,
+            dev.clone(),
+        ),
+        _ => {
+            candle_core::bail!("the fused causal softmax's backward takes bf16 or f32, both alike")
+        }
+    };
+    Ok((ds, pl.shape().clone()))
 }

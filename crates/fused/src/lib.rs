@@ -6,17 +6,20 @@
 //! backward, with a hand-written gradient, on the CPU in f32. Other devices and dtypes take the
 //! plain differentiable path, so a caller never has to ask which one runs.
 //!
-//! The soft-capped cross-entropy (`cross_entropy.rs`) is fused on the CPU and, under the `cuda`
-//! feature, on CUDA too (`kernels/`, checked against the plain path on the GPU at first use).
+//! Attention's windowed softmax (`attention.rs`) and the soft-capped cross-entropy
+//! (`cross_entropy.rs`) are fused on the CPU and, under the `cuda` feature, on CUDA too
+//! (`kernels/`, each checked against the plain path on the GPU at its first use).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-mod cross_entropy;
+pub mod attention;
+pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-pub use cross_entropy::{is_fused, softcap_cross_entropy};
+pub use attention::causal_softmax;
+pub use cross_entropy::softcap_cross_entropy;
 
 /// Softmax over the last axis. Rows may hold `-inf` (masked keys), not only `-inf`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -43,6 +46,7 @@ fn fusable(x: &Tensor) -> bool {
 pub mod plain {
     use candle_core::{D, DType, Result, Tensor};
 
+    pub use crate::attention::plain::causal_softmax;
     pub use crate::cross_entropy::plain::softcap_cross_entropy;
 
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -392,5 +396,44 @@ mod tests {
         assert_eq!(a.dtype(), DType::F32);
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn causal_softmax_matches_the_plain_path_values_and_gradients() {
+        // Windows shorter than the rows, of one key (the diagonal), and past the rows (causal).
+        for (shape, window) in [
+            (vec![2, 3, 16, 16], 5),
+            (vec![2, 3, 16, 16], 0),
+            (vec![1, 2, 33, 33], 100),
+            (vec![7, 7], 3),
+        ] {
+            let x = random(&shape, 21, 6.0);
+            let (value, grad) = compare(
+                &x,
+                |x| causal_softmax(x, 0.25, window),
+                |x| plain::causal_softmax(x, 0.25, window),
+            );
+            assert!(
+                value < 1e-5 && grad < 1e-5,
+                "{shape:?} window {window}: {value} {grad}"
+            );
+        }
+    }
+
+    #[test]
+    fn causal_softmax_is_zero_outside_the_window_and_wants_square_scores() {
+        let p = causal_softmax(&random(&[6, 6], 22, 3.0), 1.0, 2).unwrap();
+        let p = p.to_vec2::<f32>().unwrap();
+        for (i, row) in p.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let seen = j <= i && i - j <= 2;
+                assert_eq!(v > 0.0, seen, "query {i} key {j}: {v}");
+            }
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{row:?}");
+        }
+        let err = causal_softmax(&random(&[4, 5], 23, 1.0), 1.0, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[4, 5]"), "{err}");
     }
 }

@@ -411,10 +411,19 @@ fn halved_or_zero_losses_fail_the_honest_loss_audit() {
 #[test]
 fn an_attention_mask_that_sees_one_token_ahead_fails_causality() {
     let s = Scenario::new(
-        // The off-by-one: query i also sees key i + 1, its own target.
+        // A hand-made mask with the off-by-one: query i also sees key i + 1, its own target.
         replacing(
-            "            if j <= i && i - j <= window {",
-            "            if j <= i + 1 && j + window >= i {",
+            "    let p = fused::causal_softmax(&q.matmul(&k.t()?)?, scale, window)?;",
+            "    let scores = q.matmul(&k.t()?)?;
+    let t = scores.dim(3)?;
+    let mask: Vec<f32> = (0..t * t)
+        .map(|n| {
+            let (i, j) = (n / t, n % t);
+            if j <= i + 1 && j + window >= i { 0.0 } else { f32::NEG_INFINITY }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+    let p = fused::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?)?;",
         ),
         4.0,
     );

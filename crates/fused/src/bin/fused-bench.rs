@@ -1,16 +1,21 @@
-//! Times the fused soft-capped cross-entropy against the plain path, forward and forward +
-//! backward, and checks that they agree. Default shape: the h100 preset's micro-batch (16 rows
-//! × 2048 tokens, vocabulary 8192), bf16 on CUDA, f32 on the CPU.
+//! Times the fused ops against their plain paths, forward and forward + backward, and checks
+//! that they agree: the soft-capped cross-entropy at the h100 preset's pass (16 rows × 2048
+//! tokens, vocabulary 8192) and attention's causal softmax at its scores (16 × 4 heads, 2048²,
+//! window 1024 and full). bf16 on CUDA, f32 on the CPU.
 //!
-//!   fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--iters K]
+//!   fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--heads B·H] [--seq T] [--iters K]
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
+type Op<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut device, mut tokens, mut vocab, mut iters) = ("cuda".to_string(), 16 * 2048, 8192, 20);
+    let mut device = "cuda".to_string();
+    let (mut tokens, mut vocab, mut heads, mut seq, mut iters) =
+        (16 * 2048, 8192, 16 * 4, 2048, 20);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_default();
         let number = || {
@@ -22,9 +27,11 @@ fn main() -> Result<()> {
             "--device" => device = value.clone(),
             "--tokens" => tokens = number()?,
             "--vocab" => vocab = number()?,
+            "--heads" => heads = number()?,
+            "--seq" => seq = number()?,
             "--iters" => iters = number()?.max(1),
             _ => candle_core::bail!(
-                "unknown flag {flag}: fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--iters K]"
+                "unknown flag {flag}: fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--heads B·H] [--seq T] [--iters K]"
             ),
         }
     }
@@ -35,52 +42,79 @@ fn main() -> Result<()> {
     };
     // Host-side random inputs: the same on every device, no device RNG needed.
     let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
+    let mut uniform = move || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         (state >> 11) as f64 / (1u64 << 53) as f64
     };
-    let x: Vec<f32> = (0..tokens * vocab)
-        .map(|_| ((next() * 2.0 - 1.0) * 20.0) as f32)
-        .collect();
-    let t: Vec<u32> = (0..tokens)
-        .map(|_| (next() * vocab as f64) as u32 % vocab as u32)
-        .collect();
-    let x = Tensor::from_vec(x, (tokens, vocab), &device)?.to_dtype(dtype)?;
-    let targets = Tensor::from_vec(t, tokens, &device)?;
-    let fused_path = fused::is_fused(&device, dtype);
-    println!(
-        "{tokens} tokens × vocabulary {vocab}, {dtype:?} on {device:?}; fused path: {}",
-        if fused_path {
-            "yes"
-        } else {
-            "no (plain on both sides)"
-        }
-    );
+    let mut random = |n: usize, scale: f64| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((uniform() * 2.0 - 1.0) * scale) as f32)
+            .collect()
+    };
 
-    type Loss = fn(&Tensor, &Tensor, f64) -> Result<Tensor>;
-    let sides: [(&str, Loss); 2] = [
-        ("plain", fused::plain::softcap_cross_entropy),
-        ("fused", fused::softcap_cross_entropy),
-    ];
+    let logits = Tensor::from_vec(random(tokens * vocab, 20.0), (tokens, vocab), &device)?
+        .to_dtype(dtype)?;
+    let targets: Vec<u32> = random(tokens, 1.0)
+        .iter()
+        .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
+        .collect();
+    let targets = Tensor::from_vec(targets, tokens, &device)?;
+    println!(
+        "cross-entropy: {tokens} tokens × vocabulary {vocab}, {dtype:?} on {device:?}; fused path: {}",
+        fused::cross_entropy::is_fused(&device, dtype)
+    );
+    bench(
+        &logits,
+        &|x| fused::plain::softcap_cross_entropy(x, &targets, 15.0),
+        &|x| fused::softcap_cross_entropy(x, &targets, 15.0),
+        &device,
+        iters,
+    )?;
+    drop(logits);
+
+    let scores = Tensor::from_vec(random(heads * seq * seq, 40.0), (heads, seq, seq), &device)?
+        .to_dtype(dtype)?;
+    let scale = 1.0 / 128f64.sqrt();
+    for window in [seq / 2, seq] {
+        println!(
+            "causal softmax: {heads} × {seq}² scores, window {window}, {dtype:?}; fused path: {}",
+            fused::attention::is_fused(&device, dtype)
+        );
+        bench(
+            &scores,
+            &|x| fused::plain::causal_softmax(x, scale, window),
+            &|x| fused::causal_softmax(x, scale, window),
+            &device,
+            iters,
+        )?;
+    }
+    Ok(())
+}
+
+/// Milliseconds per call of each side, forward and forward + backward (of a fixed weighting of
+/// the output: a mean would give the softmax a zero gradient), after a warm-up call; then the
+/// largest relative differences between the sides.
+fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Result<()> {
+    let shape = plain(x)?.shape().clone();
+    let n = shape.elem_count() as u32;
+    let w = (Tensor::arange(0u32, n, device)?.to_dtype(DType::F32)? * 0.618)?
+        .sin()?
+        .reshape(shape)?;
     let mut outputs = Vec::new();
-    for (name, loss_fn) in sides {
+    for (name, op) in [("plain", plain), ("fused", fused)] {
         let step = |backward: bool| -> Result<(Tensor, Option<Tensor>)> {
-            let var = Var::from_tensor(&x)?;
-            let loss = loss_fn(var.as_tensor(), &targets, 15.0)?.mean_all()?;
+            let var = Var::from_tensor(x)?;
+            let y = op(var.as_tensor())?;
             let grad = if backward {
-                Some(
-                    loss.backward()?
-                        .get(var.as_tensor())
-                        .expect("a gradient")
-                        .clone(),
-                )
+                let grads = (y.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+                Some(grads.get(var.as_tensor()).expect("a gradient").clone())
             } else {
                 None
             };
             device.synchronize()?;
-            Ok((loss, grad))
+            Ok((y, grad))
         };
         let time = |backward: bool| -> Result<f64> {
             step(backward)?; // warm-up: kernels loaded, memory pooled
@@ -91,19 +125,19 @@ fn main() -> Result<()> {
             Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
         };
         let (forward, both) = (time(false)?, time(true)?);
-        println!("{name}: forward {forward:.3} ms, forward + backward {both:.3} ms");
+        println!("  {name}: forward {forward:.3} ms, forward + backward {both:.3} ms");
         outputs.push(step(true)?);
     }
-    let (plain, fused) = (&outputs[0], &outputs[1]);
     let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
         let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
         let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         Ok(diff / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30))
     };
+    let ((y_plain, g_plain), (y_fused, g_fused)) = (&outputs[0], &outputs[1]);
     println!(
-        "fused vs plain: loss relative error {:.1e}, gradient {:.1e}",
-        rel(&fused.0, &plain.0)?,
-        rel(fused.1.as_ref().unwrap(), plain.1.as_ref().unwrap())?
+        "  fused vs plain: value relative error {:.1e}, gradient {:.1e}",
+        rel(y_fused, y_plain)?,
+        rel(g_fused.as_ref().unwrap(), g_plain.as_ref().unwrap())?
     );
     Ok(())
 }

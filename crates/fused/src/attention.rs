@@ -1,0 +1,168 @@
+//! Attention's softmax over materialised scores with the scale and the causal sliding window
+//! applied inside: one pass forward, one backward, in place of the plain path's scale, cast to
+//! f32, mask add, softmax (five passes) and cast back, each way. At the h100 preset's pass
+//! (16 × 4 heads × 2048²) each of those passes moves ~1 GB per layer.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+use crate::{rows, same_shape};
+
+/// `softmax(scale · scores + mask)` over the last axis of `scores [.., T, T]` (queries × keys),
+/// where query i sees keys `i − window ..= i` (FlashAttention's `(window, 0)`); computed in f32,
+/// returned in the scores' dtype, exactly 0 outside the window. Differentiable in `scores`.
+pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize) -> Result<Tensor> {
+    let dims = scores.dims();
+    let t = dims.last().copied().unwrap_or(0);
+    if dims.len() < 2 || dims[dims.len() - 2] != t || t == 0 {
+        candle_core::bail!("causal_softmax: scores {dims:?} must end in [T, T]")
+    }
+    let op = CausalSoftmax {
+        scale: scale as f32,
+        window: window.min(t),
+    };
+    if is_fused(scores.device(), scores.dtype()) {
+        return scores.contiguous()?.apply_op1(op);
+    }
+    plain::causal_softmax(scores, scale, window)
+}
+
+/// Whether `causal_softmax` takes the fused path on `device` for `dtype` (as for
+/// `is_fused` of the cross-entropy).
+pub fn is_fused(device: &Device, dtype: DType) -> bool {
+    match (device, dtype) {
+        (d, DType::F32) if d.is_cpu() => true,
+        #[cfg(feature = "cuda")]
+        (Device::Cuda(dev), DType::F32 | DType::BF16) => crate::cuda::checked_softmax(dev),
+        _ => false,
+    }
+}
+
+pub(crate) mod plain {
+    use super::*;
+
+    /// The same from an additive mask and differentiable ops: the reference.
+    pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize) -> Result<Tensor> {
+        let t = scores.dim(D::Minus1)?;
+        let mask: Vec<f32> = (0..t * t)
+            .map(|n| {
+                let (i, j) = (n / t, n % t);
+                if j <= i && i - j <= window {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+        let x = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
+        crate::plain::softmax_last_dim(&x)?.to_dtype(scores.dtype())
+    }
+}
+
+/// The keys query `row % t` sees.
+fn window_of(row: usize, t: usize, window: usize) -> std::ops::RangeInclusive<usize> {
+    let i = row % t;
+    i.saturating_sub(window)..=i
+}
+
+pub(crate) struct CausalSoftmax {
+    pub(crate) scale: f32,
+    pub(crate) window: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (s, t) = rows(storage, layout)?;
+        let mut p = vec![0f32; s.len()];
+        p.par_chunks_mut(t)
+            .zip(s.par_chunks(t))
+            .enumerate()
+            .for_each(|(row, (p, s))| {
+                let keys = window_of(row, t, self.window);
+                let (p, s) = (&mut p[keys.clone()], &s[keys]);
+                let max = s
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &x| m.max(self.scale * x));
+                let mut sum = 0f32;
+                for (p, &x) in p.iter_mut().zip(s) {
+                    *p = (self.scale * x - max).exp();
+                    sum += *p;
+                }
+                let inv = 1.0 / sum;
+                p.iter_mut().for_each(|p| *p *= inv);
+            });
+        Ok((CpuStorage::F32(p), layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::causal_softmax(self, storage, layout)
+    }
+
+    fn bwd(&self, _s: &Tensor, p: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = CausalSoftmaxBackward {
+            scale: self.scale,
+            window: self.window,
+        };
+        Ok(Some(p.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// ds = scale · p ⊙ (g − Σ g⊙p) over the window, 0 outside it.
+pub(crate) struct CausalSoftmaxBackward {
+    pub(crate) scale: f32,
+    pub(crate) window: usize,
+}
+
+impl CustomOp2 for CausalSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "fused-causal-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_shape(pl, gl)?;
+        let (p, t) = rows(ps, pl)?;
+        let (g, _) = rows(gs, gl)?;
+        let mut ds = vec![0f32; p.len()];
+        ds.par_chunks_mut(t)
+            .zip(p.par_chunks(t).zip(g.par_chunks(t)))
+            .enumerate()
+            .for_each(|(row, (ds, (p, g)))| {
+                let keys = window_of(row, t, self.window);
+                let (ds, p, g) = (&mut ds[keys.clone()], &p[keys.clone()], &g[keys]);
+                let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                for ((ds, &p), &g) in ds.iter_mut().zip(p).zip(g) {
+                    *ds = self.scale * p * (g - dot);
+                }
+            });
+        Ok((CpuStorage::F32(ds), pl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::causal_softmax_backward(self, ps, pl, gs, gl)
+    }
+}
