@@ -8,6 +8,8 @@ fn main() {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
         let ptx = cudaforge::KernelBuilder::new()
             .source_dir("kernels")
+            // cudaforge hashes the .cu files only: a shared header must be named to count.
+            .watch(["kernels/loads.cuh"])
             .arg("-std=c++17")
             .arg("-O3")
             .build_ptx()

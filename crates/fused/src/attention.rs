@@ -23,7 +23,7 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize) -> Result<Tens
         scale: scale as f32,
         window: window.min(t),
     };
-    if is_fused(scores.device(), scores.dtype()) {
+    if scores.elem_count() > 0 && is_fused(scores.device(), scores.dtype()) {
         return scores.contiguous()?.apply_op1(op);
     }
     plain::causal_softmax(scores, scale, window)
@@ -46,17 +46,15 @@ pub(crate) mod plain {
     /// The same from an additive mask and differentiable ops: the reference.
     pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize) -> Result<Tensor> {
         let t = scores.dim(D::Minus1)?;
-        let mask: Vec<f32> = (0..t * t)
-            .map(|n| {
-                let (i, j) = (n / t, n % t);
-                if j <= i && i - j <= window {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+        // The mask is made on the device (no T × T upload per call): i − j for query i, key j.
+        let device = scores.device();
+        let pos = Tensor::arange(0f32, t as f32, device)?;
+        let back = pos.reshape((t, 1))?.broadcast_sub(&pos.reshape((1, t))?)?;
+        let seen = (back.ge(0f32)? * back.le(window as f32)?)?;
+        let mask = seen.where_cond(
+            &Tensor::zeros((t, t), DType::F32, device)?,
+            &Tensor::full(f32::NEG_INFINITY, (t, t), device)?,
+        )?;
         let x = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
         crate::plain::softmax_last_dim(&x)?.to_dtype(scores.dtype())
     }

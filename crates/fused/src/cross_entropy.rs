@@ -27,7 +27,7 @@ pub fn softcap_cross_entropy(logits: &Tensor, targets: &Tensor, cap: f64) -> Res
         );
     }
     let op = SoftcapCrossEntropy { cap: cap as f32 };
-    if is_fused(logits.device(), logits.dtype()) {
+    if tokens > 0 && is_fused(logits.device(), logits.dtype()) {
         return logits.contiguous()?.apply_op2(&targets.contiguous()?, op);
     }
     plain::softcap_cross_entropy(logits, targets, cap)

@@ -2,7 +2,7 @@
 //! at first use: a kernel that disagrees with the plain path on this GPU, or fails to load, is
 //! not used; the run goes on on the plain path after one warning line.
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -20,28 +20,44 @@ mod ptx {
 /// The kernels' block size (`THREADS` in the .cu files).
 const THREADS: u32 = 256;
 
-/// Whether the fused cross-entropy passed its self-check on this process's GPU (checked once).
+/// Whether the fused cross-entropy passed its self-check on this process's GPU.
 pub(crate) fn checked_cross_entropy(dev: &CudaDevice) -> bool {
-    static PASSED: OnceLock<bool> = OnceLock::new();
-    *PASSED.get_or_init(|| passed("cross-entropy", check_cross_entropy(dev)))
+    static VERDICT: Mutex<Option<bool>> = Mutex::new(None);
+    verdict(&VERDICT, "cross-entropy", || check_cross_entropy(dev))
 }
 
-/// Whether the fused causal softmax passed its self-check on this process's GPU (checked once).
+/// Whether the fused causal softmax passed its self-check on this process's GPU.
 pub(crate) fn checked_softmax(dev: &CudaDevice) -> bool {
-    static PASSED: OnceLock<bool> = OnceLock::new();
-    *PASSED.get_or_init(|| passed("causal softmax", check_softmax(dev)))
+    static VERDICT: Mutex<Option<bool>> = Mutex::new(None);
+    verdict(&VERDICT, "causal softmax", || check_softmax(dev))
 }
 
-fn passed(kernel: &str, check: Result<()>) -> bool {
-    match check {
-        Ok(()) => true,
+/// The check's verdict, made once. A check that ran out of memory (it runs inside the first
+/// trial pass, which may be finding the card's limit) decides nothing: this call takes the
+/// plain path and the next one checks again.
+fn verdict(cell: &Mutex<Option<bool>>, kernel: &str, check: impl FnOnce() -> Result<()>) -> bool {
+    let mut cell = cell.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(passed) = *cell {
+        return passed;
+    }
+    match check() {
+        Ok(()) => *cell = Some(true),
+        Err(e) if out_of_memory(&e.to_string()) => return false,
         Err(e) => {
             eprintln!(
                 "warning: the fused {kernel} kernel failed its self-check on this GPU ({e}); the plain path runs instead"
             );
-            false
+            *cell = Some(false);
         }
     }
+    cell.unwrap_or(false)
+}
+
+/// The texts of a device allocation failure (as `prepare::Run::fit_device_batch` matches them).
+fn out_of_memory(text: &str) -> bool {
+    ["OUT_OF_MEMORY", "ALLOC_FAILED", "out of memory"]
+        .iter()
+        .any(|m| text.contains(m))
 }
 
 /// Values and gradients (of a random weighting of the output) of `fused` against `plain` on

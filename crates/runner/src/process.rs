@@ -328,13 +328,25 @@ pub(crate) fn run_child(
     cmd.env("TMPDIR", &tmp);
     // The driver's PTX JIT cache, so kernels compile for this GPU once, not at every run's
     // start. Set on the CPU too (nothing reads it there), so its confinement is tested anywhere.
+    // A data cache the harness cannot write (a read-only mount) leaves runs without one.
     let jit_cache = exp.cache.join(JIT_CACHE_DIR);
-    std::fs::create_dir_all(&jit_cache).map_err(io_err("creating the CUDA JIT cache dir"))?;
-    cmd.env("CUDA_CACHE_PATH", &jit_cache);
-    let jit_access = if exp.writes_jit_cache {
-        crate::sandbox::Access::Write
-    } else {
-        crate::sandbox::Access::Read
+    let jit_cache = match std::fs::create_dir_all(&jit_cache) {
+        Ok(()) => {
+            cmd.env("CUDA_CACHE_PATH", &jit_cache);
+            let access = if exp.writes_jit_cache {
+                crate::sandbox::Access::Write
+            } else {
+                crate::sandbox::Access::Read
+            };
+            Some((jit_cache, access))
+        }
+        Err(e) => {
+            tracing::warn!(
+                "no CUDA JIT cache at {}: {e}; kernels compile at every run's start",
+                jit_cache.display()
+            );
+            None
+        }
     };
     if !crate::supervise::available() {
         return Err(RunnerError::Other(
@@ -347,7 +359,7 @@ pub(crate) fn run_child(
             .iter()
             .map(|p| (p.clone(), crate::sandbox::Access::Read))
             .collect();
-        allow.push((jit_cache.clone(), jit_access));
+        allow.extend(jit_cache.clone());
         let rules =
             crate::sandbox::rules(&exp.run_dir, setup.data, &allow).map_err(RunnerError::Other)?;
         // Fail closed: a run the harness cannot confine does not start.
@@ -364,7 +376,7 @@ pub(crate) fn run_child(
         (None, None)
     };
     let sandbox_line = match &sandbox {
-        Some(s) => s.describe(&exp.run_dir, (&jit_cache, jit_access)),
+        Some(s) => s.describe(&exp.run_dir, jit_cache.as_ref()),
         None => {
             "# sandbox: environment scrubbed to an allowlist; confinement turned off (--no-sandbox)"
                 .into()

@@ -122,15 +122,16 @@ impl Sandbox {
         Ok(())
     }
 
-    pub fn describe(&self, run_dir: &Path, jit_cache: (&Path, Access)) -> String {
+    pub fn describe(&self, run_dir: &Path, jit_cache: Option<&(PathBuf, Access)>) -> String {
         format!(
             "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files; the CUDA JIT cache {}; seccomp: no sockets (TCP, UDP, Unix), no io_uring, no other process's memory, no signal to the supervisor or the harness, no raised limits",
             self.abi,
             run_dir.display(),
             match jit_cache {
-                (dir, Access::Write) =>
+                Some((dir, Access::Write)) =>
                     format!("{} written (the baseline's runs only)", dir.display()),
-                (dir, Access::Read) => format!("{} read only", dir.display()),
+                Some((dir, Access::Read)) => format!("{} read only", dir.display()),
+                None => "none".to_string(),
             },
         )
     }
