@@ -310,7 +310,7 @@ fn own_protocol_with(loss: &str, before_reply: &str) -> impl FnOnce(&str) -> Str
                 {before_reply}
                 let x = Tensor::from_vec(inputs, shape, &run.device)?;
                 let y = Tensor::from_vec(targets, shape, &run.device)?;
-                let nats = per_token_cross_entropy(&model.logits(&x)?, &y)?;
+                let nats = prepare::eval::per_token_cross_entropy(&model.logits(&x)?, &y)?;
                 let loss: Tensor = {loss};
                 Mark::Losses(loss.flatten_all()?.to_vec1()?)
             }}
