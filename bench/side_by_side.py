@@ -11,12 +11,16 @@
         time goes (data, forward, backward, optimizer). Logs and JSON reports go to --out.
     side_by_side.py table --from DIR [--from DIR2]
         The tables again from the figures in the folders (sides run by separate commands).
+    side_by_side.py kernels NCU.csv
+        Where ours' GPU time goes, per kernel, from Nsight Compute's raw CSV (run.sh profile).
 
 Both read $AUTORESEARCH_CACHE (prepared by `autoresearch prepare`). The twin's Python is this
 one (sys.executable) unless --python says otherwise.
 """
 
 import argparse
+import collections
+import csv
 import json
 import os
 import re
@@ -182,9 +186,29 @@ def table(folders):
         print(f"\nours/twin tokens/s: {rows['ours']['tokens/s'] / rows['twin']['tokens/s']:.2f}")
 
 
+def kernels(path):
+    """Per-kernel GPU time from Nsight Compute's raw CSV (gpu__time_duration.sum, in ns)."""
+    rows = list(csv.reader(line for line in open(path) if line.startswith('"')))
+    if len(rows) < 3:
+        sys.exit(f"{path}: no kernels profiled (see ncu.err beside it)")
+    head = rows[0]
+    name, took, grid = (head.index(k) for k in ("Kernel Name", "gpu__time_duration.sum", "Grid Size"))
+    total, calls = collections.Counter(), collections.Counter()
+    for row in rows[2:]:
+        key = (row[name][:60], row[grid])
+        total[key] += float(row[took].replace(",", ""))
+        calls[key] += 1
+    whole = sum(total.values())
+    print(f"{sum(calls.values())} kernels, {whole / 1e6:.1f} ms of GPU time")
+    print(f"{'share':>6} {'ms':>8} {'calls':>5} {'us/call':>8}  kernel (grid)")
+    for key, ns in total.most_common(30):
+        print(f"{ns / whole:6.1%} {ns / 1e6:8.2f} {calls[key]:5d} {ns / calls[key] / 1e3:8.1f}  {key[0]} {key[1]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=["check", "run", "table"])
+    ap.add_argument("mode", choices=["check", "run", "table", "kernels"])
+    ap.add_argument("csv", nargs="?", help="kernels: Nsight Compute's raw CSV (run.sh profile)")
     ap.add_argument("--train", help="the train binary (target/release/train)")
     ap.add_argument("--side", default="both", choices=["both", "ours", "twin"], help="run: which sides")
     ap.add_argument("--python", default=sys.executable, help="a Python with torch for the twin")
@@ -199,6 +223,8 @@ def main():
     args = ap.parse_args()
     if args.tol is None:
         args.tol = 1e-4 if args.device == "cpu" else 1e-2
+    if args.mode == "kernels":
+        return kernels(args.csv)
     if args.mode == "table":
         return table(args.folders or [args.out or "."])
     if (args.mode == "check" or args.side != "twin") and not (args.train and os.path.isfile(args.train)):

@@ -3,8 +3,11 @@
 # toolchain and no network, checks that the twin agrees with ours on the GPU, then runs both
 # sides for the full budget and prints the side-by-side tables. `kernels` times our fused kernels
 # against the plain path (fused-bench; seconds) and says whether they passed their self-check.
+# `profile` runs ours under Nsight Compute for a window of its kernel launches (SKIP=4000
+# COUNT=2500: about one pass of 16 rows, past start-up; one metric, so no replay) and prints
+# where the GPU time goes, per kernel (~1 min; needs `ncu`, which Firecracker machines have).
 #
-#   ./run.sh [kernels|check|run|all] [side_by_side.py options...]   # default: all (kernels first)
+#   ./run.sh [kernels|check|run|all|profile] [side_by_side.py options...]   # default: all
 #   ./run.sh run --side ours; ./run.sh run --side twin        # one side per call (each ~6 min)
 #   PYTHON=/path/to/python ./run.sh                            # a Python with CUDA PyTorch
 #   CUDA_LIB_DIR=/dir/with/libcublas.so.13 ./run.sh
@@ -17,8 +20,8 @@ mode=${1:-all}
 [ $# -gt 0 ] && shift
 fail() { echo "run.sh: $*" >&2; exit 2; }
 case $mode in
-  kernels | check | run | all) ;;
-  *) fail "usage: ./run.sh [kernels|check|run|all] [side_by_side.py options...], not \`$mode\`" ;;
+  kernels | check | run | all | profile) ;;
+  *) fail "usage: ./run.sh [kernels|check|run|all|profile] [side_by_side.py options...], not \`$mode\`" ;;
 esac
 ours=yes
 if [ "$mode" = run ]; then
@@ -90,5 +93,13 @@ if [ "$mode" = check ] || [ "$mode" = all ]; then
 fi
 if [ "$mode" = run ] || [ "$mode" = all ]; then
   "${sbs[@]}" run --device cuda --budget "${BUDGET:-300}" --train "$train" --out "$out/run" "$@"
+fi
+if [ "$mode" = profile ]; then
+  command -v ncu >/dev/null || fail "ncu (Nsight Compute) not found: profile needs it"
+  AUTORESEARCH_DEVICE=cuda AUTORESEARCH_TIME_BUDGET=30 AUTORESEARCH_REPORT=$out/profile.json \
+    ncu --clock-control none --print-units base --metrics gpu__time_duration.sum \
+    --launch-skip "${SKIP:-4000}" --launch-count "${COUNT:-2500}" --kill on --csv --page raw \
+    "$train" > "$out/ncu.csv" 2> "$out/ncu.err" || echo "run.sh: ncu exited $? (see $out/ncu.err)" >&2
+  "$py" "$here/side_by_side.py" kernels "$out/ncu.csv" | tee "$out/profile.txt"
 fi
 echo "results: $out"
