@@ -217,7 +217,7 @@ impl Gpt {
         let (b, t) = idx.dims2()?;
         let flat = idx.flatten_all()?;
         let embed = |table: &Var| -> Result<Tensor> {
-            let e = table.as_tensor().index_select(&flat, 0)?;
+            let e = fused::embedding(table.as_tensor(), &flat)?;
             Ok(e.reshape((b, t, ()))?.to_dtype(self.compute)?)
         };
         let mut x = norm(&embed(&self.wte)?)?;
@@ -272,15 +272,10 @@ impl Gpt {
         self.linear(&y.reshape((b, t, h * hd))?, &block.c_proj)
     }
 
+    /// Each head's halves turned by their position's angles (one fused op each way).
     fn rotary(&self, x: &Tensor, t: usize) -> Result<Tensor> {
-        let half = self.cfg.head_dim / 2;
-        let cos = self.cos.narrow(1, 0, t)?;
-        let sin = self.sin.narrow(1, 0, t)?;
-        let x1 = x.narrow(3, 0, half)?;
-        let x2 = x.narrow(3, half, half)?;
-        let y1 = (x1.broadcast_mul(&cos)? + x2.broadcast_mul(&sin)?)?;
-        let y2 = (x2.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-        Ok(Tensor::cat(&[y1, y2], 3)?)
+        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        Ok(fused::rotary(x, &cos, &sin)?)
     }
 
     fn mlp(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
@@ -362,7 +357,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
     Ok(p.matmul(&v)?.transpose(1, 2)?)
 }
 
-/// cos and sin of the rotary angles, `[1, T, 1, hd/2]`.
+/// cos and sin of the rotary angles, `[T, hd/2]`.
 fn rotary_tables(t: usize, hd: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
     let half = hd / 2;
     let mut cos = Vec::with_capacity(t * half);
@@ -375,7 +370,7 @@ fn rotary_tables(t: usize, hd: usize, device: &Device, dtype: DType) -> Result<(
             sin.push(angle.sin() as f32);
         }
     }
-    let shape = (1, t, 1, half);
+    let shape = (t, half);
     Ok((
         Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
         Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,

@@ -3,12 +3,10 @@
 //! f32, mask add, softmax (five passes) and cast back, each way. At the h100 preset's pass
 //! (16 × 4 heads × 2048²) each of those passes moves ~1 GB per layer.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, D, DType, Device, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::{rows, same_shape};
+use crate::{Kernel, is_fused, rows, same_shape};
 
 /// `softmax(scale · scores + mask)` over the last axis of `scores [.., T, T]` (queries × keys),
 /// where query i sees keys `i − window ..= i` (FlashAttention's `(window, 0)`); computed in f32,
@@ -23,21 +21,10 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize) -> Result<Tens
         scale: scale as f32,
         window: window.min(t),
     };
-    if scores.elem_count() > 0 && is_fused(scores.device(), scores.dtype()) {
+    if scores.elem_count() > 0 && is_fused(Kernel::CausalSoftmax, scores.device(), scores.dtype()) {
         return scores.contiguous()?.apply_op1(op);
     }
     plain::causal_softmax(scores, scale, window)
-}
-
-/// Whether `causal_softmax` takes the fused path on `device` for `dtype` (as for
-/// `is_fused` of the cross-entropy).
-pub fn is_fused(device: &Device, dtype: DType) -> bool {
-    match (device, dtype) {
-        (d, DType::F32) if d.is_cpu() => true,
-        #[cfg(feature = "cuda")]
-        (Device::Cuda(dev), DType::F32 | DType::BF16) => crate::cuda::checked_softmax(dev),
-        _ => false,
-    }
 }
 
 pub(crate) mod plain {

@@ -8,6 +8,8 @@ use rayon::prelude::*;
 
 use crate::rows;
 
+use crate::{Kernel, is_fused};
+
 /// Per-token nats `[..]` (f32) of the soft-capped `logits [.., vocab]` (any float dtype) at
 /// `targets [..]` (u32). Differentiable in `logits`.
 pub fn softcap_cross_entropy(logits: &Tensor, targets: &Tensor, cap: f64) -> Result<Tensor> {
@@ -27,23 +29,10 @@ pub fn softcap_cross_entropy(logits: &Tensor, targets: &Tensor, cap: f64) -> Res
         );
     }
     let op = SoftcapCrossEntropy { cap: cap as f32 };
-    if tokens > 0 && is_fused(logits.device(), logits.dtype()) {
+    if tokens > 0 && is_fused(Kernel::CrossEntropy, logits.device(), logits.dtype()) {
         return logits.contiguous()?.apply_op2(&targets.contiguous()?, op);
     }
     plain::softcap_cross_entropy(logits, targets, cap)
-}
-
-/// Whether `softcap_cross_entropy` takes the fused path for logits of `dtype` on `device`: f32
-/// on the CPU; bf16 and f32 on CUDA once the kernel passed its self-check on this GPU.
-pub fn is_fused(device: &candle_core::Device, dtype: DType) -> bool {
-    match (device, dtype) {
-        (d, DType::F32) if d.is_cpu() => true,
-        #[cfg(feature = "cuda")]
-        (candle_core::Device::Cuda(dev), DType::F32 | DType::BF16) => {
-            crate::cuda::checked_cross_entropy(dev)
-        }
-        _ => false,
-    }
 }
 
 pub(crate) mod plain {

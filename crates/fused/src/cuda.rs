@@ -10,8 +10,10 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Tensor, Var};
 
+use crate::Kernel;
 use crate::attention::{CausalSoftmax, CausalSoftmaxBackward};
 use crate::cross_entropy::{SoftcapCrossEntropy, plain};
+use crate::embedding::Embedding;
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
@@ -20,16 +22,17 @@ mod ptx {
 /// The kernels' block size (`THREADS` in the .cu files).
 const THREADS: u32 = 256;
 
-/// Whether the fused cross-entropy passed its self-check on this process's GPU.
-pub(crate) fn checked_cross_entropy(dev: &CudaDevice) -> bool {
-    static VERDICT: Mutex<Option<bool>> = Mutex::new(None);
-    verdict(&VERDICT, "cross-entropy", || check_cross_entropy(dev))
-}
-
-/// Whether the fused causal softmax passed its self-check on this process's GPU.
-pub(crate) fn checked_softmax(dev: &CudaDevice) -> bool {
-    static VERDICT: Mutex<Option<bool>> = Mutex::new(None);
-    verdict(&VERDICT, "causal softmax", || check_softmax(dev))
+/// Whether `kernel` passed its self-check on this process's GPU (checked at the first call).
+pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
+    static VERDICTS: [Mutex<Option<bool>>; 5] = [const { Mutex::new(None) }; 5];
+    let (name, check): (&str, fn(&CudaDevice) -> Result<()>) = match kernel {
+        Kernel::CrossEntropy => ("cross-entropy", check_cross_entropy),
+        Kernel::CausalSoftmax => ("causal softmax", check_softmax),
+        Kernel::Embedding => ("embedding", check_embedding),
+        Kernel::RmsNorm => ("RMSNorm", check_rms_norm),
+        Kernel::Rotary => ("rotary", check_rotary),
+    };
+    verdict(&VERDICTS[kernel as usize], name, || check(dev))
 }
 
 /// The check's verdict, made once. A check that ran out of memory (it runs inside the first
@@ -134,6 +137,58 @@ fn check_softmax(dev: &CudaDevice) -> Result<()> {
         .map_err(|e| candle_core::Error::Msg(format!("window {window}: {e}")))?;
     }
     Ok(())
+}
+
+/// Ids with repeats (about three tokens a row), at a width that is not a multiple of the block.
+fn check_embedding(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let (vocab, d, n) = (300, 300, 1000);
+    let ids: Vec<u32> = host_random(n, 5, 1.0)
+        .iter()
+        .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, n, &device)?;
+    compare(
+        &host_random(vocab * d, 6, 1.0),
+        &[vocab, d],
+        &device,
+        &|x| x.apply_op2(&ids, Embedding { vocab }),
+        &|x| x.index_select(&ids, 0),
+    )
+}
+
+/// Rows that do not fill the last block, of a width that is not a multiple of a warp.
+fn check_rms_norm(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let (rows, n, eps) = (37, 300, 1e-6);
+    compare(
+        &host_random(rows * n, 7, 3.0),
+        &[rows, n],
+        &device,
+        &|x| x.apply_op1(crate::RmsNorm { eps }),
+        &|x| crate::plain::rms_norm(x, eps),
+    )
+}
+
+/// Positions and heads that do not fill a block.
+fn check_rotary(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let (b, t, h, hd) = (2, 37, 3, 24);
+    let angle = |i: usize| (i / (hd / 2)) as f32 * 0.37 + (i % (hd / 2)) as f32 * 0.11;
+    let cos: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).cos()).collect();
+    let sin: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).sin()).collect();
+    let cos = Tensor::from_vec(cos, (t, hd / 2), &device)?;
+    let sin = Tensor::from_vec(sin, (t, hd / 2), &device)?;
+    compare(
+        &host_random(b * t * h * hd, 8, 2.0),
+        &[b, t, h, hd],
+        &device,
+        &|x| {
+            let (c, s) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+            x.apply_op3(&c, &s, crate::rotary::Rotary { sign: 1.0 })
+        },
+        &|x| crate::rotary::plain::rotary(x, &cos, &sin),
+    )
 }
 
 fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
@@ -357,4 +412,249 @@ pub(crate) fn causal_softmax_backward(
         }
     };
     Ok((ds, pl.shape().clone()))
+}
+
+/// The start and length of a contiguous layout.
+fn span(layout: &Layout) -> Result<(usize, usize)> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused ops need a contiguous input")
+    };
+    Ok((start, end - start))
+}
+
+fn blocks(grid_dim: (u32, u32, u32)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim,
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(crate) fn embedding(
+    ts: &CudaStorage,
+    tl: &Layout,
+    is: &CudaStorage,
+    il: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        (table, tl): (&CudaSlice<T>, &Layout),
+        (ids, il): (&CudaSlice<u32>, &Layout),
+    ) -> Result<CudaSlice<T>> {
+        let (t_start, vocab, d) = row_major(tl)?;
+        let (i_start, n) = span(il)?;
+        let table = table.slice(t_start..t_start + vocab * d);
+        let ids = ids.slice(i_start..i_start + n);
+        let out = unsafe { dev.alloc::<T>(n * d)? };
+        let func = dev.get_or_load_custom_func(name, "fused-embedding", ptx::EMBEDDING)?;
+        let (n32, d32, vocab32) = (n as i32, d as i32, vocab as i32);
+        let mut b = func.builder();
+        b.arg(&table)
+            .arg(&ids)
+            .arg(&out)
+            .arg(&n32)
+            .arg(&d32)
+            .arg(&vocab32);
+        // SAFETY: reads n ids and table rows below vocab; writes n × d elements.
+        unsafe { b.launch(blocks(((n * d).div_ceil(THREADS as usize) as u32, 1, 1))) }.w()?;
+        Ok(out)
+    }
+    let dev = &ts.device;
+    let ids = is.as_cuda_slice::<u32>()?;
+    let out = match &ts.slice {
+        CudaStorageSlice::BF16(t) => CudaStorage::wrap_cuda_slice(
+            launch("embedding_forward_bf16", dev, (t, tl), (ids, il))?,
+            dev.clone(),
+        ),
+        CudaStorageSlice::F32(t) => CudaStorage::wrap_cuda_slice(
+            launch("embedding_forward_f32", dev, (t, tl), (ids, il))?,
+            dev.clone(),
+        ),
+        _ => candle_core::bail!("the fused embedding takes a bf16 or f32 table"),
+    };
+    let (_, d) = tl.shape().dims2()?;
+    Ok((out, Shape::from((il.shape().elem_count(), d))))
+}
+
+pub(crate) fn embedding_backward(
+    vocab: usize,
+    is: &CudaStorage,
+    il: &Layout,
+    gs: &CudaStorage,
+    gl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        vocab: usize,
+        (ids, il): (&CudaSlice<u32>, &Layout),
+        (g, gl): (&CudaSlice<T>, &Layout),
+    ) -> Result<CudaSlice<T>> {
+        let (i_start, n) = span(il)?;
+        let (g_start, rows, d) = row_major(gl)?;
+        if rows != n {
+            candle_core::bail!("embedding backward: {n} ids, {rows} gradient rows")
+        }
+        let ids = ids.slice(i_start..i_start + n);
+        let g = g.slice(g_start..g_start + n * d);
+        let dtable = unsafe { dev.alloc::<T>(vocab * d)? };
+        let func = dev.get_or_load_custom_func(name, "fused-embedding", ptx::EMBEDDING)?;
+        let (n32, d32) = (n as i32, d as i32);
+        let mut b = func.builder();
+        b.arg(&ids).arg(&g).arg(&dtable).arg(&n32).arg(&d32);
+        let grid = (vocab as u32, d.div_ceil(THREADS as usize) as u32, 1);
+        // SAFETY: reads n ids and n × d gradients; writes every one of vocab × d elements.
+        unsafe { b.launch(blocks(grid)) }.w()?;
+        Ok(dtable)
+    }
+    let dev = &gs.device;
+    let ids = is.as_cuda_slice::<u32>()?;
+    let dtable = match &gs.slice {
+        CudaStorageSlice::BF16(g) => CudaStorage::wrap_cuda_slice(
+            launch("embedding_backward_bf16", dev, vocab, (ids, il), (g, gl))?,
+            dev.clone(),
+        ),
+        CudaStorageSlice::F32(g) => CudaStorage::wrap_cuda_slice(
+            launch("embedding_backward_f32", dev, vocab, (ids, il), (g, gl))?,
+            dev.clone(),
+        ),
+        _ => candle_core::bail!("the fused embedding's backward takes bf16 or f32 gradients"),
+    };
+    let d = *gl.dims().last().unwrap_or(&1);
+    Ok((dtable, Shape::from((vocab, d))))
+}
+
+/// RMSNorm over the rows of `x`: forward, or with `grad` its backward (dx).
+pub(crate) fn rms_norm(
+    eps: f32,
+    xs: &CudaStorage,
+    xl: &Layout,
+    grad: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        (x, xl): (&CudaSlice<T>, &Layout),
+        grad: Option<(&CudaSlice<T>, &Layout)>,
+        eps: f32,
+    ) -> Result<CudaSlice<T>> {
+        let (start, rows, n) = row_major(xl)?;
+        let x = x.slice(start..start + rows * n);
+        let out = unsafe { dev.alloc::<T>(rows * n)? };
+        let func = dev.get_or_load_custom_func(name, "fused-rms-norm", ptx::RMS_NORM)?;
+        let (rows32, n32) = (rows as i32, n as i32);
+        let warps = THREADS as usize / 32;
+        let grid = (rows.div_ceil(warps) as u32, 1, 1);
+        let g;
+        let mut b = func.builder();
+        b.arg(&x);
+        if let Some((g_all, gl)) = grad {
+            let (g_start, _, _) = row_major(gl)?;
+            g = g_all.slice(g_start..g_start + rows * n);
+            b.arg(&g);
+        }
+        b.arg(&out).arg(&rows32).arg(&n32).arg(&eps);
+        // SAFETY: reads rows × n elements (twice that with the gradient), writes rows × n.
+        unsafe { b.launch(blocks(grid)) }.w()?;
+        Ok(out)
+    }
+    let dev = &xs.device;
+    let way = if grad.is_some() {
+        "backward"
+    } else {
+        "forward"
+    };
+    let out = match (&xs.slice, grad.map(|(g, gl)| (&g.slice, gl))) {
+        (CudaStorageSlice::BF16(x), None) => CudaStorage::wrap_cuda_slice(
+            launch(&format!("rms_norm_{way}_bf16"), dev, (x, xl), None, eps)?,
+            dev.clone(),
+        ),
+        (CudaStorageSlice::BF16(x), Some((CudaStorageSlice::BF16(g), gl))) => {
+            CudaStorage::wrap_cuda_slice(
+                launch(
+                    &format!("rms_norm_{way}_bf16"),
+                    dev,
+                    (x, xl),
+                    Some((g, gl)),
+                    eps,
+                )?,
+                dev.clone(),
+            )
+        }
+        (CudaStorageSlice::F32(x), None) => CudaStorage::wrap_cuda_slice(
+            launch(&format!("rms_norm_{way}_f32"), dev, (x, xl), None, eps)?,
+            dev.clone(),
+        ),
+        (CudaStorageSlice::F32(x), Some((CudaStorageSlice::F32(g), gl))) => {
+            CudaStorage::wrap_cuda_slice(
+                launch(
+                    &format!("rms_norm_{way}_f32"),
+                    dev,
+                    (x, xl),
+                    Some((g, gl)),
+                    eps,
+                )?,
+                dev.clone(),
+            )
+        }
+        _ => candle_core::bail!("the fused RMSNorm takes bf16 or f32, the gradient alike"),
+    };
+    Ok((out, xl.shape().clone()))
+}
+
+/// The rotary turn of `x [B, T, H, hd]` by `cos, sin [T, hd/2]`, all contiguous and alike.
+pub(crate) fn rotary(
+    sign: f32,
+    (xs, xl): (&CudaStorage, &Layout),
+    (cs, cl): (&CudaStorage, &Layout),
+    (ss, sl): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        (x, xl): (&CudaSlice<T>, &Layout),
+        (cos, cl): (&CudaSlice<T>, &Layout),
+        (sin, sl): (&CudaSlice<T>, &Layout),
+        sign: f32,
+    ) -> Result<CudaSlice<T>> {
+        let (_, t, h, hd) = xl.shape().dims4()?;
+        let (x_start, n) = span(xl)?;
+        let (c_start, c_n) = span(cl)?;
+        let (s_start, s_n) = span(sl)?;
+        if c_n != t * hd / 2 || s_n != c_n {
+            candle_core::bail!("rotary: cos and sin must hold [{t}, {}]", hd / 2)
+        }
+        let x = x.slice(x_start..x_start + n);
+        let cos = cos.slice(c_start..c_start + c_n);
+        let sin = sin.slice(s_start..s_start + s_n);
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(name, "fused-rotary", ptx::ROTARY)?;
+        let pairs = n / 2;
+        let (t32, h32, half32) = (t as i32, h as i32, (hd / 2) as i32);
+        let mut b = func.builder();
+        b.arg(&x).arg(&cos).arg(&sin).arg(&y);
+        b.arg(&pairs).arg(&t32).arg(&h32).arg(&half32).arg(&sign);
+        let grid = (pairs.div_ceil(THREADS as usize) as u32, 1, 1);
+        // SAFETY: reads n elements of x and t × hd/2 of cos and sin; writes n elements.
+        unsafe { b.launch(blocks(grid)) }.w()?;
+        Ok(y)
+    }
+    let dev = &xs.device;
+    let y = match (&xs.slice, &cs.slice, &ss.slice) {
+        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(c), CudaStorageSlice::BF16(s)) => {
+            CudaStorage::wrap_cuda_slice(
+                launch("rotary_bf16", dev, (x, xl), (c, cl), (s, sl), sign)?,
+                dev.clone(),
+            )
+        }
+        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(c), CudaStorageSlice::F32(s)) => {
+            CudaStorage::wrap_cuda_slice(
+                launch("rotary_f32", dev, (x, xl), (c, cl), (s, sl), sign)?,
+                dev.clone(),
+            )
+        }
+        _ => candle_core::bail!("the fused rotary embedding takes bf16 or f32, all alike"),
+    };
+    Ok((y, xl.shape().clone()))
 }

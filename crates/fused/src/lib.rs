@@ -10,16 +10,20 @@
 //! (`cross_entropy.rs`) are fused on the CPU and, under the `cuda` feature, on CUDA too
 //! (`kernels/`, each checked against the plain path on the GPU at its first use).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 pub mod attention;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod embedding;
+pub mod rotary;
 
 pub use attention::causal_softmax;
 pub use cross_entropy::softcap_cross_entropy;
+pub use embedding::embedding;
+pub use rotary::rotary;
 
 /// Softmax over the last axis. Rows may hold `-inf` (masked keys), not only `-inf`.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -31,10 +35,34 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm without weights over the last axis: `x / sqrt(mean(x²) + eps)`, computed in f32.
 pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if fusable(x) {
+    if x.rank() > 0 && x.elem_count() > 0 && is_fused(Kernel::RmsNorm, x.device(), x.dtype()) {
         return x.contiguous()?.apply_op1(RmsNorm { eps });
     }
     plain::rms_norm(x, eps)
+}
+
+/// The ops with a fused path on CUDA too, each checked there against its plain path at first use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    CrossEntropy,
+    CausalSoftmax,
+    Embedding,
+    RmsNorm,
+    Rotary,
+}
+
+/// Whether `kernel` takes the fused path for `dtype` on `device`: f32 on the CPU; bf16 and f32
+/// on CUDA once the kernel passed its self-check on this GPU.
+pub fn is_fused(kernel: Kernel, device: &Device, dtype: DType) -> bool {
+    match (device, dtype) {
+        (d, DType::F32) if d.is_cpu() => true,
+        #[cfg(feature = "cuda")]
+        (Device::Cuda(dev), DType::F32 | DType::BF16) => cuda::checked(kernel, dev),
+        _ => {
+            let _ = kernel;
+            false
+        }
+    }
 }
 
 fn fusable(x: &Tensor) -> bool {
@@ -48,6 +76,7 @@ pub mod plain {
 
     pub use crate::attention::plain::causal_softmax;
     pub use crate::cross_entropy::plain::softcap_cross_entropy;
+    pub use crate::rotary::plain::rotary;
 
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         // The max is a constant shift: no gradient flows through it.
@@ -165,6 +194,15 @@ impl CustomOp1 for RmsNorm {
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rms_norm(self.eps as f32, storage, layout, None)
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = RmsNormBackward { eps: self.eps };
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
@@ -208,6 +246,18 @@ impl CustomOp2 for RmsNormBackward {
                 }
             });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        same_shape(xl, gl)?;
+        cuda::rms_norm(self.eps as f32, xs, xl, Some((gs, gl)))
     }
 }
 
@@ -435,5 +485,70 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[4, 5]"), "{err}");
+    }
+
+    /// The table's gradient of `Σ w ⊙ f(table)`, and the value.
+    fn embedding_run(
+        table: &Tensor,
+        ids: &Tensor,
+        f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> (Tensor, Tensor) {
+        let var = Var::from_tensor(table).unwrap();
+        let y = f(var.as_tensor(), ids).unwrap();
+        let w = random(y.dims(), 31, 1.0);
+        let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, grads.get(var.as_tensor()).unwrap().clone())
+    }
+
+    #[test]
+    fn embedding_matches_index_select_values_and_gradients() {
+        let (vocab, d) = (11, 6);
+        let table = random(&[vocab, d], 30, 1.0);
+        // Repeats, a row never chosen (10), the first and the last rows.
+        let ids =
+            Tensor::new(&[3u32, 0, 3, 9, 1, 3, 0, 7, 2, 9, 4, 5, 6, 8], &Device::Cpu).unwrap();
+        let (y, g) = embedding_run(&table, &ids, embedding);
+        let (want_y, want_g) = embedding_run(&table, &ids, |t, i| t.index_select(i, 0));
+        assert_eq!(y.dims(), [14, d]);
+        assert_eq!(g.dims(), [vocab, d]);
+        assert_eq!(max_rel_err(&y, &want_y), 0.0);
+        assert!(max_rel_err(&g, &want_g) < 1e-6);
+        let unused = g.get(10).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(unused.to_scalar::<f32>().unwrap(), 0.0);
+        let bad = Tensor::new(&[1u32, 11], &Device::Cpu).unwrap();
+        let err = embedding(&table, &bad).unwrap_err().to_string();
+        assert!(err.contains("id 11") && err.contains("11 rows"), "{err}");
+    }
+
+    #[test]
+    fn rotary_matches_the_plain_path_values_and_gradients_and_turns_back() {
+        let (b, t, h, hd) = (2, 5, 3, 8);
+        let angles: Vec<f32> = (0..t * hd / 2).map(|i| i as f32 * 0.3).collect();
+        let angles = Tensor::from_vec(angles, (t, hd / 2), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let x = random(&[b, t, h, hd], 32, 2.0);
+        let (value, grad) = compare(
+            &x,
+            |x| rotary(x, &cos, &sin),
+            |x| plain::rotary(x, &cos, &sin),
+        );
+        assert!(value < 1e-6 && grad < 1e-6, "{value} {grad}");
+        // A turn keeps each pair's length, and turning by −angle undoes it.
+        let y = rotary(&x, &cos, &sin).unwrap();
+        let norm = |x: &Tensor| {
+            x.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!((norm(&y) - norm(&x)).abs() < 1e-3 * norm(&x));
+        let back = rotary(&y, &cos, &sin.neg().unwrap()).unwrap();
+        assert!(max_rel_err(&back, &x) < 1e-5);
+        let err = rotary(&x, &cos.narrow(0, 0, 4).unwrap(), &sin)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[5, 4]"), "{err}");
     }
 }

@@ -1,13 +1,16 @@
 //! Times the fused ops against their plain paths, forward and forward + backward, and checks
-//! that they agree: the soft-capped cross-entropy at the h100 preset's pass (16 rows × 2048
-//! tokens, vocabulary 8192) and attention's causal softmax at its scores (16 × 4 heads, 2048²,
-//! window 1024 and full). bf16 on CUDA, f32 on the CPU.
+//! that they agree, at the h100 preset's pass (16 rows × 2048 tokens): the soft-capped
+//! cross-entropy (vocabulary 8192), attention's causal softmax at its scores (16 × 4 heads,
+//! 2048², window 1024 and full), the embedding (an f32 table of 8192 × 512, as the master
+//! weights), RMSNorm (512 wide) and the rotary embedding (4 heads of 128). bf16 on CUDA, f32 on
+//! the CPU.
 //!
 //!   fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--heads B·H] [--seq T] [--iters K]
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{D, DType, Device, Result, Tensor, Var};
+use fused::{Kernel, is_fused};
 
 type Op<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
 
@@ -63,7 +66,7 @@ fn main() -> Result<()> {
     let targets = Tensor::from_vec(targets, tokens, &device)?;
     println!(
         "cross-entropy: {tokens} tokens × vocabulary {vocab}, {dtype:?} on {device:?}; fused path: {}",
-        fused::cross_entropy::is_fused(&device, dtype)
+        is_fused(Kernel::CrossEntropy, &device, dtype)
     );
     bench(
         &logits,
@@ -80,7 +83,7 @@ fn main() -> Result<()> {
     for window in [seq / 2, seq] {
         println!(
             "causal softmax: {heads} × {seq}² scores, window {window}, {dtype:?}; fused path: {}",
-            fused::attention::is_fused(&device, dtype)
+            is_fused(Kernel::CausalSoftmax, &device, dtype)
         );
         bench(
             &scores,
@@ -90,12 +93,63 @@ fn main() -> Result<()> {
             iters,
         )?;
     }
+    drop(scores);
+
+    let dim = 512;
+    let table = Tensor::from_vec(random(vocab * dim, 1.0), (vocab, dim), &device)?;
+    println!(
+        "embedding: {tokens} ids into an F32 table of {vocab} × {dim}; fused path: {}",
+        is_fused(Kernel::Embedding, &device, DType::F32)
+    );
+    bench(
+        &table,
+        &|x| x.index_select(&targets, 0),
+        &|x| fused::embedding(x, &targets),
+        &device,
+        iters,
+    )?;
+
+    let x = Tensor::from_vec(random(tokens * dim, 3.0), (tokens, dim), &device)?.to_dtype(dtype)?;
+    println!(
+        "RMSNorm: {tokens} rows of {dim}, {dtype:?}; fused path: {}",
+        is_fused(Kernel::RmsNorm, &device, dtype)
+    );
+    bench(
+        &x,
+        &|x| fused::plain::rms_norm(x, 1e-6),
+        &|x| fused::rms_norm(x, 1e-6),
+        &device,
+        iters,
+    )?;
+
+    let (heads, head_dim) = (4, 128);
+    let x = x.reshape((tokens / seq, seq, heads, head_dim))?;
+    let angles: Vec<f32> = (0..seq * head_dim / 2).map(|i| i as f32 * 0.01).collect();
+    let angles = Tensor::from_vec(angles, (seq, head_dim / 2), &device)?;
+    let (cos, sin) = (
+        angles.cos()?.to_dtype(dtype)?,
+        angles.sin()?.to_dtype(dtype)?,
+    );
+    println!(
+        "rotary: {:?}, {dtype:?}; fused path: {}",
+        x.dims(),
+        is_fused(Kernel::Rotary, &device, dtype)
+    );
+    bench(
+        &x,
+        &|x| fused::plain::rotary(x, &cos, &sin),
+        &|x| fused::rotary(x, &cos, &sin),
+        &device,
+        iters,
+    )?;
     Ok(())
 }
 
 /// Milliseconds per call of each side, forward and forward + backward (of a fixed weighting of
 /// the output: a mean would give the softmax a zero gradient), after a warm-up call; then the
-/// largest relative differences between the sides.
+/// largest relative differences between the sides. The weighted output is summed by rows
+/// first: candle sums a whole tensor into one value with a single block on CUDA, which would
+/// time that sum rather than the ops.
 fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Result<()> {
     let shape = plain(x)?.shape().clone();
     let n = shape.elem_count() as u32;
@@ -108,7 +162,8 @@ fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Res
             let var = Var::from_tensor(x)?;
             let y = op(var.as_tensor())?;
             let grad = if backward {
-                let grads = (y.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+                let weighted = (y.to_dtype(DType::F32)? * &w)?;
+                let grads = weighted.sum(D::Minus1)?.sum_all()?.backward()?;
                 Some(grads.get(var.as_tensor()).expect("a gradient").clone())
             } else {
                 None
