@@ -24,7 +24,7 @@ record=.ci/gpu-bundle.checked
 # Everything the CUDA binary and this check are made from, tracked or not, by content.
 inputs() {
   git ls-files -z --cached --others --exclude-standard -- \
-    Cargo.lock Cargo.toml train prepare crates/fused bench \
+    Cargo.lock Cargo.toml vendor train prepare crates/fused bench \
     scripts/gpu-bundle.sh scripts/gpu-run.sh scripts/cuda-env.sh scripts/check-gpu-bundle.sh \
     | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
 }

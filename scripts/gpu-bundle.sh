@@ -80,7 +80,7 @@ cp bench/torch_twin.py bench/side_by_side.py "$out/"
 cp scripts/gpu-run.sh "$out/run.sh"
 chmod +x "$out/run.sh"
 {
-  echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- train prepare crates/fused bench scripts Cargo.lock || echo ' (with uncommitted changes)')"
+  echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD -- train prepare crates/fused vendor bench scripts Cargo.lock || echo ' (with uncommitted changes)')"
   echo "built $(date -u +%Y-%m-%dT%H:%MZ) on $(uname -m), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"
   echo "needs at run time: libcuda.so.1 (driver >= 580), libcudart.so.13, libcublas.so.13, libcublasLt.so.13"
 } > "$out/BUILD"

@@ -225,8 +225,7 @@ impl Gpt {
         for (i, block) in self.blocks.iter().enumerate() {
             let resid = self.resid_lambdas.as_tensor().narrow(1, i, 1)?;
             let x0_l = self.x0_lambdas.as_tensor().narrow(1, i, 1)?;
-            x = (x.broadcast_mul(&resid.to_dtype(self.compute)?)?
-                + x0.broadcast_mul(&x0_l.to_dtype(self.compute)?)?)?;
+            x = (fused::scale(&x, &resid)? + fused::scale(&x0, &x0_l)?)?;
             let ve = block.value_embed.as_ref().map(embed).transpose()?;
             x = (&x + self.attention(block, &norm(&x)?, ve.as_ref(), i)?)?;
             x = (&x + self.mlp(block, &norm(&x)?)?)?;
@@ -279,7 +278,7 @@ impl Gpt {
     }
 
     fn mlp(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
-        let h = self.linear(x, &block.c_fc)?.relu()?.sqr()?;
+        let h = fused::relu_squared(&self.linear(x, &block.c_fc)?)?;
         self.linear(&h, &block.mlp_proj)
     }
 

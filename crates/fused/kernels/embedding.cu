@@ -1,6 +1,6 @@
 // Embedding lookup and its gradient. Forward: out[n, :] = table[ids[n], :], one thread per
 // element. Backward: dtable[v, :] = sum over the tokens n with ids[n] == v of g[n, :], in token
-// order (so the same from run to run, no atomics): a block per (row v, 256 columns), each warp
+// order (so the same from run to run, no atomics): a block per (row v, 512 columns), each warp
 // reading 32 ids at a time and adding the gradient rows of the ones that match (most words of
 // 32 ids hold none). Built to PTX by build.rs under `cuda`.
 #include "loads.cuh"
@@ -18,19 +18,22 @@ __device__ void gather(const T *table, const uint32_t *ids, T *out, int n, int d
 template <typename T>
 __device__ void scatter_sum(const uint32_t *ids, const T *g, T *dtable, int n, int d) {
   const uint32_t v = blockIdx.x;
-  const int col = blockIdx.y * blockDim.x + threadIdx.x;
+  // Two columns a thread (512 a block): each scan of the ids serves twice the columns.
+  const int col = blockIdx.y * 2 * blockDim.x + threadIdx.x, col2 = col + blockDim.x;
   const int lane = threadIdx.x % 32;
-  float acc = 0.0f;
+  float acc = 0.0f, acc2 = 0.0f;
   for (int base = 0; base < n; base += 32) {
     const int j = base + lane;
     unsigned hits = __ballot_sync(0xffffffff, j < n && ids[j] == v);
     while (hits) {
-      const int k = base + __ffs(hits) - 1;
+      const size_t row = (size_t)(base + __ffs(hits) - 1) * d;
       hits &= hits - 1;
-      if (col < d) acc += load(g, (size_t)k * d + col);
+      if (col < d) acc += load(g, row + col);
+      if (col2 < d) acc2 += load(g, row + col2);
     }
   }
   if (col < d) store(dtable, (size_t)v * d + col, acc);
+  if (col2 < d) store(dtable, (size_t)v * d + col2, acc2);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)

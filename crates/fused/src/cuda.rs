@@ -24,13 +24,14 @@ const THREADS: u32 = 256;
 
 /// Whether `kernel` passed its self-check on this process's GPU (checked at the first call).
 pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
-    static VERDICTS: [Mutex<Option<bool>>; 5] = [const { Mutex::new(None) }; 5];
+    static VERDICTS: [Mutex<Option<bool>>; 6] = [const { Mutex::new(None) }; 6];
     let (name, check): (&str, fn(&CudaDevice) -> Result<()>) = match kernel {
         Kernel::CrossEntropy => ("cross-entropy", check_cross_entropy),
         Kernel::CausalSoftmax => ("causal softmax", check_softmax),
         Kernel::Embedding => ("embedding", check_embedding),
         Kernel::RmsNorm => ("RMSNorm", check_rms_norm),
         Kernel::Rotary => ("rotary", check_rotary),
+        Kernel::ReluSquared => ("ReLU²", check_relu_squared),
     };
     verdict(&VERDICTS[kernel as usize], name, || check(dev))
 }
@@ -188,6 +189,18 @@ fn check_rotary(dev: &CudaDevice) -> Result<()> {
             x.apply_op3(&c, &s, crate::rotary::Rotary { sign: 1.0 })
         },
         &|x| crate::rotary::plain::rotary(x, &cos, &sin),
+    )
+}
+
+/// A length that does not fill the last block; values on both sides of 0.
+fn check_relu_squared(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    compare(
+        &host_random(1001, 9, 3.0),
+        &[7, 143],
+        &device,
+        &|x| x.apply_op1(crate::ReluSquared),
+        &crate::plain::relu_squared,
     )
 }
 
@@ -503,7 +516,7 @@ pub(crate) fn embedding_backward(
         let (n32, d32) = (n as i32, d as i32);
         let mut b = func.builder();
         b.arg(&ids).arg(&g).arg(&dtable).arg(&n32).arg(&d32);
-        let grid = (vocab as u32, d.div_ceil(THREADS as usize) as u32, 1);
+        let grid = (vocab as u32, d.div_ceil(2 * THREADS as usize) as u32, 1);
         // SAFETY: reads n ids and n × d gradients; writes every one of vocab × d elements.
         unsafe { b.launch(blocks(grid)) }.w()?;
         Ok(dtable)
@@ -657,4 +670,76 @@ pub(crate) fn rotary(
         _ => candle_core::bail!("the fused rotary embedding takes bf16 or f32, all alike"),
     };
     Ok((y, xl.shape().clone()))
+}
+
+/// ReLU² of `x`: forward, or with `grad` its backward (dx).
+pub(crate) fn relu_squared(
+    xs: &CudaStorage,
+    xl: &Layout,
+    grad: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        (x, xl): (&CudaSlice<T>, &Layout),
+        grad: Option<(&CudaSlice<T>, &Layout)>,
+    ) -> Result<CudaSlice<T>> {
+        let (start, n) = span(xl)?;
+        let x = x.slice(start..start + n);
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(name, "fused-relu-squared", ptx::RELU_SQUARED)?;
+        let g;
+        let mut b = func.builder();
+        b.arg(&x);
+        if let Some((g_all, gl)) = grad {
+            let (g_start, _) = span(gl)?;
+            g = g_all.slice(g_start..g_start + n);
+            b.arg(&g);
+        }
+        b.arg(&out).arg(&n);
+        let grid = (n.div_ceil(THREADS as usize) as u32, 1, 1);
+        // SAFETY: reads n elements (twice that with the gradient), writes n.
+        unsafe { b.launch(blocks(grid)) }.w()?;
+        Ok(out)
+    }
+    let dev = &xs.device;
+    let way = if grad.is_some() {
+        "backward"
+    } else {
+        "forward"
+    };
+    let out = match (&xs.slice, grad.map(|(g, gl)| (&g.slice, gl))) {
+        (CudaStorageSlice::BF16(x), None) => CudaStorage::wrap_cuda_slice(
+            launch(&format!("relu_squared_{way}_bf16"), dev, (x, xl), None)?,
+            dev.clone(),
+        ),
+        (CudaStorageSlice::BF16(x), Some((CudaStorageSlice::BF16(g), gl))) => {
+            CudaStorage::wrap_cuda_slice(
+                launch(
+                    &format!("relu_squared_{way}_bf16"),
+                    dev,
+                    (x, xl),
+                    Some((g, gl)),
+                )?,
+                dev.clone(),
+            )
+        }
+        (CudaStorageSlice::F32(x), None) => CudaStorage::wrap_cuda_slice(
+            launch(&format!("relu_squared_{way}_f32"), dev, (x, xl), None)?,
+            dev.clone(),
+        ),
+        (CudaStorageSlice::F32(x), Some((CudaStorageSlice::F32(g), gl))) => {
+            CudaStorage::wrap_cuda_slice(
+                launch(
+                    &format!("relu_squared_{way}_f32"),
+                    dev,
+                    (x, xl),
+                    Some((g, gl)),
+                )?,
+                dev.clone(),
+            )
+        }
+        _ => candle_core::bail!("the fused ReLU² takes bf16 or f32, the gradient alike"),
+    };
+    Ok((out, xl.shape().clone()))
 }

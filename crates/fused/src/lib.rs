@@ -49,6 +49,7 @@ pub enum Kernel {
     Embedding,
     RmsNorm,
     Rotary,
+    ReluSquared,
 }
 
 /// Whether `kernel` takes the fused path for `dtype` on `device`: f32 on the CPU; bf16 and f32
@@ -63,6 +64,35 @@ pub fn is_fused(kernel: Kernel, device: &Device, dtype: DType) -> bool {
             false
         }
     }
+}
+
+/// `max(x, 0)²`, the MLP's activation: one pass each way, where the plain path is ReLU and a
+/// square forward, and backward a comparison, a cast and three products over the MLP's widest
+/// tensor.
+pub fn relu_squared(x: &Tensor) -> Result<Tensor> {
+    if x.elem_count() > 0 && is_fused(Kernel::ReluSquared, x.device(), x.dtype()) {
+        return x.contiguous()?.apply_op1(ReluSquared);
+    }
+    plain::relu_squared(x)
+}
+
+/// `x · a` for a one-element `a` (a learned scalar), in x's dtype. The gradient for `a` is a
+/// sum over all of x, and candle's CUDA backend sums a whole tensor into one value with a
+/// single block: 0.86 ms for the 16.7 M elements of an h100-preset residual on an H200, twice a
+/// layer. Viewed as 1,024 rows, each row is summed by its own block, then the 1,024 sums.
+pub fn scale(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    if a.elem_count() != 1 {
+        candle_core::bail!("scale: a must hold one value, not {:?}", a.dims())
+    }
+    let n = x.elem_count();
+    let rows = if n.is_multiple_of(1024) { 1024 } else { 1 };
+    let a = a
+        .reshape((1, 1))?
+        .to_dtype(x.dtype())?
+        .broadcast_as((rows, 1))?;
+    x.reshape((rows, n / rows))?
+        .broadcast_mul(&a)?
+        .reshape(x.shape())
 }
 
 fn fusable(x: &Tensor) -> bool {
@@ -83,6 +113,10 @@ pub mod plain {
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    pub fn relu_squared(x: &Tensor) -> Result<Tensor> {
+        x.relu()?.sqr()
     }
 
     pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -169,6 +203,75 @@ impl CustomOp2 for SoftmaxBackward {
                 }
             });
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+struct ReluSquared;
+
+impl CustomOp1 for ReluSquared {
+    fn name(&self) -> &'static str {
+        "fused-relu-squared"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, _) = rows(storage, layout)?;
+        let y = x.par_iter().map(|&x| x.max(0.0) * x.max(0.0)).collect();
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::relu_squared(storage, layout, None)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &ReluSquaredBackward,
+        )?))
+    }
+}
+
+/// dx = 2 · max(x, 0) · g.
+struct ReluSquaredBackward;
+
+impl CustomOp2 for ReluSquaredBackward {
+    fn name(&self) -> &'static str {
+        "fused-relu-squared-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_shape(xl, gl)?;
+        let (x, _) = rows(xs, xl)?;
+        let (g, _) = rows(gs, gl)?;
+        let dx = x
+            .par_iter()
+            .zip(g)
+            .map(|(&x, &g)| 2.0 * x.max(0.0) * g)
+            .collect();
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        same_shape(xl, gl)?;
+        cuda::relu_squared(xs, xl, Some((gs, gl)))
     }
 }
 
@@ -550,5 +653,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[5, 4]"), "{err}");
+    }
+
+    #[test]
+    fn scale_matches_a_broadcast_product_values_and_gradients() {
+        for shape in [vec![2, 8, 64], vec![3, 5]] {
+            let x = random(&shape, 40, 2.0);
+            let a = Var::from_tensor(&Tensor::new(&[[0.7f32]], &Device::Cpu).unwrap()).unwrap();
+            let w = random(&shape, 41, 1.0);
+            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
+                let xv = Var::from_tensor(&x).unwrap();
+                let y = f(xv.as_tensor(), a.as_tensor()).unwrap();
+                let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let (gx, ga) = (grads.get(xv.as_tensor()), grads.get(a.as_tensor()));
+                (y, gx.unwrap().clone(), ga.unwrap().clone())
+            };
+            let (y, gx, ga) = run(&|x, a| scale(x, a));
+            let (want_y, want_gx, want_ga) = run(&|x, a| x.broadcast_mul(a));
+            assert_eq!(y.dims(), &shape[..]);
+            assert_eq!(ga.dims(), [1, 1]);
+            assert!(max_rel_err(&y, &want_y) < 1e-6);
+            assert!(max_rel_err(&gx, &want_gx) < 1e-6);
+            assert!(max_rel_err(&ga, &want_ga) < 1e-5, "{ga} {want_ga}");
+        }
+        assert!(scale(&random(&[4], 42, 1.0), &random(&[2], 43, 1.0)).is_err());
+    }
+
+    #[test]
+    fn relu_squared_matches_the_plain_path_values_and_gradients() {
+        let x = random(&[3, 7, 33], 44, 2.0);
+        let (value, grad) = compare(&x, relu_squared, plain::relu_squared);
+        assert!(value < 1e-6 && grad < 1e-6, "{value} {grad}");
     }
 }

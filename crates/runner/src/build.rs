@@ -51,14 +51,14 @@ pub(crate) fn is_secret(key: &str) -> bool {
 /// relative to the workspace root, so two checkouts sharing a target dir look alike: an older
 /// file in a second checkout would pass for built. The train file is always touched (its crate
 /// rebuilds in about a second); the train crate's other sources and its path dependencies
-/// (`prepare`, `crates/fused`, the manifests) only when their content differs from the last
+/// (`prepare`, `crates/fused`, the patched candle-core in `vendor`, the manifests) only when their content differs from the last
 /// build's, whichever checkout that was: a session's workers, whose checkouts differ only in
 /// the train file, build nothing else when they take turns.
 fn mark_sources_newer(repo: &Path, target_dir: &Path) -> Result<(), RunnerError> {
     let marker = target_dir.join("last-sources");
     let train_file = repo.join(crate::TRAIN_FILE);
     let mut shared = Vec::new();
-    let mut stack: Vec<PathBuf> = ["prepare", "train", "crates/fused"]
+    let mut stack: Vec<PathBuf> = ["prepare", "train", "crates/fused", "vendor"]
         .iter()
         .map(|d| repo.join(d))
         .collect();
