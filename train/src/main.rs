@@ -146,8 +146,8 @@ struct Gpt {
     lm_head: Var,
     resid_lambdas: Var,
     x0_lambdas: Var,
-    cos: Tensor,
-    sin: Tensor,
+    /// cos and sin of the rotary angles, `[2, T, hd/2]`.
+    rope: Tensor,
     /// bf16 on CUDA (f32 master weights, bf16 matmuls: the autocast equivalent), f32 on CPU.
     compute: DType,
 }
@@ -185,7 +185,7 @@ impl Gpt {
         } else {
             DType::F32
         };
-        let (cos, sin) = rotary_tables(cfg.seq_len, cfg.head_dim, device, compute)?;
+        let rope = rotary_tables(cfg.seq_len, cfg.head_dim, device, compute)?;
         Ok(Gpt {
             cfg,
             wte,
@@ -193,8 +193,7 @@ impl Gpt {
             lm_head,
             resid_lambdas,
             x0_lambdas,
-            cos,
-            sin,
+            rope,
             compute,
         })
     }
@@ -257,24 +256,20 @@ impl Gpt {
         // q, k and v from one matmul: x is read once and the GEMM is three times as wide.
         let w_qkv = Tensor::cat(&[&*block.c_q, &*block.c_k, &*block.c_v], 0)?;
         let qkv = self.linear(x, &w_qkv)?;
-        let part = |i: usize| qkv.narrow(2, i * h * hd, h * hd)?.reshape((b, t, h, hd));
-        let (q, k, mut v) = (part(0)?, part(1)?, part(2)?);
+        // q and k turned by their positions and normed (QK-norm), v as it is: [3, B, H, T, hd].
+        let heads = fused::heads(&qkv, h, &self.rope.narrow(1, 0, t)?, NORM_EPS)?;
+        let (q, k, mut v) = (heads.get(0)?, heads.get(1)?, heads.get(2)?);
         if let (Some(ve), Some(gate_w)) = (ve, &block.ve_gate) {
             // Value residual: mix in the value embedding through an input-dependent gate per head.
             let gate = sigmoid(&self.linear(&x.narrow(2, 0, VE_GATE_CHANNELS)?, gate_w)?)?;
             let gate = (gate * 2.0)?.unsqueeze(3)?;
-            v = (v + ve.reshape((b, t, h, hd))?.broadcast_mul(&gate)?)?;
+            v = (v + ve
+                .reshape((b, t, h, hd))?
+                .broadcast_mul(&gate)?
+                .transpose(1, 2)?)?;
         }
-        let q = norm(&self.rotary(&q, t)?)?;
-        let k = norm(&self.rotary(&k, t)?)?;
         let y = attend(&q, &k, &v, self.cfg.windows[layer])?;
-        self.linear(&y.reshape((b, t, h * hd))?, &block.c_proj)
-    }
-
-    /// Each head's halves turned by their position's angles (one fused op each way).
-    fn rotary(&self, x: &Tensor, t: usize) -> Result<Tensor> {
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
-        Ok(fused::rotary(x, &cos, &sin)?)
+        self.linear(&y.transpose(1, 2)?.reshape((b, t, h * hd))?, &block.c_proj)
     }
 
     fn mlp(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
@@ -344,20 +339,17 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.exp()? + 1.0)?.recip()?)
 }
 
-/// Materialised attention: `q, k, v [B, T, H, hd]` → `[B, T, H, hd]`; query i sees keys
+/// Materialised attention: `q, k, v [B, H, T, hd]` → `[B, H, T, hd]`; query i sees keys
 /// `i - window ..= i`.
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(3)? as f64).sqrt();
-    let q = q.transpose(1, 2)?.contiguous()?;
-    let k = k.transpose(1, 2)?.contiguous()?;
-    let v = v.transpose(1, 2)?.contiguous()?;
     // Scale, window and softmax (in f32) in one fused op, back in the compute dtype.
     let p = fused::causal_softmax(&q.matmul(&k.t()?)?, scale, window)?;
-    Ok(p.matmul(&v)?.transpose(1, 2)?)
+    Ok(p.matmul(v)?)
 }
 
-/// cos and sin of the rotary angles, `[T, hd/2]`.
-fn rotary_tables(t: usize, hd: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+/// cos and sin of the rotary angles, `[2, T, hd/2]`.
+fn rotary_tables(t: usize, hd: usize, device: &Device, dtype: DType) -> Result<Tensor> {
     let half = hd / 2;
     let mut cos = Vec::with_capacity(t * half);
     let mut sin = Vec::with_capacity(t * half);
@@ -369,11 +361,8 @@ fn rotary_tables(t: usize, hd: usize, device: &Device, dtype: DType) -> Result<(
             sin.push(angle.sin() as f32);
         }
     }
-    let shape = (t, half);
-    Ok((
-        Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-        Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
-    ))
+    cos.extend(sin);
+    Ok(Tensor::from_vec(cos, (2, t, half), device)?.to_dtype(dtype)?)
 }
 
 // ---- Optimizer: Muon for block matrices (stacked by shape), AdamW for the rest -----------------

@@ -174,13 +174,14 @@ fn short_windows_cannot_see_past_their_window() {
         )
         .unwrap()
     };
-    let (q, k, v) = (rand((1, 8, 2, 4)), rand((1, 8, 2, 4)), rand((1, 8, 2, 4)));
+    // [B, H, T, hd]: 2 heads, 8 positions.
+    let (q, k, v) = (rand((1, 2, 8, 4)), rand((1, 2, 8, 4)), rand((1, 2, 8, 4)));
     let out = attend(&q, &k, &v, 3).unwrap();
-    let bump = Tensor::zeros((1, 8, 2, 4), DType::F32, &Device::Cpu)
+    let bump = Tensor::zeros((1, 2, 8, 4), DType::F32, &Device::Cpu)
         .unwrap()
         .slice_assign(
-            &[0..1, 0..1, 0..2, 0..4],
-            &Tensor::ones((1, 1, 2, 4), DType::F32, &Device::Cpu).unwrap(),
+            &[0..1, 0..2, 0..1, 0..4],
+            &Tensor::ones((1, 2, 1, 4), DType::F32, &Device::Cpu).unwrap(),
         )
         .unwrap();
     let out2 = attend(&q, &k, &(&v + bump).unwrap(), 3).unwrap();
@@ -188,7 +189,7 @@ fn short_windows_cannot_see_past_their_window() {
         .unwrap()
         .abs()
         .unwrap()
-        .sum((2, 3))
+        .sum((1, 3))
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();

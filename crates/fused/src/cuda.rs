@@ -24,7 +24,7 @@ const THREADS: u32 = 256;
 
 /// Whether `kernel` passed its self-check on this process's GPU (checked at the first call).
 pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
-    static VERDICTS: [Mutex<Option<bool>>; 6] = [const { Mutex::new(None) }; 6];
+    static VERDICTS: [Mutex<Option<bool>>; 7] = [const { Mutex::new(None) }; 7];
     let (name, check): (&str, fn(&CudaDevice) -> Result<()>) = match kernel {
         Kernel::CrossEntropy => ("cross-entropy", check_cross_entropy),
         Kernel::CausalSoftmax => ("causal softmax", check_softmax),
@@ -32,6 +32,7 @@ pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
         Kernel::RmsNorm => ("RMSNorm", check_rms_norm),
         Kernel::Rotary => ("rotary", check_rotary),
         Kernel::ReluSquared => ("ReLU²", check_relu_squared),
+        Kernel::Heads => ("heads", check_heads),
     };
     verdict(&VERDICTS[kernel as usize], name, || check(dev))
 }
@@ -201,6 +202,30 @@ fn check_relu_squared(dev: &CudaDevice) -> Result<()> {
         &device,
         &|x| x.apply_op1(crate::ReluSquared),
         &crate::plain::relu_squared,
+    )
+}
+
+/// Positions, heads and rows that do not fill a block or a warp's 32 pairs.
+fn check_heads(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let (b, t, h, hd) = (2, 37, 3, 72);
+    let angle = |i: usize| (i / (hd / 2)) as f32 * 0.37 + (i % (hd / 2)) as f32 * 0.11;
+    let cos: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).cos()).collect();
+    let sin: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).sin()).collect();
+    let rope = Tensor::from_vec([cos, sin].concat(), (2, t, hd / 2), &device)?;
+    let eps = 1e-6;
+    compare(
+        &host_random(b * t * 3 * h * hd, 10, 2.0),
+        &[b, t, 3 * h * hd],
+        &device,
+        &|x| {
+            let op = crate::heads::Heads {
+                n_head: h,
+                eps: eps as f32,
+            };
+            x.apply_op2(&rope.to_dtype(x.dtype())?, op)
+        },
+        &|x| crate::heads::plain::heads(x, h, &rope, eps),
     )
 }
 
@@ -742,4 +767,111 @@ pub(crate) fn relu_squared(
         _ => candle_core::bail!("the fused ReLU² takes bf16 or f32, the gradient alike"),
     };
     Ok((out, xl.shape().clone()))
+}
+
+/// Attention's heads from `qkv`: forward, or with `grad` its backward (dqkv).
+pub(crate) fn heads(
+    op: &crate::heads::Heads,
+    (qs, ql): (&CudaStorage, &Layout),
+    (rs, rl): (&CudaStorage, &Layout),
+    grad: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        op: &crate::heads::Heads,
+        (qkv, ql): (&CudaSlice<T>, &Layout),
+        (rope, rl): (&CudaSlice<T>, &Layout),
+        grad: Option<(&CudaSlice<T>, &Layout)>,
+    ) -> Result<CudaSlice<T>> {
+        let (b, t, width) = ql.shape().dims3()?;
+        let (h, hd) = (op.n_head, width / (3 * op.n_head));
+        let (q_start, n) = span(ql)?;
+        let (r_start, r_n) = span(rl)?;
+        if r_n != t * hd {
+            candle_core::bail!("heads: rope must hold [2, {t}, {}]", hd / 2)
+        }
+        let qkv = qkv.slice(q_start..q_start + n);
+        let rope = rope.slice(r_start..r_start + r_n);
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(name, "fused-heads", ptx::HEADS)?;
+        let g;
+        let mut builder = func.builder();
+        builder.arg(&qkv).arg(&rope);
+        if let Some((g_all, gl)) = grad {
+            let (g_start, g_n) = span(gl)?;
+            if g_n != n {
+                candle_core::bail!("heads backward: {g_n} gradients for {n}")
+            }
+            g = g_all.slice(g_start..g_start + n);
+            builder.arg(&g);
+        }
+        let (b32, t32, h32, hd32) = (b as i32, t as i32, h as i32, hd as i32);
+        builder
+            .arg(&out)
+            .arg(&b32)
+            .arg(&t32)
+            .arg(&h32)
+            .arg(&hd32)
+            .arg(&op.eps);
+        let warps = THREADS as usize / 32;
+        let grid = ((3 * b * h * t).div_ceil(warps) as u32, 1, 1);
+        // SAFETY: reads n elements of qkv (and of the gradient) and 2 × t × hd/2 of rope; writes
+        // n elements, each once.
+        unsafe { builder.launch(blocks(grid)) }.w()?;
+        Ok(out)
+    }
+    let dev = &qs.device;
+    let way = if grad.is_some() {
+        "backward"
+    } else {
+        "forward"
+    };
+    let g = grad.map(|(g, gl)| (&g.slice, gl));
+    let out = match (&qs.slice, &rs.slice, g) {
+        (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(r), None) => {
+            let name = format!("heads_{way}_bf16");
+            CudaStorage::wrap_cuda_slice(
+                launch(&name, dev, op, (q, ql), (r, rl), None)?,
+                dev.clone(),
+            )
+        }
+        (
+            CudaStorageSlice::BF16(q),
+            CudaStorageSlice::BF16(r),
+            Some((CudaStorageSlice::BF16(g), gl)),
+        ) => {
+            let name = format!("heads_{way}_bf16");
+            CudaStorage::wrap_cuda_slice(
+                launch(&name, dev, op, (q, ql), (r, rl), Some((g, gl)))?,
+                dev.clone(),
+            )
+        }
+        (CudaStorageSlice::F32(q), CudaStorageSlice::F32(r), None) => {
+            let name = format!("heads_{way}_f32");
+            CudaStorage::wrap_cuda_slice(
+                launch(&name, dev, op, (q, ql), (r, rl), None)?,
+                dev.clone(),
+            )
+        }
+        (
+            CudaStorageSlice::F32(q),
+            CudaStorageSlice::F32(r),
+            Some((CudaStorageSlice::F32(g), gl)),
+        ) => {
+            let name = format!("heads_{way}_f32");
+            CudaStorage::wrap_cuda_slice(
+                launch(&name, dev, op, (q, ql), (r, rl), Some((g, gl)))?,
+                dev.clone(),
+            )
+        }
+        _ => candle_core::bail!("the fused heads take bf16 or f32, all alike"),
+    };
+    let (b, t, width) = ql.shape().dims3()?;
+    let hd = width / (3 * op.n_head);
+    let shape = match grad {
+        None => Shape::from((3, b, op.n_head, t, hd)),
+        Some(_) => ql.shape().clone(),
+    };
+    Ok((out, shape))
 }

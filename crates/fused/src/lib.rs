@@ -18,11 +18,13 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod embedding;
+pub mod heads;
 pub mod rotary;
 
 pub use attention::causal_softmax;
 pub use cross_entropy::softcap_cross_entropy;
 pub use embedding::embedding;
+pub use heads::heads;
 pub use rotary::rotary;
 
 /// Softmax over the last axis. Rows may hold `-inf` (masked keys), not only `-inf`.
@@ -50,6 +52,7 @@ pub enum Kernel {
     RmsNorm,
     Rotary,
     ReluSquared,
+    Heads,
 }
 
 /// Whether `kernel` takes the fused path for `dtype` on `device`: f32 on the CPU; bf16 and f32
@@ -106,6 +109,7 @@ pub mod plain {
 
     pub use crate::attention::plain::causal_softmax;
     pub use crate::cross_entropy::plain::softcap_cross_entropy;
+    pub use crate::heads::plain::heads;
     pub use crate::rotary::plain::rotary;
 
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -684,5 +688,46 @@ mod tests {
         let x = random(&[3, 7, 33], 44, 2.0);
         let (value, grad) = compare(&x, relu_squared, plain::relu_squared);
         assert!(value < 1e-6 && grad < 1e-6, "{value} {grad}");
+    }
+
+    #[test]
+    fn heads_match_the_composed_plain_path_values_and_gradients() {
+        let (b, t, h, hd) = (2, 5, 3, 8);
+        let angles: Vec<f32> = (0..t * hd / 2).map(|i| i as f32 * 0.3).collect();
+        let angles = Tensor::from_vec(angles, (t, hd / 2), &Device::Cpu).unwrap();
+        let rope = Tensor::stack(&[angles.cos().unwrap(), angles.sin().unwrap()], 0).unwrap();
+        let qkv = random(&[b, t, 3 * h * hd], 50, 2.0);
+        let w = random(&[3, b, h, t, hd], 51, 1.0);
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
+            let var = Var::from_tensor(&qkv).unwrap();
+            let y = f(var.as_tensor()).unwrap();
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(var.as_tensor()).unwrap().clone())
+        };
+        let (y, g) = run(&|x| heads(x, h, &rope, 1e-6));
+        let (want_y, want_g) = run(&|x| plain::heads(x, h, &rope, 1e-6));
+        assert_eq!(y.dims(), [3, b, h, t, hd]);
+        assert!(
+            max_rel_err(&y, &want_y) < 1e-5,
+            "{}",
+            max_rel_err(&y, &want_y)
+        );
+        assert!(
+            max_rel_err(&g, &want_g) < 1e-5,
+            "{}",
+            max_rel_err(&g, &want_g)
+        );
+        // v is qkv's last third, head-major.
+        let v = y
+            .get(2)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_from(2)
+            .unwrap();
+        let want_v = qkv.narrow(2, 2 * h * hd, h * hd).unwrap();
+        assert_eq!(max_rel_err(&v, &want_v), 0.0);
+        let err = heads(&qkv, 4, &rope, 1e-6).unwrap_err().to_string();
+        assert!(err.contains("4 heads"), "{err}");
     }
 }

@@ -2,8 +2,8 @@
 //! that they agree, at the h100 preset's pass (16 rows × 2048 tokens): the soft-capped
 //! cross-entropy (vocabulary 8192), attention's causal softmax at its scores (16 × 4 heads,
 //! 2048², window 1024 and full), the embedding (an f32 table of 8192 × 512, as the master
-//! weights), RMSNorm (512 wide) and the rotary embedding (4 heads of 128). bf16 on CUDA, f32 on
-//! the CPU.
+//! weights), RMSNorm (512 wide), the rotary embedding (4 heads of 128) and the heads from the
+//! q·k·v projection. bf16 on CUDA, f32 on the CPU.
 //!
 //!   fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--heads B·H] [--seq T] [--iters K]
 
@@ -139,6 +139,26 @@ fn main() -> Result<()> {
         &x,
         &|x| fused::plain::rotary(x, &cos, &sin),
         &|x| fused::rotary(x, &cos, &sin),
+        &device,
+        iters,
+    )?;
+
+    let qkv = Tensor::from_vec(
+        random(tokens * 3 * heads * head_dim, 2.0),
+        (tokens / seq, seq, 3 * heads * head_dim),
+        &device,
+    )?
+    .to_dtype(dtype)?;
+    let rope = Tensor::stack(&[&cos, &sin], 0)?;
+    println!(
+        "heads: qkv {:?} → [3, B, H, T, hd], {dtype:?}; fused path: {}",
+        qkv.dims(),
+        is_fused(Kernel::Heads, &device, dtype)
+    );
+    bench(
+        &qkv,
+        &|x| fused::plain::heads(x, heads, &rope, 1e-6),
+        &|x| fused::heads(x, heads, &rope, 1e-6),
         &device,
         iters,
     )?;
