@@ -141,10 +141,11 @@ fn check_softmax(dev: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
-/// Ids with repeats (about three tokens a row), at a width that is not a multiple of the block.
+/// Ids with repeats (about three tokens a row), at a width past one block's 512 columns and
+/// not a multiple of it.
 fn check_embedding(dev: &CudaDevice) -> Result<()> {
     let device = Device::Cuda(dev.clone());
-    let (vocab, d, n) = (300, 300, 1000);
+    let (vocab, d, n) = (300, 700, 1000);
     let ids: Vec<u32> = host_random(n, 5, 1.0)
         .iter()
         .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)

@@ -11,7 +11,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use crate::{Kernel, is_fused};
 
 /// `table[ids]`: rows of `table [V, D]` chosen by `ids [N]` (u32), as `[N, D]`. Differentiable
-/// in `table`.
+/// in `table`. An id past the table is an error on the CPU; the CUDA kernel cannot stop the run
+/// and reads it as a zero row (with no gradient), so callers keep ids in range.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (vocab, _) = table.dims2()?;
     ids.dims1()?;
