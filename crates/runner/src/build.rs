@@ -45,15 +45,17 @@ pub(crate) fn is_secret(key: &str) -> bool {
         || k.ends_with("_PROXY")
 }
 
-/// Makes cargo see the checkout's own sources as newer than what `target_dir` holds.
+/// Makes cargo's view of the checkout's sources match what `target_dir` holds.
 ///
-/// Cargo judges freshness by modification time, and its paths for workspace members are
-/// relative to the workspace root, so two checkouts sharing a target dir look alike: an older
-/// file in a second checkout would pass for built. The train file is always touched (its crate
-/// rebuilds in about a second); the train crate's other sources and its path dependencies
-/// (`prepare`, `crates/fused`, the patched candle-core in `vendor`, the manifests) only when their content differs from the last
-/// build's, whichever checkout that was: a session's workers, whose checkouts differ only in
-/// the train file, build nothing else when they take turns.
+/// Cargo judges freshness by modification time, and its paths for packages under the
+/// workspace root are relative to it, so two checkouts sharing a target dir look alike: an
+/// older file in a second checkout would pass for built, and a fresh checkout's new files would
+/// pass for edited. The train file is always touched (its crate rebuilds in about a second).
+/// The train crate's other sources and its path dependencies (`prepare`, `crates/fused`, the
+/// patched candle-core in `vendor`, the manifests) are touched when their content differs from
+/// the last build's, whichever checkout that was; when it is the same, any of them newer than
+/// that build are set back to its time, so a fresh checkout (a new worker's, a test's copy)
+/// does not rebuild candle-core and everything above it.
 fn mark_sources_newer(repo: &Path, target_dir: &Path) -> Result<(), RunnerError> {
     let marker = target_dir.join("last-sources");
     let train_file = repo.join(crate::TRAIN_FILE);
@@ -90,19 +92,39 @@ fn mark_sources_newer(repo: &Path, target_dir: &Path) -> Result<(), RunnerError>
         digest.update([0]);
     }
     let digest = format!("{:x}", digest.finalize());
-    let mut touch = vec![train_file];
-    if std::fs::read_to_string(&marker).ok().as_deref() != Some(digest.as_str()) {
-        touch.extend(shared);
-    }
     let now = std::time::SystemTime::now();
-    for file in touch {
-        if let Ok(f) = std::fs::File::options().append(true).open(&file) {
-            f.set_modified(now)
+    let set_time = |file: &Path, time| -> Result<(), RunnerError> {
+        if let Ok(f) = std::fs::File::options().append(true).open(file) {
+            f.set_modified(time)
                 .map_err(io_err(format!("touching {}", file.display())))?;
         }
+        Ok(())
+    };
+    set_time(&train_file, now)?;
+    let built = std::fs::read_to_string(&marker)
+        .ok()
+        .filter(|last| *last == digest)
+        .and_then(|_| std::fs::metadata(&marker).and_then(|m| m.modified()).ok());
+    match built {
+        // The marker's time is when the build of these very sources began: older than
+        // everything that build wrote.
+        Some(built) => {
+            for file in &shared {
+                let modified = std::fs::metadata(file).and_then(|m| m.modified()).ok();
+                if modified.is_some_and(|m| m > built) {
+                    set_time(file, built)?;
+                }
+            }
+            Ok(())
+        }
+        None => {
+            for file in &shared {
+                set_time(file, now)?;
+            }
+            std::fs::create_dir_all(target_dir).map_err(io_err("creating the target dir"))?;
+            std::fs::write(&marker, digest.as_bytes()).map_err(io_err("writing the sources marker"))
+        }
     }
-    std::fs::create_dir_all(target_dir).map_err(io_err("creating the target dir"))?;
-    std::fs::write(&marker, digest.as_bytes()).map_err(io_err("writing the sources marker"))
 }
 
 /// Builds `train/`. `timeout` bounds the time since cargo last finished a dependency: the train
