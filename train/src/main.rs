@@ -268,8 +268,9 @@ impl Gpt {
                 .broadcast_mul(&gate)?
                 .transpose(1, 2)?)?;
         }
-        let y = attend(&q, &k, &v, self.cfg.windows[layer])?;
-        self.linear(&y.transpose(1, 2)?.reshape((b, t, h * hd))?, &block.c_proj)
+        // Query i sees keys i - window ..= i; y comes back [B, T, H, hd].
+        let y = fused::attention(&q, &k, &v, self.cfg.windows[layer])?;
+        self.linear(&y.reshape((b, t, h * hd))?, &block.c_proj)
     }
 
     fn mlp(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
@@ -337,15 +338,6 @@ fn norm(x: &Tensor) -> Result<Tensor> {
 
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.exp()? + 1.0)?.recip()?)
-}
-
-/// Materialised attention: `q, k, v [B, H, T, hd]` → `[B, H, T, hd]`; query i sees keys
-/// `i - window ..= i`.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(3)? as f64).sqrt();
-    // Scale, window and softmax (in f32) in one fused op, back in the compute dtype.
-    let p = fused::causal_softmax(&q.matmul(&k.t()?)?, scale, window)?;
-    Ok(p.matmul(v)?)
 }
 
 /// cos and sin of the rotary angles, `[2, T, hd/2]`.

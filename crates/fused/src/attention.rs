@@ -1,12 +1,51 @@
-//! Attention's softmax over materialised scores with the scale and the causal sliding window
-//! applied inside: one pass forward, one backward, in place of the plain path's scale, cast to
-//! f32, mask add, softmax (five passes) and cast back, each way. At the h100 preset's pass
-//! (16 × 4 heads × 2048²) each of those passes moves ~1 GB per layer.
+//! Causal attention with a sliding window. On CUDA in bf16, FlashAttention-2-style kernels
+//! (`kernels/flash_attention.cu`) that keep the T × T scores in registers, a tile at a time;
+//! elsewhere the scores are materialised and go through `causal_softmax`: the scale and the
+//! window applied inside one pass forward and one backward, in place of the plain path's scale,
+//! cast to f32, mask add, softmax (five passes) and cast back, each way. At the h100 preset's
+//! pass (16 × 4 heads × 2048²) each of those passes moves ~1 GB per layer.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::{Kernel, is_fused, rows, same_shape};
+
+/// Attention of `q, k, v [B, H, T, hd]` with the scale 1/√hd, where query i sees keys
+/// `i − window ..= i`: `[B, T, H, hd]`, heads side by side for the output projection.
+/// Differentiable in q, k and v.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
+    let (_, _, t, _) = q.dims4()?;
+    if k.dims() != q.dims() || v.dims() != q.dims() {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} must be alike [B, H, T, hd]",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )
+    }
+    let window = window.min(t);
+    #[cfg(feature = "cuda")]
+    if flash::fits(q) && is_fused(Kernel::Attention, q.device(), q.dtype()) {
+        let (q, k, v) = (flash::aligned(q)?, flash::aligned(k)?, flash::aligned(v)?);
+        return q.apply_op3(&k, &v, flash::FlashAttention::new(window));
+    }
+    materialised(q, k, v, window, &causal_softmax)
+}
+
+type Softmax<'a> = &'a dyn Fn(&Tensor, f64, usize) -> Result<Tensor>;
+
+/// Scores, `softmax`, and the product with v.
+fn materialised(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: usize,
+    softmax: Softmax,
+) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+    let p = softmax(&q.matmul(&k.t()?)?, scale, window)?;
+    p.matmul(v)?.transpose(1, 2)
+}
 
 /// `softmax(scale · scores + mask)` over the last axis of `scores [.., T, T]` (queries × keys),
 /// where query i sees keys `i − window ..= i` (FlashAttention's `(window, 0)`); computed in f32,
@@ -29,6 +68,11 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize) -> Result<Tens
 
 pub(crate) mod plain {
     use super::*;
+
+    /// The reference: materialised scores and the plain softmax.
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
+        materialised(q, k, v, window, &causal_softmax)
+    }
 
     /// The same from an additive mask and differentiable ops: the reference.
     pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize) -> Result<Tensor> {
@@ -149,5 +193,106 @@ impl CustomOp2 for CausalSoftmaxBackward {
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::cuda::causal_softmax_backward(self, ps, pl, gs, gl)
+    }
+}
+
+/// The FlashAttention-2-style op on CUDA: bf16, head size 64 or 128, T a multiple of 64.
+#[cfg(feature = "cuda")]
+pub(crate) mod flash {
+    use std::sync::Mutex;
+
+    use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+    use candle_core::{CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+
+    /// Whether the kernels take these inputs (the other conditions are `attention`'s).
+    pub(crate) fn fits(q: &Tensor) -> bool {
+        let dims = q.dims();
+        matches!(q.device(), Device::Cuda(_))
+            && q.dtype() == DType::BF16
+            && matches!(dims[3], 64 | 128)
+            && dims[2] > 0
+            && dims[2].is_multiple_of(64)
+            && dims[0] * dims[1] > 0
+            && dims[0] * dims[1] <= u16::MAX as usize
+    }
+
+    /// Contiguous from a start the kernels' 16-byte loads can read from.
+    pub(crate) fn aligned(x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if x.layout().start_offset().is_multiple_of(8) {
+            Ok(x)
+        } else {
+            x.copy()
+        }
+    }
+
+    pub(crate) struct FlashAttention {
+        pub(crate) window: usize,
+        /// The rows' log2-sum-exp `[B, H, T]`, which the forward pass leaves for the backward
+        /// (candle's `bwd` sees only the output).
+        pub(crate) lse: Mutex<Option<CudaSlice<f32>>>,
+    }
+
+    impl FlashAttention {
+        pub(crate) fn new(window: usize) -> Self {
+            Self {
+                window,
+                lse: Mutex::new(None),
+            }
+        }
+    }
+
+    impl CustomOp3 for FlashAttention {
+        fn name(&self) -> &'static str {
+            "fused-flash-attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("the flash attention kernels run on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            qs: &CudaStorage,
+            ql: &Layout,
+            ks: &CudaStorage,
+            kl: &Layout,
+            vs: &CudaStorage,
+            vl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let (o, lse, shape) =
+                crate::cuda::flash_forward(self.window, (qs, ql), (ks, kl), (vs, vl))?;
+            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+            Ok((o, shape))
+        }
+
+        fn bwd(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            o: &Tensor,
+            d_o: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let Some(lse) = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                candle_core::bail!("flash attention: a second backward pass through one forward")
+            };
+            // One [3, B, H, T, hd] allocation holds dq, dk and dv.
+            let grads =
+                crate::cuda::flash_backward(self.window, &lse, [q, k, v, o, &aligned(d_o)?])?;
+            Ok((
+                Some(grads.get(0)?),
+                Some(grads.get(1)?),
+                Some(grads.get(2)?),
+            ))
+        }
     }
 }

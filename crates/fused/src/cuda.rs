@@ -4,11 +4,14 @@
 
 use std::sync::Mutex;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
-use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Tensor, Var};
+use candle_core::{
+    CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
+};
 
 use crate::Kernel;
 use crate::attention::{CausalSoftmax, CausalSoftmaxBackward};
@@ -24,7 +27,7 @@ const THREADS: u32 = 256;
 
 /// Whether `kernel` passed its self-check on this process's GPU (checked at the first call).
 pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
-    static VERDICTS: [Mutex<Option<bool>>; 7] = [const { Mutex::new(None) }; 7];
+    static VERDICTS: [Mutex<Option<bool>>; 8] = [const { Mutex::new(None) }; 8];
     let (name, check): (&str, fn(&CudaDevice) -> Result<()>) = match kernel {
         Kernel::CrossEntropy => ("cross-entropy", check_cross_entropy),
         Kernel::CausalSoftmax => ("causal softmax", check_softmax),
@@ -33,6 +36,7 @@ pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
         Kernel::Rotary => ("rotary", check_rotary),
         Kernel::ReluSquared => ("ReLU²", check_relu_squared),
         Kernel::Heads => ("heads", check_heads),
+        Kernel::Attention => ("flash attention", check_attention),
     };
     verdict(&VERDICTS[kernel as usize], name, || check(dev))
 }
@@ -65,16 +69,20 @@ fn out_of_memory(text: &str) -> bool {
         .any(|m| text.contains(m))
 }
 
+/// f32 and bf16 with their tolerances (as in PERF-NOTES: 1e-4 and 2e-2 relative).
+const BOTH: &[(DType, f32)] = &[(DType::F32, 1e-4), (DType::BF16, 2e-2)];
+
 /// Values and gradients (of a random weighting of the output) of `fused` against `plain` on
-/// `x` in f32 and in bf16 (tolerances as in PERF-NOTES: 1e-4 and 2e-2 relative).
+/// `x` in each of `dtypes`, within its tolerance.
 fn compare(
+    dtypes: &[(DType, f32)],
     x: &[f32],
     shape: &[usize],
     device: &Device,
     fused: &dyn Fn(&Tensor) -> Result<Tensor>,
     plain: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<()> {
-    for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+    for &(dtype, tolerance) in dtypes {
         let x = Tensor::from_vec(x.to_vec(), shape, device)?.to_dtype(dtype)?;
         let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(Tensor, Tensor)> {
             let var = Var::from_tensor(&x)?;
@@ -108,6 +116,7 @@ fn check_cross_entropy(dev: &CudaDevice) -> Result<()> {
         .collect();
     let targets = Tensor::from_vec(t, rows, &device)?;
     compare(
+        BOTH,
         &host_random(rows * vocab, 1, 40.0),
         &[rows, vocab],
         &device,
@@ -125,6 +134,7 @@ fn check_softmax(dev: &CudaDevice) -> Result<()> {
     for window in [37, t] {
         let scale = 0.125;
         compare(
+            BOTH,
             &scores,
             &[2, 3, t, t],
             &device,
@@ -152,6 +162,7 @@ fn check_embedding(dev: &CudaDevice) -> Result<()> {
         .collect();
     let ids = Tensor::from_vec(ids, n, &device)?;
     compare(
+        BOTH,
         &host_random(vocab * d, 6, 1.0),
         &[vocab, d],
         &device,
@@ -165,6 +176,7 @@ fn check_rms_norm(dev: &CudaDevice) -> Result<()> {
     let device = Device::Cuda(dev.clone());
     let (rows, n, eps) = (37, 300, 1e-6);
     compare(
+        BOTH,
         &host_random(rows * n, 7, 3.0),
         &[rows, n],
         &device,
@@ -183,6 +195,7 @@ fn check_rotary(dev: &CudaDevice) -> Result<()> {
     let cos = Tensor::from_vec(cos, (t, hd / 2), &device)?;
     let sin = Tensor::from_vec(sin, (t, hd / 2), &device)?;
     compare(
+        BOTH,
         &host_random(b * t * h * hd, 8, 2.0),
         &[b, t, h, hd],
         &device,
@@ -198,6 +211,7 @@ fn check_rotary(dev: &CudaDevice) -> Result<()> {
 fn check_relu_squared(dev: &CudaDevice) -> Result<()> {
     let device = Device::Cuda(dev.clone());
     compare(
+        BOTH,
         &host_random(1001, 9, 3.0),
         &[7, 143],
         &device,
@@ -216,6 +230,7 @@ fn check_heads(dev: &CudaDevice) -> Result<()> {
     let rope = Tensor::from_vec([cos, sin].concat(), (2, t, hd / 2), &device)?;
     let eps = 1e-6;
     compare(
+        BOTH,
         &host_random(b * t * 3 * h * hd, 10, 2.0),
         &[b, t, 3 * h * hd],
         &device,
@@ -228,6 +243,37 @@ fn check_heads(dev: &CudaDevice) -> Result<()> {
         },
         &|x| crate::heads::plain::heads(x, h, &rope, eps),
     )
+}
+
+/// Both head sizes, a window inside a tile and plain causal, two batches and heads; the
+/// reference runs in f32 on the same bf16 values (the kernels take bf16 only).
+fn check_attention(dev: &CudaDevice) -> Result<()> {
+    use crate::attention::flash::FlashAttention;
+    let device = Device::Cuda(dev.clone());
+    let (b, h, t) = (2, 2, 192);
+    for hd in [64, 128] {
+        for window in [37, t] {
+            compare(
+                &[(DType::BF16, 2e-2)],
+                &host_random(3 * b * h * t * hd, 11, 2.0),
+                &[3, b, h, t, hd],
+                &device,
+                &|x| {
+                    let (q, k, v) = (x.get(0)?, x.get(1)?, x.get(2)?);
+                    q.apply_op3(&k, &v, FlashAttention::new(window))
+                },
+                &|x| {
+                    let x = x.to_dtype(DType::F32)?;
+                    let (q, k, v) = (x.get(0)?, x.get(1)?, x.get(2)?);
+                    crate::attention::plain::attention(&q, &k, &v, window)
+                },
+            )
+            .map_err(|e| {
+                candle_core::Error::Msg(format!("head size {hd}, window {window}: {e}"))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
@@ -875,4 +921,201 @@ pub(crate) fn heads(
         Some(_) => ql.shape().clone(),
     };
     Ok((out, shape))
+}
+
+/// The view of a contiguous layout of `n` elements whose start suits 16-byte loads.
+fn aligned_view<'a, T>(x: &'a CudaSlice<T>, l: &Layout, n: usize) -> Result<CudaView<'a, T>> {
+    let (start, len) = span(l)?;
+    if len != n || !start.is_multiple_of(8) {
+        candle_core::bail!(
+            "flash attention: {len} elements from {start}, not {n} from a multiple of 8"
+        )
+    }
+    Ok(x.slice(start..start + n))
+}
+
+/// Queries (and keys) a block of the forward and backward kernels takes, and their threads.
+const FLASH_BLOCK: usize = 64;
+const FLASH_THREADS: u32 = 128;
+
+/// Lets `func` have `shared` bytes of dynamic shared memory (past the default 48 KiB).
+fn allow_shared(func: &CudaFunction, shared: usize) -> Result<()> {
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared as i32,
+    )
+    .w()
+}
+
+fn flash_config(grid_dim: (u32, u32, u32), shared: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim,
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    }
+}
+
+/// The scale 1/√hd, and the same times log2(e) (the kernels use exp2).
+fn flash_scales(hd: usize) -> (f32, f32) {
+    let scale = 1.0 / (hd as f32).sqrt();
+    (scale, scale * std::f32::consts::LOG2_E)
+}
+
+/// `o [B, T, H, hd]` and the rows' log2-sum-exp `[B, H, T]` from `q, k, v [B, H, T, hd]`.
+pub(crate) fn flash_forward(
+    window: usize,
+    (qs, ql): (&CudaStorage, &Layout),
+    (ks, kl): (&CudaStorage, &Layout),
+    (vs, vl): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, CudaSlice<f32>, Shape)> {
+    fn launch<T: DeviceRepr>(
+        dev: &CudaDevice,
+        (b, h, t, hd): (usize, usize, usize, usize),
+        window: usize,
+        (q, k, v): (CudaView<T>, CudaView<T>, CudaView<T>),
+    ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
+        let o = unsafe { dev.alloc::<T>(b * h * t * hd)? };
+        let lse = unsafe { dev.alloc::<f32>(b * h * t)? };
+        let shared = 2 * FLASH_BLOCK * (hd + 8) * 2;
+        let func = dev.get_or_load_custom_func(
+            &format!("flash_forward_{hd}"),
+            "fused-flash-attention",
+            ptx::FLASH_ATTENTION,
+        )?;
+        allow_shared(&func, shared)?;
+        let (h32, t32, window32) = (h as i32, t as i32, window.min(t) as i32);
+        let (_, scale_log2) = flash_scales(hd);
+        let mut builder = func.builder();
+        builder
+            .arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&o)
+            .arg(&lse)
+            .arg(&h32)
+            .arg(&t32)
+            .arg(&window32)
+            .arg(&scale_log2);
+        let grid = ((t / FLASH_BLOCK) as u32, (b * h) as u32, 1);
+        // SAFETY: reads b·h·t·hd elements of each input, writes as many of o and b·h·t of lse.
+        unsafe { builder.launch(flash_config(grid, shared)) }.w()?;
+        Ok((o, lse))
+    }
+    let dims = ql.shape().dims4()?;
+    let (b, h, t, hd) = dims;
+    let n = b * h * t * hd;
+    let dev = &qs.device;
+    let (o, lse) = match (&qs.slice, &ks.slice, &vs.slice) {
+        (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
+            let views = (
+                aligned_view(q, ql, n)?,
+                aligned_view(k, kl, n)?,
+                aligned_view(v, vl, n)?,
+            );
+            let (o, lse) = launch(dev, dims, window, views)?;
+            (CudaStorage::wrap_cuda_slice(o, dev.clone()), lse)
+        }
+        _ => candle_core::bail!("the flash attention kernels take bf16 q, k and v"),
+    };
+    Ok((o, lse, Shape::from((b, t, h, hd))))
+}
+
+/// The gradients of q, k and v as one `[3, B, H, T, hd]` tensor (outside the graph), from
+/// `[q, k, v, o, dO]` and the forward pass's log-sum-exp.
+pub(crate) fn flash_backward(
+    window: usize,
+    lse: &CudaSlice<f32>,
+    tensors: [&Tensor; 5],
+) -> Result<Tensor> {
+    fn launch<T: DeviceRepr>(
+        dev: &CudaDevice,
+        (b, h, t, hd): (usize, usize, usize, usize),
+        window: usize,
+        lse: &CudaSlice<f32>,
+        [q, k, v, o, d_o]: [CudaView<T>; 5],
+    ) -> Result<CudaSlice<T>> {
+        let n = b * h * t * hd;
+        let (b32, h32, t32, window32) = (b as i32, h as i32, t as i32, window.min(t) as i32);
+        let (scale, scale_log2) = flash_scales(hd);
+
+        let delta = unsafe { dev.alloc::<f32>(b * h * t)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("flash_delta_{hd}"),
+            "fused-flash-attention",
+            ptx::FLASH_ATTENTION,
+        )?;
+        let mut builder = func.builder();
+        builder
+            .arg(&o)
+            .arg(&d_o)
+            .arg(&delta)
+            .arg(&b32)
+            .arg(&h32)
+            .arg(&t32);
+        let warps = FLASH_THREADS as usize / 32;
+        let grid = ((b * t * h).div_ceil(warps) as u32, 1, 1);
+        // SAFETY: reads n elements of o and of d_o, writes b·h·t of delta.
+        unsafe { builder.launch(flash_config(grid, 0)) }.w()?;
+
+        let mut grads = unsafe { dev.alloc::<T>(3 * n)? };
+        let grid = ((t / FLASH_BLOCK) as u32, (b * h) as u32, 1);
+        // Keys' side (dk, dv): 64 keys and v rows, 32 query and gradient rows, their lse and
+        // delta. Queries' side (dq): 32 keys and v rows.
+        let sides = [
+            ("kv", (2 * FLASH_BLOCK + 2 * 32) * (hd + 8) * 2 + 2 * 32 * 4),
+            ("q", 2 * 32 * (hd + 8) * 2),
+        ];
+        for (side, shared) in sides {
+            let func = dev.get_or_load_custom_func(
+                &format!("flash_backward_{side}_{hd}"),
+                "fused-flash-attention",
+                ptx::FLASH_ATTENTION,
+            )?;
+            allow_shared(&func, shared)?;
+            let mut builder = func.builder();
+            builder
+                .arg(&q)
+                .arg(&k)
+                .arg(&v)
+                .arg(&d_o)
+                .arg(lse)
+                .arg(&delta)
+                .arg(&mut grads)
+                .arg(&h32)
+                .arg(&t32)
+                .arg(&window32)
+                .arg(&scale)
+                .arg(&scale_log2);
+            // SAFETY: reads n elements of q, k, v and d_o and b·h·t of lse and delta; writes
+            // its side's n-element parts of grads, each element once.
+            unsafe { builder.launch(flash_config(grid, shared)) }.w()?;
+        }
+        Ok(grads)
+    }
+    let dims = tensors[0].dims4()?;
+    let (b, h, t, hd) = dims;
+    let n = b * h * t * hd;
+    let Device::Cuda(dev) = tensors[0].device() else {
+        candle_core::bail!("the flash attention kernels run on CUDA")
+    };
+    let locked = tensors.map(|x| x.storage_and_layout());
+    let mut views = Vec::with_capacity(5);
+    for (storage, layout) in &locked {
+        match &**storage {
+            Storage::Cuda(CudaStorage {
+                slice: CudaStorageSlice::BF16(x),
+                ..
+            }) => views.push(aligned_view(x, layout, n)?),
+            _ => candle_core::bail!("the flash attention kernels take bf16 on CUDA throughout"),
+        }
+    }
+    let views: [_; 5] = views.try_into().expect("five views");
+    let grads = launch(dev, dims, window, lse, views)?;
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(grads, dev.clone()));
+    Ok(Tensor::from_storage(
+        storage,
+        (3, b, h, t, hd),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
 }

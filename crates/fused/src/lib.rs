@@ -8,7 +8,8 @@
 //!
 //! Attention's windowed softmax (`attention.rs`) and the soft-capped cross-entropy
 //! (`cross_entropy.rs`) are fused on the CPU and, under the `cuda` feature, on CUDA too
-//! (`kernels/`, each checked against the plain path on the GPU at its first use).
+//! (`kernels/`, each checked against the plain path on the GPU at its first use); on CUDA,
+//! attention as a whole is one FlashAttention-2-style kernel each way.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -21,7 +22,7 @@ pub mod embedding;
 pub mod heads;
 pub mod rotary;
 
-pub use attention::causal_softmax;
+pub use attention::{attention, causal_softmax};
 pub use cross_entropy::softcap_cross_entropy;
 pub use embedding::embedding;
 pub use heads::heads;
@@ -53,13 +54,15 @@ pub enum Kernel {
     Rotary,
     ReluSquared,
     Heads,
+    Attention,
 }
 
 /// Whether `kernel` takes the fused path for `dtype` on `device`: f32 on the CPU; bf16 and f32
-/// on CUDA once the kernel passed its self-check on this GPU.
+/// on CUDA once the kernel passed its self-check on this GPU. Attention is fused on CUDA only
+/// (the flash kernels take bf16; elsewhere its softmax is the fused part).
 pub fn is_fused(kernel: Kernel, device: &Device, dtype: DType) -> bool {
     match (device, dtype) {
-        (d, DType::F32) if d.is_cpu() => true,
+        (d, DType::F32) if d.is_cpu() => kernel != Kernel::Attention,
         #[cfg(feature = "cuda")]
         (Device::Cuda(dev), DType::F32 | DType::BF16) => cuda::checked(kernel, dev),
         _ => {
@@ -107,7 +110,7 @@ fn fusable(x: &Tensor) -> bool {
 pub mod plain {
     use candle_core::{D, DType, Result, Tensor};
 
-    pub use crate::attention::plain::causal_softmax;
+    pub use crate::attention::plain::{attention, causal_softmax};
     pub use crate::cross_entropy::plain::softcap_cross_entropy;
     pub use crate::heads::plain::heads;
     pub use crate::rotary::plain::rotary;
@@ -688,6 +691,42 @@ mod tests {
         let x = random(&[3, 7, 33], 44, 2.0);
         let (value, grad) = compare(&x, relu_squared, plain::relu_squared);
         assert!(value < 1e-6 && grad < 1e-6, "{value} {grad}");
+    }
+
+    #[test]
+    fn attention_matches_the_plain_path_and_puts_heads_side_by_side() {
+        let (b, h, t, hd) = (2, 3, 9, 4);
+        let qkv = random(&[3, b, h, t, hd], 60, 2.0);
+        let w = random(&[b, t, h, hd], 61, 1.0);
+        let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
+            let var = Var::from_tensor(&qkv).unwrap();
+            let x = var.as_tensor();
+            let (q, k, v) = (x.get(0).unwrap(), x.get(1).unwrap(), x.get(2).unwrap());
+            let y = f(&q, &k, &v).unwrap();
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(x).unwrap().clone())
+        };
+        let (y, g) = run(&|q, k, v| attention(q, k, v, 4));
+        let (want_y, want_g) = run(&|q, k, v| plain::attention(q, k, v, 4));
+        assert_eq!(y.dims(), [b, t, h, hd]);
+        assert!(max_rel_err(&y, &want_y) < 1e-5 && max_rel_err(&g, &want_g) < 1e-5);
+        // The flash kernels are CUDA's: the CPU materialises the scores.
+        assert!(!is_fused(Kernel::Attention, &Device::Cpu, DType::F32));
+        // The first query sees only the first key: its output is the first value, per head.
+        let first = y.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+        let v0 = qkv
+            .get(2)
+            .unwrap()
+            .narrow(2, 0, 1)
+            .unwrap()
+            .squeeze(2)
+            .unwrap();
+        assert!(max_rel_err(&first, &v0) < 1e-6);
+        let q = qkv.get(0).unwrap();
+        let err = attention(&q, &q.narrow(2, 0, 8).unwrap(), &q, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be alike"), "{err}");
     }
 
     #[test]

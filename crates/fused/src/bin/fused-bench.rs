@@ -2,8 +2,9 @@
 //! that they agree, at the h100 preset's pass (16 rows × 2048 tokens): the soft-capped
 //! cross-entropy (vocabulary 8192), attention's causal softmax at its scores (16 × 4 heads,
 //! 2048², window 1024 and full), the embedding (an f32 table of 8192 × 512, as the master
-//! weights), RMSNorm (512 wide), the rotary embedding (4 heads of 128) and the heads from the
-//! q·k·v projection. bf16 on CUDA, f32 on the CPU.
+//! weights), RMSNorm (512 wide), the rotary embedding (4 heads of 128), the heads from the
+//! q·k·v projection, and attention as a whole (flash kernels against materialised scores).
+//! bf16 on CUDA, f32 on the CPU.
 //!
 //!   fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--heads B·H] [--seq T] [--iters K]
 
@@ -162,6 +163,34 @@ fn main() -> Result<()> {
         &device,
         iters,
     )?;
+
+    // Attention as a whole, against the materialised path the train file took before (scores,
+    // the fused causal softmax, the product with v).
+    let qkv = Tensor::from_vec(
+        random(3 * tokens * heads * head_dim, 2.0),
+        (3, tokens / seq, heads, seq, head_dim),
+        &device,
+    )?
+    .to_dtype(dtype)?;
+    for window in [seq / 2, seq] {
+        println!(
+            "attention: q, k, v {:?}, window {window}, {dtype:?}; fused path: {}",
+            qkv.get(0)?.dims(),
+            is_fused(Kernel::Attention, &device, dtype)
+        );
+        bench(
+            &qkv,
+            &|x| {
+                let (q, k, v) = (x.get(0)?, x.get(1)?, x.get(2)?);
+                let scale = 1.0 / (head_dim as f64).sqrt();
+                let p = fused::causal_softmax(&q.matmul(&k.t()?)?, scale, window)?;
+                p.matmul(&v)?.transpose(1, 2)
+            },
+            &|x| fused::attention(&x.get(0)?, &x.get(1)?, &x.get(2)?, window),
+            &device,
+            iters,
+        )?;
+    }
     Ok(())
 }
 

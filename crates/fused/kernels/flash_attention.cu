@@ -1,0 +1,397 @@
+// Causal attention with a sliding window in the style of FlashAttention-2: the T × T scores and
+// probabilities live only in registers, a tile of keys at a time, with an online softmax; the
+// backward pass recomputes them from the saved log-sum-exp. Products on tensor cores
+// (mma.sync m16n8k16: bf16 in, f32 accumulate), whose fragment layouts the PTX ISA fixes:
+//   A (16 × 16, row-major), 4 registers of 2 bf16: a0 = (g, 2c..2c+1), a1 = (g + 8, 2c..),
+//     a2 = (g, 2c + 8..), a3 = (g + 8, 2c + 8..);
+//   B (16 × 8, k × n), 2 registers: b0 = (k = 2c..2c+1, n = g), b1 = (k = 2c + 8.., n = g);
+//   C (16 × 8, f32), 4 floats: (g, 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1);
+// for lane = 4g + c. Two n8 tiles of C side by side are, rounded to bf16, one A fragment: that
+// is how P (and dS) go from one product to the next without leaving registers.
+//
+// q, k, v and their gradients: [B, H, T, HD], rows contiguous. o and its gradient: [B, T, H, HD]
+// (the layout the output projection reads). Query i sees keys i - window ..= i. T must be a
+// multiple of 64 (the caller falls back to the plain path otherwise). lse: [B, H, T] f32, the
+// row's log2-sum-exp of the scaled scores, saved by the forward pass for the backward.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define WARPS 4
+#define THREADS (WARPS * 32)
+#define PAD 8  // bf16 of padding per shared row: fragment reads hit 32 distinct banks
+
+__device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#if defined(FLASH_EMULATED)
+  emulated_mma(c, a, b0, b1);  // crates/fused/tests/emulator: this file run on the CPU
+#elif __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();  // no bf16 tensor cores: the self-check fails and the plain path runs
+#endif
+}
+
+// Two adjacent bf16 (the lower column in the low half).
+__device__ __forceinline__ uint32_t pair(const bf16 *p) {
+  return *reinterpret_cast<const uint32_t *>(p);
+}
+// Two bf16 from separate places.
+__device__ __forceinline__ uint32_t pair(bf16 lo, bf16 hi) {
+  return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+__device__ __forceinline__ uint32_t pair(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return pair(v.x, v.y);
+}
+
+// `rows` rows of HD bf16 from global memory (row r at src + r * stride) into shared memory
+// (row r at dst + r * (HD + PAD)), 16 bytes a thread at a time.
+template <int HD>
+__device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, size_t stride, int rows) {
+  constexpr int CHUNKS = HD / 8;
+  for (int i = threadIdx.x; i < rows * CHUNKS; i += THREADS) {
+    const int r = i / CHUNKS, c = i % CHUNKS;
+    *reinterpret_cast<uint4 *>(dst + r * (HD + PAD) + c * 8) =
+        *reinterpret_cast<const uint4 *>(src + r * stride + c * 8);
+  }
+}
+
+// The A fragments of 16 rows × HD: rows at p + r * stride (global or shared memory).
+template <int HD>
+__device__ __forceinline__ void a_fragments(uint32_t a[HD / 16][4], const bf16 *p, size_t stride) {
+  const int g = (threadIdx.x % 32) >> 2, c = threadIdx.x & 3;
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; kk++) {
+    const bf16 *r0 = p + g * stride + kk * 16 + 2 * c, *r1 = r0 + 8 * stride;
+    a[kk][0] = pair(r0);
+    a[kk][1] = pair(r1);
+    a[kk][2] = pair(r0 + 8);
+    a[kk][3] = pair(r1 + 8);
+  }
+}
+
+// acc[n] (16 × 8 each) = A (16 × HD) · Bᵀ, where B's rows n·8 .. n·8 + 7 are the shared rows of
+// `b` (HD + PAD apart): a product with the contraction over HD. A is held in registers.
+template <int HD, int N8>
+__device__ __forceinline__ void product_over_hd(float acc[N8][4], const uint32_t a[HD / 16][4],
+                                                const bf16 *b) {
+  const int g = (threadIdx.x % 32) >> 2, c = threadIdx.x & 3;
+#pragma unroll
+  for (int n = 0; n < N8; n++) {
+    acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+    for (int n = 0; n < N8; n++) {
+      const bf16 *r = b + (n * 8 + g) * (HD + PAD) + kk * 16 + 2 * c;
+      mma(acc[n], a[kk], pair(r), pair(r + 8));
+    }
+  }
+}
+
+// The same with A's 16 rows in shared memory, read a fragment at a time (fewer registers).
+template <int HD, int N8>
+__device__ __forceinline__ void product_over_hd(float acc[N8][4], const bf16 *a, const bf16 *b) {
+  const int g = (threadIdx.x % 32) >> 2, c = threadIdx.x & 3;
+  constexpr int LD = HD + PAD;
+#pragma unroll
+  for (int n = 0; n < N8; n++) {
+    acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; kk++) {
+    const bf16 *r0 = a + g * LD + kk * 16 + 2 * c, *r1 = r0 + 8 * LD;
+    const uint32_t frag[4] = {pair(r0), pair(r1), pair(r0 + 8), pair(r1 + 8)};
+#pragma unroll
+    for (int n = 0; n < N8; n++) {
+      const bf16 *r = b + (n * 8 + g) * LD + kk * 16 + 2 * c;
+      mma(acc[n], frag, pair(r), pair(r + 8));
+    }
+  }
+}
+
+// acc (16 × HD) += P (16 × 16·K16, as C tiles p[2·K16]) · B, B's rows the shared rows of `b`:
+// a product with the contraction over the tile's keys (or queries).
+template <int HD, int K16>
+__device__ __forceinline__ void product_over_tile(float acc[HD / 8][4], const float p[2 * K16][4],
+                                                  const bf16 *b) {
+  const int g = (threadIdx.x % 32) >> 2, c = threadIdx.x & 3;
+  constexpr int LD = HD + PAD;
+#pragma unroll
+  for (int kc = 0; kc < K16; kc++) {
+    const uint32_t a[4] = {pair(p[2 * kc][0], p[2 * kc][1]), pair(p[2 * kc][2], p[2 * kc][3]),
+                           pair(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                           pair(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+    const bf16 *col = b + (kc * 16 + 2 * c) * LD + g;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+      const bf16 *r = col + j * 8;
+      mma(acc[j], a, pair(r[0], r[LD]), pair(r[8 * LD], r[9 * LD]));
+    }
+  }
+}
+
+// Whether query i sees key j.
+__device__ __forceinline__ bool sees(int i, int j, int window) { return j <= i && i - j <= window; }
+
+// Forward: a block is 64 queries of one head (16 per warp), over tiles of 64 keys.
+template <int HD>
+__device__ void forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int H,
+                        int T, int window, float scale_log2) {
+  constexpr int BQ = 16 * WARPS, BK = 64, LD = HD + PAD;
+  extern __shared__ __align__(16) unsigned char shared[];
+  bf16 *ks = reinterpret_cast<bf16 *>(shared), *vs = ks + BK * LD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int first = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows start first
+  const int q0 = first + warp * 16;
+  const size_t head = (size_t)bh * T * HD;
+
+  uint32_t qf[HD / 16][4];
+  a_fragments<HD>(qf, q + head + (size_t)q0 * HD, HD);
+  float acc[HD / 8][4];
+#pragma unroll
+  for (int j = 0; j < HD / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  const int from = max(0, first - window) / BK * BK;
+  for (int k0 = from; k0 < first + BQ; k0 += BK) {
+    __syncthreads();  // the last tile's readers are done
+    load_rows<HD>(ks, k + head + (size_t)k0 * HD, HD, BK);
+    load_rows<HD>(vs, v + head + (size_t)k0 * HD, HD, BK);
+    __syncthreads();
+    float s[BK / 8][4];
+    product_over_hd<HD, BK / 8>(s, qf, ks);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int i = q0 + g + 8 * r;
+      float top = m[r];
+#pragma unroll
+      for (int n = 0; n < BK / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const float x = sees(i, k0 + n * 8 + 2 * c + e, window) ? s[n][2 * r + e] * scale_log2
+                                                                  : -INFINITY;
+          s[n][2 * r + e] = x;
+          top = fmaxf(top, x);
+        }
+      }
+      top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, 1));
+      top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, 2));
+      // A row that has seen no key yet keeps a max of -inf: shift by 0 so that no inf - inf.
+      const float shift = top == -INFINITY ? 0.0f : top;
+      const float rescale = exp2f(m[r] - shift);
+      m[r] = top;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < BK / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const float p = exp2f(s[n][2 * r + e] - shift);
+          s[n][2 * r + e] = p;
+          sum += p;
+        }
+      }
+      l[r] = l[r] * rescale + sum;  // this lane's part; the four lanes of a row add up at the end
+#pragma unroll
+      for (int j = 0; j < HD / 8; j++) {
+        acc[j][2 * r] *= rescale;
+        acc[j][2 * r + 1] *= rescale;
+      }
+    }
+    product_over_tile<HD, BK / 16>(acc, s, vs);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+    const int i = q0 + g + 8 * r;
+    const float inv = 1.0f / l[r];
+    bf16 *row = o + (((size_t)b * T + i) * H + h) * HD + 2 * c;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+      *reinterpret_cast<uint32_t *>(row + j * 8) =
+          pair(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
+    }
+    if (c == 0) lse[(size_t)bh * T + i] = m[r] + log2f(l[r]);
+  }
+}
+
+// Backward, first step: delta = rowsum(dO ⊙ O) per query, in [B, H, T]; a warp a row.
+template <int HD>
+__device__ void delta(const bf16 *o, const bf16 *d_o, float *out, int B, int H, int T) {
+  const size_t row = (size_t)blockIdx.x * WARPS + threadIdx.x / 32;  // in [B, T, H] order
+  if (row >= (size_t)B * T * H) return;
+  const int lane = threadIdx.x % 32;
+  float sum = 0.0f;
+  for (int d = lane; d < HD; d += 32) {
+    sum += __bfloat162float(o[row * HD + d]) * __bfloat162float(d_o[row * HD + d]);
+  }
+  for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, s);
+  const int h = row % H, t = row / H % T, b = row / ((size_t)H * T);
+  if (lane == 0) out[((size_t)b * H + h) * T + t] = sum;
+}
+
+// Backward, keys' side: a block is 64 keys of one head (16 per warp), over tiles of 32 queries;
+// dK and dV stay in registers. Transposed products (keys × queries) keep each warp on its own
+// keys: Sᵀ = K Qᵀ, dV += Pᵀ dO, dPᵀ = V dOᵀ, dK += dSᵀ Q.
+template <int HD>
+__device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o,
+                            const float *lse, const float *dlt, bf16 *grads, int H, int T,
+                            int window, float scale, float scale_log2) {
+  constexpr int BK = 16 * WARPS, BQ = 32, LD = HD + PAD;
+  extern __shared__ __align__(16) unsigned char shared[];
+  bf16 *ks = reinterpret_cast<bf16 *>(shared), *vs = ks + BK * LD, *qs = vs + BK * LD,
+       *dos = qs + BQ * LD;
+  float *lse_s = reinterpret_cast<float *>(dos + BQ * LD), *dlt_s = lse_s + BQ;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int first = blockIdx.x * BK;  // the first keys have the most queries: they start first
+  const int k0 = first + warp * 16;
+  const size_t head = (size_t)bh * T * HD;
+  bf16 *dk = grads + (size_t)gridDim.y * T * HD, *dv = dk + (size_t)gridDim.y * T * HD;
+
+  load_rows<HD>(ks, k + head + (size_t)first * HD, HD, BK);
+  load_rows<HD>(vs, v + head + (size_t)first * HD, HD, BK);
+  float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
+#pragma unroll
+  for (int j = 0; j < HD / 8; j++) {
+    dk_acc[j][0] = dk_acc[j][1] = dk_acc[j][2] = dk_acc[j][3] = 0.0f;
+    dv_acc[j][0] = dv_acc[j][1] = dv_acc[j][2] = dv_acc[j][3] = 0.0f;
+  }
+
+  const int last = min(T - 1, first + BK - 1 + window);
+  for (int q0 = first / BQ * BQ; q0 <= last; q0 += BQ) {
+    __syncthreads();
+    load_rows<HD>(qs, q + head + (size_t)q0 * HD, HD, BQ);
+    load_rows<HD>(dos, d_o + (((size_t)b * T + q0) * H + h) * HD, (size_t)H * HD, BQ);
+    if (threadIdx.x < BQ) {
+      lse_s[threadIdx.x] = lse[(size_t)bh * T + q0 + threadIdx.x];
+      dlt_s[threadIdx.x] = dlt[(size_t)bh * T + q0 + threadIdx.x];
+    }
+    __syncthreads();
+    float s[BQ / 8][4];
+    product_over_hd<HD, BQ / 8>(s, ks + warp * 16 * LD, qs);
+    // Pᵀ: row r is key k0 + g + 8r, column the query q0 + n·8 + 2c + e.
+#pragma unroll
+    for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+      for (int x = 0; x < 4; x++) {
+        const int j = k0 + g + 8 * (x / 2), iq = n * 8 + 2 * c + x % 2;
+        s[n][x] = sees(q0 + iq, j, window) ? exp2f(s[n][x] * scale_log2 - lse_s[iq]) : 0.0f;
+      }
+    }
+    product_over_tile<HD, BQ / 16>(dv_acc, s, dos);
+    float dp[BQ / 8][4];
+    product_over_hd<HD, BQ / 8>(dp, vs + warp * 16 * LD, dos);
+#pragma unroll
+    for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+      for (int x = 0; x < 4; x++) {
+        dp[n][x] = s[n][x] * (dp[n][x] - dlt_s[n * 8 + 2 * c + x % 2]);
+      }
+    }
+    product_over_tile<HD, BQ / 16>(dk_acc, dp, qs);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const size_t at = head + (size_t)(k0 + g + 8 * r) * HD + 2 * c;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+      *reinterpret_cast<uint32_t *>(dk + at + j * 8) =
+          pair(dk_acc[j][2 * r] * scale, dk_acc[j][2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t *>(dv + at + j * 8) = pair(dv_acc[j][2 * r], dv_acc[j][2 * r + 1]);
+    }
+  }
+}
+
+// Backward, queries' side: a block is 64 queries of one head (16 per warp), over tiles of 32
+// keys: S = Q Kᵀ, dP = dO Vᵀ, dQ += dS K. Apart from backward_kv so that no two blocks add to
+// the same dQ: the gradient is the same bits every run.
+template <int HD>
+__device__ void backward_q(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o,
+                           const float *lse, const float *dlt, bf16 *grads, int H, int T, int window,
+                           float scale, float scale_log2) {
+  constexpr int BQ = 16 * WARPS, BK = 32, LD = HD + PAD;
+  extern __shared__ __align__(16) unsigned char shared[];
+  bf16 *ks = reinterpret_cast<bf16 *>(shared), *vs = ks + BK * LD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int first = (gridDim.x - 1 - blockIdx.x) * BQ;
+  const int q0 = first + warp * 16;
+  const size_t head = (size_t)bh * T * HD;
+
+  uint32_t qf[HD / 16][4], dof[HD / 16][4];
+  a_fragments<HD>(qf, q + head + (size_t)q0 * HD, HD);
+  a_fragments<HD>(dof, d_o + (((size_t)b * T + q0) * H + h) * HD, (size_t)H * HD);
+  float row_lse[2], row_dlt[2];
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    row_lse[r] = lse[(size_t)bh * T + q0 + g + 8 * r];
+    row_dlt[r] = dlt[(size_t)bh * T + q0 + g + 8 * r];
+  }
+  float acc[HD / 8][4];
+#pragma unroll
+  for (int j = 0; j < HD / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  const int from = max(0, first - window) / BK * BK;
+  for (int k0 = from; k0 < first + BQ; k0 += BK) {
+    __syncthreads();
+    load_rows<HD>(ks, k + head + (size_t)k0 * HD, HD, BK);
+    load_rows<HD>(vs, v + head + (size_t)k0 * HD, HD, BK);
+    __syncthreads();
+    float s[BK / 8][4], dp[BK / 8][4];
+    product_over_hd<HD, BK / 8>(s, qf, ks);
+    product_over_hd<HD, BK / 8>(dp, dof, vs);
+#pragma unroll
+    for (int n = 0; n < BK / 8; n++) {
+#pragma unroll
+      for (int x = 0; x < 4; x++) {
+        const int r = x / 2, i = q0 + g + 8 * r, j = k0 + n * 8 + 2 * c + x % 2;
+        const float p = sees(i, j, window) ? exp2f(s[n][x] * scale_log2 - row_lse[r]) : 0.0f;
+        dp[n][x] = p * (dp[n][x] - row_dlt[r]);
+      }
+    }
+    product_over_tile<HD, BK / 16>(acc, dp, ks);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    bf16 *row = grads + head + (size_t)(q0 + g + 8 * r) * HD + 2 * c;
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+      *reinterpret_cast<uint32_t *>(row + j * 8) =
+          pair(acc[j][2 * r] * scale, acc[j][2 * r + 1] * scale);
+    }
+  }
+}
+
+#define HEAD_SIZES(X) X(64) X(128)
+// The backward kernels write into grads [3, B, H, T, HD]: dq, dk, dv.
+#define BACKWARD(SIDE, HD)                                                                        \
+  extern "C" __global__ void __launch_bounds__(THREADS) flash_backward_##SIDE##_##HD(             \
+      const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o, const float *lse,             \
+      const float *dlt, bf16 *grads, int H, int T, int window, float scale, float scale_log2) {   \
+    backward_##SIDE<HD>(q, k, v, d_o, lse, dlt, grads, H, T, window, scale, scale_log2);          \
+  }
+#define KERNELS(HD)                                                                               \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
+      flash_forward_##HD(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int H, \
+                         int T, int window, float scale_log2) {                                   \
+    forward<HD>(q, k, v, o, lse, H, T, window, scale_log2);                                       \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
+      flash_delta_##HD(const bf16 *o, const bf16 *d_o, float *out, int B, int H, int T) {         \
+    delta<HD>(o, d_o, out, B, H, T);                                                              \
+  }                                                                                               \
+  BACKWARD(kv, HD)                                                                                \
+  BACKWARD(q, HD)
+HEAD_SIZES(KERNELS)
