@@ -372,6 +372,57 @@ fn journals_from_before_runs_resume_with_the_strict_rule() {
     );
 }
 
+/// One worker keeps a chain (b, then c on b) while the other's experiment from the older base
+/// runs; it ends best and the branch moves onto it. The superseded ref is named after the tip
+/// the branch left (c), and b, below c, stays reachable through it.
+#[test]
+fn a_kept_chain_left_by_the_branch_stays_reachable_through_its_tip() {
+    let dir = repo_with_train_file();
+    let root = dir.path();
+    let mut ledger = Ledger::start(root, meta("t10")).unwrap();
+    ledger.begin("baseline", "").unwrap();
+    ledger.finish(ok(1.0), Status::Keep, None).unwrap();
+    let base = ledger.tip().unwrap();
+    let (w0, w1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let c0 = ledger::Checkout::add(root, &w0.path().join("c"), "t10-w0", base).unwrap();
+    let c1 = ledger::Checkout::add(root, &w1.path().join("c"), "t10-w1", base).unwrap();
+    set_lr(c0.path(), "0.05");
+    let a = ledger.begin_on(0, c0.path(), base, "lr 0.05", "").unwrap();
+    set_lr(c1.path(), "0.06");
+    let b = ledger.begin_on(1, c1.path(), base, "lr 0.06", "").unwrap();
+    ledger.record_run_of(Some(&b.hash), 7, ok(0.9)).unwrap();
+    ledger
+        .finish_of(Some(&b.hash), ok(0.9), Status::Keep, None)
+        .unwrap();
+    set_lr(c1.path(), "0.07");
+    let b_oid = Oid::from_str(&b.hash).unwrap();
+    let c = ledger.begin_on(1, c1.path(), b_oid, "lr 0.07", "").unwrap();
+    ledger.record_run_of(Some(&c.hash), 8, ok(0.85)).unwrap();
+    ledger
+        .finish_of(Some(&c.hash), ok(0.85), Status::Keep, None)
+        .unwrap();
+    assert_eq!(
+        ledger.tip().unwrap().to_string(),
+        c.hash,
+        "c descends from b"
+    );
+    ledger.record_run_of(Some(&a.hash), 9, ok(0.8)).unwrap();
+    ledger
+        .finish_of(Some(&a.hash), ok(0.8), Status::Keep, None)
+        .unwrap();
+    assert_eq!(ledger.tip().unwrap().to_string(), a.hash);
+    let repo = Repository::open(root).unwrap();
+    let superseded = repo
+        .refname_to_id(&format!("refs/autoresearch/t10/superseded/{}", c.hash))
+        .unwrap();
+    assert_eq!(superseded, Oid::from_str(&c.hash).unwrap());
+    assert!(
+        repo.graph_descendant_of(superseded, b_oid).unwrap(),
+        "b is reachable through c's ref"
+    );
+    assert_eq!(branch_commits(&repo, "t10").len(), 2, "baseline and a");
+}
+
 /// Two workers, each in a checkout of its own from the same kept state: the one that finishes
 /// first is kept; the other, finishing later and better, is kept too, and the branch moves onto
 /// it although it does not descend from the first (a tree, the branch on its best leaf), the
