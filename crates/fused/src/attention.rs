@@ -25,7 +25,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Te
     }
     let window = window.min(t);
     #[cfg(feature = "cuda")]
-    if flash::fits(q) && is_fused(Kernel::Attention, q.device(), q.dtype()) {
+    if flash::fits(q, k, v) && is_fused(Kernel::Attention, q.device(), q.dtype()) {
         let (q, k, v) = (flash::aligned(q)?, flash::aligned(k)?, flash::aligned(v)?);
         return q.apply_op3(&k, &v, flash::FlashAttention::new(window));
     }
@@ -204,25 +204,22 @@ pub(crate) mod flash {
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
     use candle_core::{CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-    /// Whether the kernels take these inputs (the other conditions are `attention`'s).
-    pub(crate) fn fits(q: &Tensor) -> bool {
-        let dims = q.dims();
+    /// Whether the kernels take these inputs: bf16 on CUDA, of the shapes `cuda::flash_dims`
+    /// allows.
+    pub(crate) fn fits(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         matches!(q.device(), Device::Cuda(_))
-            && q.dtype() == DType::BF16
-            && matches!(dims[3], 64 | 128)
-            && dims[2] > 0
-            && dims[2].is_multiple_of(64)
-            && dims[0] * dims[1] > 0
-            && dims[0] * dims[1] <= u16::MAX as usize
+            && [q, k, v].iter().all(|x| x.dtype() == DType::BF16)
+            && crate::cuda::flash_dims([q.dims(), k.dims(), v.dims()]).is_ok()
     }
 
-    /// Contiguous from a start the kernels' 16-byte loads can read from.
+    /// Contiguous from a start the kernels' 16-byte loads can read from (a fresh buffer when
+    /// not: `copy` would keep the offset).
     pub(crate) fn aligned(x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         if x.layout().start_offset().is_multiple_of(8) {
             Ok(x)
         } else {
-            x.copy()
+            x.force_contiguous()
         }
     }
 

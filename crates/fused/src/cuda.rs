@@ -249,6 +249,10 @@ fn check_heads(dev: &CudaDevice) -> Result<()> {
 /// reference runs in f32 on the same bf16 values (the kernels take bf16 only).
 fn check_attention(dev: &CudaDevice) -> Result<()> {
     use crate::attention::flash::FlashAttention;
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    if major < 8 {
+        candle_core::bail!("compute capability {major}.{minor}: the kernels need bf16 mma (8.0+)")
+    }
     let device = Device::Cuda(dev.clone());
     let (b, h, t) = (2, 2, 192);
     for hd in [64, 128] {
@@ -923,6 +927,27 @@ pub(crate) fn heads(
     Ok((out, shape))
 }
 
+/// The shapes the kernels take: q, k, v alike `[B, H, T, hd]`, hd 64 or 128, T a multiple of
+/// 64, B·H within a grid's y (what `attention` makes sure of before it chooses the kernels).
+pub(crate) fn flash_dims(dims: [&[usize]; 3]) -> Result<(usize, usize, usize, usize)> {
+    let [q, k, v] = dims;
+    match *q {
+        [b, h, t, hd]
+            if k == q
+                && v == q
+                && matches!(hd, 64 | 128)
+                && t > 0
+                && t.is_multiple_of(FLASH_BLOCK)
+                && (1..=u16::MAX as usize).contains(&(b * h)) =>
+        {
+            Ok((b, h, t, hd))
+        }
+        _ => candle_core::bail!(
+            "flash attention: q {q:?}, k {k:?}, v {v:?} are not alike [B, H, T a multiple of 64, 64 or 128]"
+        ),
+    }
+}
+
 /// The view of a contiguous layout of `n` elements whose start suits 16-byte loads.
 fn aligned_view<'a, T>(x: &'a CudaSlice<T>, l: &Layout, n: usize) -> Result<CudaView<'a, T>> {
     let (start, len) = span(l)?;
@@ -1001,7 +1026,7 @@ pub(crate) fn flash_forward(
         unsafe { builder.launch(flash_config(grid, shared)) }.w()?;
         Ok((o, lse))
     }
-    let dims = ql.shape().dims4()?;
+    let dims = flash_dims([ql.dims(), kl.dims(), vl.dims()])?;
     let (b, h, t, hd) = dims;
     let n = b * h * t * hd;
     let dev = &qs.device;
@@ -1092,8 +1117,13 @@ pub(crate) fn flash_backward(
         }
         Ok(grads)
     }
-    let dims = tensors[0].dims4()?;
+    let dims = flash_dims([tensors[0].dims(), tensors[1].dims(), tensors[2].dims()])?;
     let (b, h, t, hd) = dims;
+    if tensors[3].dims() != [b, t, h, hd] || tensors[4].dims() != [b, t, h, hd] {
+        candle_core::bail!(
+            "flash attention backward: o and its gradient must be [{b}, {t}, {h}, {hd}]"
+        )
+    }
     let n = b * h * t * hd;
     let Device::Cuda(dev) = tensors[0].device() else {
         candle_core::bail!("the flash attention kernels run on CUDA")
