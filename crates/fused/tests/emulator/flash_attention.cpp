@@ -1,115 +1,12 @@
-// kernels/flash_attention.cu run on the CPU, a thread per GPU thread: warps exchange registers
-// through shared arrays at each mma.sync and shuffle (in the PTX ISA's fragment layouts), blocks
-// run one after another with __syncthreads as a barrier. Checks the four kernels against
-// attention computed in double precision from the same bf16 inputs: the index arithmetic,
-// tiling, masking, online softmax and backward formulas, without a GPU. What it cannot check is
-// the hardware's side: that mma.sync's fragments are what the ISA says, timing, and the PTX build
-// (CI compiles that). Built and run by tests/flash_emulated.rs; exits 1 on a mismatch.
-#include <algorithm>
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <functional>
-#include <memory>
-#include <random>
-#include <thread>
-#include <vector>
-
-#include "cuda_bf16.h"
-
-using std::max;
-using std::min;
-
-struct dim3 {
-  unsigned x = 0, y = 0, z = 0;
-};
-struct alignas(16) uint4 {
-  uint32_t x, y, z, w;
-};
-
-#define __device__ inline
-#define __forceinline__
-#define __global__
-#define __launch_bounds__(n)
-#define __align__(n) __attribute__((aligned(n)))
-#define __shared__
-
-thread_local dim3 threadIdx;
-dim3 blockIdx, gridDim;
-alignas(16) unsigned char shared[228 * 1024];  // one block at a time: one block's shared memory
-
-constexpr int kWarps = 4, kLanes = 32;
-std::unique_ptr<std::barrier<>> block_barrier;
-struct Warp {
-  std::unique_ptr<std::barrier<>> barrier;
-  uint32_t a[kLanes][4], b[kLanes][2];
-  float value[kLanes];
-};
-Warp warps[kWarps];
-
-void __syncthreads() { block_barrier->arrive_and_wait(); }
-[[noreturn]] void __trap() { std::abort(); }
-
-float __shfl_xor_sync(unsigned, float v, int mask) {
-  Warp &w = warps[threadIdx.x / kLanes];
-  const int lane = threadIdx.x % kLanes;
-  w.value[lane] = v;
-  w.barrier->arrive_and_wait();
-  const float other = w.value[lane ^ mask];
-  w.barrier->arrive_and_wait();
-  return other;
-}
-
-float half_of(uint32_t reg, int high) { return __bfloat162float({uint16_t(reg >> (16 * high))}); }
-
-// D = A · B + C for m16n8k16 with the lanes' fragments laid out as the PTX ISA gives them.
-void emulated_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  Warp &w = warps[threadIdx.x / kLanes];
-  const int lane = threadIdx.x % kLanes;
-  for (int i = 0; i < 4; i++) w.a[lane][i] = a[i];
-  w.b[lane][0] = b0;
-  w.b[lane][1] = b1;
-  w.barrier->arrive_and_wait();
-  auto A = [&](int row, int k) {
-    return half_of(w.a[4 * (row % 8) + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k % 2);
-  };
-  auto B = [&](int k, int n) { return half_of(w.b[4 * n + (k % 8) / 2][k >= 8], k % 2); };
-  const int g = lane / 4, col = 2 * (lane % 4);
-  float d[4];
-  for (int x = 0; x < 4; x++) {
-    const int row = g + 8 * (x / 2), n = col + x % 2;
-    float sum = c[x];
-    for (int k = 0; k < 16; k++) sum += A(row, k) * B(k, n);
-    d[x] = sum;
-  }
-  w.barrier->arrive_and_wait();  // every lane has read the fragments
-  for (int x = 0; x < 4; x++) c[x] = d[x];
-}
+// kernels/flash_attention.cu run on the CPU (cuda_emulator.h), checked against attention
+// computed in double precision from the same bf16 inputs: the index arithmetic, tiling,
+// masking, online softmax and backward formulas, without a GPU. What it cannot check is the
+// hardware's side: that mma.sync's fragments are what the ISA says, timing, and the PTX build
+// (CI compiles that). Built and run by tests/emulated.rs; exits 1 on a mismatch.
+#include "cuda_emulator.h"
 
 #define FLASH_EMULATED
 #include "../../kernels/flash_attention.cu"
-
-// A grid of blocks of THREADS threads, one block at a time.
-void launch(dim3 grid, const std::function<void()> &kernel) {
-  gridDim = grid;
-  block_barrier = std::make_unique<std::barrier<>>(THREADS);
-  for (auto &w : warps) w.barrier = std::make_unique<std::barrier<>>(kLanes);
-  for (unsigned y = 0; y < grid.y; y++) {
-    for (unsigned x = 0; x < grid.x; x++) {
-      blockIdx = {x, y, 0};
-      std::vector<std::thread> threads;
-      for (unsigned t = 0; t < THREADS; t++) {
-        threads.emplace_back([t, &kernel] {
-          threadIdx = {t, 0, 0};
-          kernel();
-        });
-      }
-      for (auto &t : threads) t.join();
-    }
-  }
-}
 
 using Bf = std::vector<bf16>;
 
@@ -121,17 +18,6 @@ Bf random_bf16(size_t n, std::mt19937 &rng, float scale) {
 }
 
 double f(bf16 x) { return __bfloat162float(x); }
-
-// max |got - want| / max |want|, where a gradient that is 0 in exact arithmetic (a window of 0)
-// is measured against 1e-3 (its rounding is ~1e-7).
-double relative_error(const std::vector<double> &got, const std::vector<double> &want) {
-  double diff = 0, size = 0;
-  for (size_t i = 0; i < want.size(); i++) {
-    diff = std::max(diff, std::fabs(got[i] - want[i]));
-    size = std::max(size, std::fabs(want[i]));
-  }
-  return diff / std::max(size, 1e-3);
-}
 
 std::vector<double> widen(const Bf &x) {
   std::vector<double> out(x.size());
@@ -152,16 +38,16 @@ bool check(int B, int H, int T, int window, unsigned seed) {
   std::vector<float> lse((size_t)B * H * T, NAN), dlt((size_t)B * H * T, NAN);
   for (auto &x : o) x = __float2bfloat16_rn(NAN);  // poisoned: every element must be written
   for (auto &x : grads) x = __float2bfloat16_rn(NAN);
-  launch({unsigned(T / 64), unsigned(B * H), 1}, [&] {
+  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, [&] {
     forward<HD>(q.data(), k.data(), v.data(), o.data(), lse.data(), H, T, w, scale_log2);
   });
-  launch({unsigned((B * T * H + kWarps - 1) / kWarps), 1, 1},
+  launch({unsigned((B * T * H + WARPS - 1) / WARPS), 1, 1}, THREADS,
          [&] { delta<HD>(o.data(), d_o.data(), dlt.data(), B, H, T); });
-  launch({unsigned(T / 64), unsigned(B * H), 1}, [&] {
+  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, [&] {
     backward_kv<HD>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), dlt.data(),
                     grads.data(), H, T, w, scale, scale_log2);
   });
-  launch({unsigned(T / 64), unsigned(B * H), 1}, [&] {
+  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, [&] {
     backward_q<HD>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), dlt.data(),
                    grads.data(), H, T, w, scale, scale_log2);
   });

@@ -1,0 +1,124 @@
+// CUDA on the CPU for the kernels' tests: a thread per GPU thread; warps exchange registers
+// through shared arrays at each shuffle and mma.sync (in the PTX ISA's fragment layouts);
+// blocks run one after another, __syncthreads a barrier of the block. A kernel file is included
+// after this header. Not covered: `__shared__` arrays declared inside a kernel (each thread
+// would get its own); `extern __shared__` memory is one buffer, as blocks run one at a time.
+#pragma once
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "cuda_bf16.h"
+
+typedef __nv_bfloat16 bf16;
+
+using std::max;
+using std::min;
+
+struct dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+struct alignas(16) uint4 {
+  uint32_t x, y, z, w;
+};
+
+#define __device__ inline
+#define __forceinline__
+#define __global__
+#define __launch_bounds__(n)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__
+
+thread_local dim3 threadIdx;
+dim3 blockIdx, gridDim;
+alignas(16) unsigned char shared[228 * 1024];  // one block at a time: one block's shared memory
+
+constexpr int kLanes = 32;
+std::unique_ptr<std::barrier<>> block_barrier;
+struct Warp {
+  std::unique_ptr<std::barrier<>> barrier;
+  uint32_t a[kLanes][4], b[kLanes][2];
+  float value[kLanes];
+};
+std::vector<Warp> warps;
+
+void __syncthreads() { block_barrier->arrive_and_wait(); }
+[[noreturn]] void __trap() { std::abort(); }
+
+float __shfl_xor_sync(unsigned, float v, int mask) {
+  Warp &w = warps[threadIdx.x / kLanes];
+  const int lane = threadIdx.x % kLanes;
+  w.value[lane] = v;
+  w.barrier->arrive_and_wait();
+  const float other = w.value[lane ^ mask];
+  w.barrier->arrive_and_wait();
+  return other;
+}
+
+float half_of(uint32_t reg, int high) { return __bfloat162float({uint16_t(reg >> (16 * high))}); }
+
+// D = A · B + C for m16n8k16 with the lanes' fragments laid out as the PTX ISA gives them.
+void emulated_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  Warp &w = warps[threadIdx.x / kLanes];
+  const int lane = threadIdx.x % kLanes;
+  for (int i = 0; i < 4; i++) w.a[lane][i] = a[i];
+  w.b[lane][0] = b0;
+  w.b[lane][1] = b1;
+  w.barrier->arrive_and_wait();
+  auto A = [&](int row, int k) {
+    return half_of(w.a[4 * (row % 8) + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k % 2);
+  };
+  auto B = [&](int k, int n) { return half_of(w.b[4 * n + (k % 8) / 2][k >= 8], k % 2); };
+  const int g = lane / 4, col = 2 * (lane % 4);
+  float d[4];
+  for (int x = 0; x < 4; x++) {
+    const int row = g + 8 * (x / 2), n = col + x % 2;
+    float sum = c[x];
+    for (int k = 0; k < 16; k++) sum += A(row, k) * B(k, n);
+    d[x] = sum;
+  }
+  w.barrier->arrive_and_wait();  // every lane has read the fragments
+  for (int x = 0; x < 4; x++) c[x] = d[x];
+}
+
+float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+// A grid of blocks of `threads` threads (a multiple of 32), one block at a time.
+void launch(dim3 grid, unsigned threads, const std::function<void()> &kernel) {
+  gridDim = grid;
+  block_barrier = std::make_unique<std::barrier<>>(threads);
+  warps = std::vector<Warp>(threads / kLanes);
+  for (auto &w : warps) w.barrier = std::make_unique<std::barrier<>>(kLanes);
+  for (unsigned y = 0; y < grid.y; y++) {
+    for (unsigned x = 0; x < grid.x; x++) {
+      blockIdx = {x, y, 0};
+      std::vector<std::thread> pool;
+      for (unsigned t = 0; t < threads; t++) {
+        pool.emplace_back([t, &kernel] {
+          threadIdx = {t, 0, 0};
+          kernel();
+        });
+      }
+      for (auto &t : pool) t.join();
+    }
+  }
+}
+
+// max |got - want| / max |want|, where a value that is 0 in exact arithmetic (a window of 0)
+// is measured against 1e-3 (its rounding is ~1e-7).
+inline double relative_error(const std::vector<double> &got, const std::vector<double> &want) {
+  double diff = 0, size = 0;
+  for (size_t i = 0; i < want.size(); i++) {
+    diff = std::max(diff, std::fabs(got[i] - want[i]));
+    size = std::max(size, std::fabs(want[i]));
+  }
+  return diff / std::max(size, 1e-3);
+}
