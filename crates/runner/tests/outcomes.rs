@@ -413,17 +413,20 @@ fn an_attention_mask_that_sees_one_token_ahead_fails_causality() {
     let s = Scenario::new(
         // A hand-made mask with the off-by-one: query i also sees key i + 1, its own target.
         replacing(
-            "    let p = fused::causal_softmax(&q.matmul(&k.t()?)?, scale, window)?;",
-            "    let scores = q.matmul(&k.t()?)?;
-    let t = scores.dim(3)?;
-    let mask: Vec<f32> = (0..t * t)
-        .map(|n| {
-            let (i, j) = (n / t, n % t);
-            if j <= i + 1 && j + window >= i { 0.0 } else { f32::NEG_INFINITY }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
-    let p = fused::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?)?;",
+            "        let y = fused::attention(&q, &k, &v, self.cfg.windows[layer])?;",
+            "        let window = self.cfg.windows[layer];
+        let scores = q.matmul(&k.t()?)?;
+        let t = scores.dim(3)?;
+        let mask: Vec<f32> = (0..t * t)
+            .map(|n| {
+                let (i, j) = (n / t, n % t);
+                if j <= i + 1 && j + window >= i { 0.0 } else { f32::NEG_INFINITY }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), scores.device())?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let p = fused::softmax_last_dim(&(scores * scale)?.broadcast_add(&mask)?)?;
+        let y = p.matmul(&v)?.transpose(1, 2)?;",
         ),
         4.0,
     );
