@@ -258,18 +258,22 @@ impl Gpt {
         let qkv = self.linear(x, &w_qkv)?;
         // q and k turned by their positions and normed (QK-norm), v as it is: [3, B, H, T, hd].
         let heads = fused::heads(&qkv, h, &self.rope.narrow(1, 0, t)?, NORM_EPS)?;
-        let (q, k, mut v) = (heads.get(0)?, heads.get(1)?, heads.get(2)?);
-        if let (Some(ve), Some(gate_w)) = (ve, &block.ve_gate) {
-            // Value residual: mix in the value embedding through an input-dependent gate per head.
-            let gate = sigmoid(&self.linear(&x.narrow(2, 0, VE_GATE_CHANNELS)?, gate_w)?)?;
-            let gate = (gate * 2.0)?.unsqueeze(3)?;
-            v = (v + ve
-                .reshape((b, t, h, hd))?
-                .broadcast_mul(&gate)?
-                .transpose(1, 2)?)?;
-        }
+        let v_plus = match (ve, &block.ve_gate) {
+            (Some(ve), Some(gate_w)) => {
+                // Value residual: the value embedding through an input-dependent gate per head,
+                // added to v.
+                let gate = sigmoid(&self.linear(&x.narrow(2, 0, VE_GATE_CHANNELS)?, gate_w)?)?;
+                let gate = (gate * 2.0)?.unsqueeze(3)?;
+                Some(
+                    ve.reshape((b, t, h, hd))?
+                        .broadcast_mul(&gate)?
+                        .transpose(1, 2)?,
+                )
+            }
+            _ => None,
+        };
         // Query i sees keys i - window ..= i; y comes back [B, T, H, hd].
-        let y = fused::attention(&q, &k, &v, self.cfg.windows[layer])?;
+        let y = fused::attention(&heads, v_plus.as_ref(), self.cfg.windows[layer])?;
         self.linear(&y.reshape((b, t, h * hd))?, &block.c_proj)
     }
 

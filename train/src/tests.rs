@@ -174,9 +174,10 @@ fn short_windows_cannot_see_past_their_window() {
         )
         .unwrap()
     };
-    // [B, H, T, hd]: 2 heads, 8 positions.
+    // [3, B, H, T, hd]: q, k, v of 2 heads, 8 positions.
     let (q, k, v) = (rand((1, 2, 8, 4)), rand((1, 2, 8, 4)), rand((1, 2, 8, 4)));
-    let out = fused::attention(&q, &k, &v, 3).unwrap();
+    let heads = Tensor::stack(&[q, k, v], 0).unwrap();
+    let out = fused::attention(&heads, None, 3).unwrap();
     let bump = Tensor::zeros((1, 2, 8, 4), DType::F32, &Device::Cpu)
         .unwrap()
         .slice_assign(
@@ -184,7 +185,7 @@ fn short_windows_cannot_see_past_their_window() {
             &Tensor::ones((1, 2, 1, 4), DType::F32, &Device::Cpu).unwrap(),
         )
         .unwrap();
-    let out2 = fused::attention(&q, &k, &(&v + bump).unwrap(), 3).unwrap();
+    let out2 = fused::attention(&heads, Some(&bump), 3).unwrap();
     let diff = (out - out2)
         .unwrap()
         .abs()

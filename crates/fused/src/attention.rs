@@ -10,26 +10,38 @@ use rayon::prelude::*;
 
 use crate::{Kernel, is_fused, rows, same_shape};
 
-/// Attention of `q, k, v [B, H, T, hd]` with the scale 1/√hd, where query i sees keys
+/// Attention over `heads [3, B, H, T, hd]` (q, k and v, as `heads` makes them), with
+/// `v_plus [B, H, T, hd]` added to v when given, the scale 1/√hd, and query i seeing keys
 /// `i − window ..= i`: `[B, T, H, hd]`, heads side by side for the output projection.
-/// Differentiable in q, k and v.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
-    let (_, _, t, _) = q.dims4()?;
-    if k.dims() != q.dims() || v.dims() != q.dims() {
+/// Differentiable in `heads` and `v_plus`. q, k and v are taken apart here, not by the caller:
+/// on CUDA the gradient of `heads` then comes back as the one tensor the kernels write, where
+/// three `get`s would each pad their part's gradient with zeros to full size and add them
+/// (candle's narrow backward: ~40 passes over a layer's q, k and v).
+pub fn attention(heads: &Tensor, v_plus: Option<&Tensor>, window: usize) -> Result<Tensor> {
+    let (three, b, h, t, hd) = heads.dims5()?;
+    if three != 3 || v_plus.is_some_and(|p| p.dims() != [b, h, t, hd]) {
         candle_core::bail!(
-            "attention: q {:?}, k {:?} and v {:?} must be alike [B, H, T, hd]",
-            q.dims(),
-            k.dims(),
-            v.dims()
+            "attention: heads {:?} must be [3, B, H, T, hd] and v_plus {:?} [B, H, T, hd]",
+            heads.dims(),
+            v_plus.map(|p| p.dims())
         )
     }
     let window = window.min(t);
     #[cfg(feature = "cuda")]
-    if flash::fits(q, k, v) && is_fused(Kernel::Attention, q.device(), q.dtype()) {
-        let (q, k, v) = (flash::aligned(q)?, flash::aligned(k)?, flash::aligned(v)?);
-        return q.apply_op3(&k, &v, flash::FlashAttention::new(window));
+    if flash::fits(heads, v_plus) && is_fused(Kernel::Attention, heads.device(), heads.dtype()) {
+        return flash::apply(heads, v_plus, window);
     }
-    materialised(q, k, v, window, &causal_softmax)
+    let (q, k, v) = parts(heads, v_plus)?;
+    materialised(&q, &k, &v, window, &causal_softmax)
+}
+
+/// q, k and v from `heads`, `v_plus` added to v.
+fn parts(heads: &Tensor, v_plus: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+    let v = match v_plus {
+        Some(p) => (heads.get(2)? + p)?,
+        None => heads.get(2)?,
+    };
+    Ok((heads.get(0)?, heads.get(1)?, v))
 }
 
 type Softmax<'a> = &'a dyn Fn(&Tensor, f64, usize) -> Result<Tensor>;
@@ -70,8 +82,9 @@ pub(crate) mod plain {
     use super::*;
 
     /// The reference: materialised scores and the plain softmax.
-    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, window: usize) -> Result<Tensor> {
-        materialised(q, k, v, window, &causal_softmax)
+    pub fn attention(heads: &Tensor, v_plus: Option<&Tensor>, window: usize) -> Result<Tensor> {
+        let (q, k, v) = parts(heads, v_plus)?;
+        materialised(&q, &k, &v, window, &causal_softmax)
     }
 
     /// The same from an additive mask and differentiable ops: the reference.
@@ -202,14 +215,31 @@ pub(crate) mod flash {
     use std::sync::Mutex;
 
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
-    use candle_core::{CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        CudaStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Storage, Tensor,
+    };
 
     /// Whether the kernels take these inputs: bf16 on CUDA, of the shapes `cuda::flash_dims`
     /// allows.
-    pub(crate) fn fits(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-        matches!(q.device(), Device::Cuda(_))
-            && [q, k, v].iter().all(|x| x.dtype() == DType::BF16)
-            && crate::cuda::flash_dims([q.dims(), k.dims(), v.dims()]).is_ok()
+    pub(crate) fn fits(heads: &Tensor, v_plus: Option<&Tensor>) -> bool {
+        let q = &heads.dims()[1..];
+        matches!(heads.device(), Device::Cuda(_))
+            && heads.dtype() == DType::BF16
+            && v_plus.is_none_or(|p| p.dtype() == DType::BF16)
+            && crate::cuda::flash_dims([q, q, q]).is_ok()
+    }
+
+    /// The op on `heads` (and `v_plus`): v with `v_plus` added is made here, outside the graph;
+    /// its gradient is v's, so the op hands it to both.
+    pub(crate) fn apply(heads: &Tensor, v_plus: Option<&Tensor>, window: usize) -> Result<Tensor> {
+        let heads = aligned(heads)?;
+        match v_plus {
+            None => heads.apply_op1(FlashAttention::new(window, None)),
+            Some(p) => {
+                let v = aligned(&(heads.get(2)? + p)?.detach())?;
+                heads.apply_op2(p, FlashAttention::new(window, Some(v)))
+            }
+        }
     }
 
     /// Contiguous from a start the kernels' 16-byte loads can read from (a fresh buffer when
@@ -224,22 +254,68 @@ pub(crate) mod flash {
     }
 
     pub(crate) struct FlashAttention {
-        pub(crate) window: usize,
+        window: usize,
+        /// v with `v_plus` added, when there is one (the op's second argument).
+        v: Option<Tensor>,
         /// The rows' log2-sum-exp `[B, H, T]`, which the forward pass leaves for the backward
         /// (candle's `bwd` sees only the output).
-        pub(crate) lse: Mutex<Option<CudaSlice<f32>>>,
+        lse: Mutex<Option<CudaSlice<f32>>>,
     }
 
     impl FlashAttention {
-        pub(crate) fn new(window: usize) -> Self {
+        pub(crate) fn new(window: usize, v: Option<Tensor>) -> Self {
             Self {
                 window,
+                v,
                 lse: Mutex::new(None),
             }
         }
+
+        /// `[B, T, H, hd]` from the heads' storage (q and k; v too unless replaced).
+        fn forward(&self, hs: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (_, b, h, t, hd) = hl.shape().dims5()?;
+            let n = b * h * t * hd;
+            if !hl.is_contiguous() {
+                candle_core::bail!("flash attention: the heads must be contiguous")
+            }
+            let part =
+                |i: usize| Layout::contiguous_with_offset((b, h, t, hd), hl.start_offset() + i * n);
+            let (ql, kl) = (part(0), part(1));
+            let (o, lse, shape) = match &self.v {
+                None => {
+                    crate::cuda::flash_forward(self.window, (hs, &ql), (hs, &kl), (hs, &part(2)))?
+                }
+                Some(v) => {
+                    let (storage, vl) = v.storage_and_layout();
+                    let Storage::Cuda(vs) = &*storage else {
+                        candle_core::bail!("flash attention: v must be on CUDA")
+                    };
+                    crate::cuda::flash_forward(self.window, (hs, &ql), (hs, &kl), (vs, vl))?
+                }
+            };
+            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+            Ok((o, shape))
+        }
+
+        /// The heads' gradient `[3, B, H, T, hd]` (dq, dk, dv), one allocation.
+        fn backward(&self, heads: &Tensor, o: &Tensor, d_o: &Tensor) -> Result<Tensor> {
+            let Some(lse) = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                candle_core::bail!("flash attention: a second backward pass through one forward")
+            };
+            let (q, k) = (heads.get(0)?, heads.get(1)?);
+            let v = match &self.v {
+                Some(v) => v.clone(),
+                None => heads.get(2)?,
+            };
+            crate::cuda::flash_backward(self.window, &lse, [&q, &k, &v, o, &aligned(d_o)?])
+        }
     }
 
-    impl CustomOp3 for FlashAttention {
+    fn cpu_only() -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the flash attention kernels run on CUDA only")
+    }
+
+    impl CustomOp1 for FlashAttention {
         fn name(&self) -> &'static str {
             "fused-flash-attention"
         }
@@ -248,48 +324,54 @@ pub(crate) mod flash {
             &self,
             _: &candle_core::CpuStorage,
             _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            cpu_only()
+        }
+
+        fn cuda_fwd(&self, hs: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
+            self.forward(hs, hl)
+        }
+
+        fn bwd(&self, heads: &Tensor, o: &Tensor, d_o: &Tensor) -> Result<Option<Tensor>> {
+            Ok(Some(self.backward(heads, o, d_o)?))
+        }
+    }
+
+    impl CustomOp2 for FlashAttention {
+        fn name(&self) -> &'static str {
+            "fused-flash-attention-v-plus"
+        }
+
+        fn cpu_fwd(
+            &self,
             _: &candle_core::CpuStorage,
             _: &Layout,
             _: &candle_core::CpuStorage,
             _: &Layout,
         ) -> Result<(candle_core::CpuStorage, Shape)> {
-            candle_core::bail!("the flash attention kernels run on CUDA only")
+            cpu_only()
         }
 
         fn cuda_fwd(
             &self,
-            qs: &CudaStorage,
-            ql: &Layout,
-            ks: &CudaStorage,
-            kl: &Layout,
-            vs: &CudaStorage,
-            vl: &Layout,
+            hs: &CudaStorage,
+            hl: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            let (o, lse, shape) =
-                crate::cuda::flash_forward(self.window, (qs, ql), (ks, kl), (vs, vl))?;
-            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-            Ok((o, shape))
+            self.forward(hs, hl)
         }
 
         fn bwd(
             &self,
-            q: &Tensor,
-            k: &Tensor,
-            v: &Tensor,
+            heads: &Tensor,
+            _: &Tensor,
             o: &Tensor,
             d_o: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let Some(lse) = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-                candle_core::bail!("flash attention: a second backward pass through one forward")
-            };
-            // One [3, B, H, T, hd] allocation holds dq, dk and dv.
-            let grads =
-                crate::cuda::flash_backward(self.window, &lse, [q, k, v, o, &aligned(d_o)?])?;
-            Ok((
-                Some(grads.get(0)?),
-                Some(grads.get(1)?),
-                Some(grads.get(2)?),
-            ))
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let grads = self.backward(heads, o, d_o)?;
+            let dv = grads.get(2)?;
+            Ok((Some(grads), Some(dv)))
         }
     }
 }

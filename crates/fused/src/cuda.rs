@@ -245,10 +245,10 @@ fn check_heads(dev: &CudaDevice) -> Result<()> {
     )
 }
 
-/// Both head sizes, a window inside a tile and plain causal, two batches and heads; the
-/// reference runs in f32 on the same bf16 values (the kernels take bf16 only).
+/// Both head sizes, a window inside a tile and plain causal, with and without a term added to
+/// v, two batches and heads; the reference runs in f32 on the same bf16 values (the kernels
+/// take bf16 only).
 fn check_attention(dev: &CudaDevice) -> Result<()> {
-    use crate::attention::flash::FlashAttention;
     let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
     if major < 8 {
         candle_core::bail!("compute capability {major}.{minor}: the kernels need bf16 mma (8.0+)")
@@ -256,24 +256,23 @@ fn check_attention(dev: &CudaDevice) -> Result<()> {
     let device = Device::Cuda(dev.clone());
     let (b, h, t) = (2, 2, 192);
     for hd in [64, 128] {
-        for window in [37, t] {
+        let plus = Tensor::from_vec(host_random(b * h * t * hd, 12, 1.0), (b, h, t, hd), &device)?
+            .to_dtype(DType::BF16)?;
+        for (window, v_plus) in [(37, None), (t, None), (37, Some(&plus))] {
             compare(
                 &[(DType::BF16, 2e-2)],
                 &host_random(3 * b * h * t * hd, 11, 2.0),
                 &[3, b, h, t, hd],
                 &device,
+                &|x| crate::attention::flash::apply(x, v_plus, window),
                 &|x| {
-                    let (q, k, v) = (x.get(0)?, x.get(1)?, x.get(2)?);
-                    q.apply_op3(&k, &v, FlashAttention::new(window))
-                },
-                &|x| {
-                    let x = x.to_dtype(DType::F32)?;
-                    let (q, k, v) = (x.get(0)?, x.get(1)?, x.get(2)?);
-                    crate::attention::plain::attention(&q, &k, &v, window)
+                    let p = v_plus.map(|p| p.to_dtype(DType::F32)).transpose()?;
+                    crate::attention::plain::attention(&x.to_dtype(DType::F32)?, p.as_ref(), window)
                 },
             )
             .map_err(|e| {
-                candle_core::Error::Msg(format!("head size {hd}, window {window}: {e}"))
+                let plus = if v_plus.is_some() { " with v_plus" } else { "" };
+                candle_core::Error::Msg(format!("head size {hd}, window {window}{plus}: {e}"))
             })?;
         }
     }

@@ -696,37 +696,46 @@ mod tests {
     #[test]
     fn attention_matches_the_plain_path_and_puts_heads_side_by_side() {
         let (b, h, t, hd) = (2, 3, 9, 4);
-        let qkv = random(&[3, b, h, t, hd], 60, 2.0);
+        let heads = random(&[3, b, h, t, hd], 60, 2.0);
+        let plus = random(&[b, h, t, hd], 62, 1.0);
         let w = random(&[b, t, h, hd], 61, 1.0);
-        let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>| {
-            let var = Var::from_tensor(&qkv).unwrap();
-            let x = var.as_tensor();
-            let (q, k, v) = (x.get(0).unwrap(), x.get(1).unwrap(), x.get(2).unwrap());
-            let y = f(&q, &k, &v).unwrap();
+        type Attend<'a> = &'a dyn Fn(&Tensor, Option<&Tensor>) -> Result<Tensor>;
+        let run = |f: Attend, with_plus: bool| {
+            let (x, p) = (
+                Var::from_tensor(&heads).unwrap(),
+                Var::from_tensor(&plus).unwrap(),
+            );
+            let y = f(x.as_tensor(), with_plus.then_some(p.as_tensor())).unwrap();
             let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            (y, grads.get(x).unwrap().clone())
+            let dp = grads.get(p.as_tensor()).cloned();
+            (y, grads.get(x.as_tensor()).unwrap().clone(), dp)
         };
-        let (y, g) = run(&|q, k, v| attention(q, k, v, 4));
-        let (want_y, want_g) = run(&|q, k, v| plain::attention(q, k, v, 4));
-        assert_eq!(y.dims(), [b, t, h, hd]);
-        assert!(max_rel_err(&y, &want_y) < 1e-5 && max_rel_err(&g, &want_g) < 1e-5);
+        for with_plus in [false, true] {
+            let (y, g, dp) = run(&|x, p| attention(x, p, 4), with_plus);
+            let (want_y, want_g, want_dp) = run(&|x, p| plain::attention(x, p, 4), with_plus);
+            assert_eq!(y.dims(), [b, t, h, hd]);
+            assert!(max_rel_err(&y, &want_y) < 1e-5 && max_rel_err(&g, &want_g) < 1e-5);
+            if with_plus {
+                // v_plus's gradient is v's.
+                let (dp, want_dp) = (dp.unwrap(), want_dp.unwrap());
+                assert!(max_rel_err(&dp, &want_dp) < 1e-5);
+                assert!(max_rel_err(&dp, &g.get(2).unwrap()) < 1e-6);
+            } else {
+                assert!(dp.is_none());
+            }
+        }
+        // The first query sees only the first key: its output is the first value, per head.
+        let y = attention(&heads, Some(&plus), 4).unwrap();
+        let first = y.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+        let v0 = (heads.get(2).unwrap() + &plus).unwrap();
+        let v0 = v0.narrow(2, 0, 1).unwrap().squeeze(2).unwrap();
+        assert!(max_rel_err(&first, &v0) < 1e-6);
         // The flash kernels are CUDA's: the CPU materialises the scores.
         assert!(!is_fused(Kernel::Attention, &Device::Cpu, DType::F32));
-        // The first query sees only the first key: its output is the first value, per head.
-        let first = y.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
-        let v0 = qkv
-            .get(2)
-            .unwrap()
-            .narrow(2, 0, 1)
-            .unwrap()
-            .squeeze(2)
-            .unwrap();
-        assert!(max_rel_err(&first, &v0) < 1e-6);
-        let q = qkv.get(0).unwrap();
-        let err = attention(&q, &q.narrow(2, 0, 8).unwrap(), &q, 4)
+        let err = attention(&heads.narrow(0, 0, 2).unwrap(), None, 4)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("must be alike"), "{err}");
+        assert!(err.contains("[3, B, H, T, hd]"), "{err}");
     }
 
     #[test]

@@ -413,8 +413,12 @@ fn an_attention_mask_that_sees_one_token_ahead_fails_causality() {
     let s = Scenario::new(
         // A hand-made mask with the off-by-one: query i also sees key i + 1, its own target.
         replacing(
-            "        let y = fused::attention(&q, &k, &v, self.cfg.windows[layer])?;",
+            "        let y = fused::attention(&heads, v_plus.as_ref(), self.cfg.windows[layer])?;",
             "        let window = self.cfg.windows[layer];
+        let (q, k, mut v) = (heads.get(0)?, heads.get(1)?, heads.get(2)?);
+        if let Some(p) = &v_plus {
+            v = (v + p)?;
+        }
         let scores = q.matmul(&k.t()?)?;
         let t = scores.dim(3)?;
         let mask: Vec<f32> = (0..t * t)

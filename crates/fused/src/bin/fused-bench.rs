@@ -186,7 +186,7 @@ fn main() -> Result<()> {
                 let p = fused::causal_softmax(&q.matmul(&k.t()?)?, scale, window)?;
                 p.matmul(&v)?.transpose(1, 2)
             },
-            &|x| fused::attention(&x.get(0)?, &x.get(1)?, &x.get(2)?, window),
+            &|x| fused::attention(x, None, window),
             &device,
             iters,
         )?;
