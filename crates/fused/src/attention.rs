@@ -236,7 +236,7 @@ pub(crate) mod flash {
         match v_plus {
             None => heads.apply_op1(FlashAttention::new(window, None)),
             Some(p) => {
-                let v = aligned(&(heads.get(2)? + p)?.detach())?;
+                let v = aligned(&(heads.detach().get(2)? + p.detach())?)?;
                 heads.apply_op2(p, FlashAttention::new(window, Some(v)))
             }
         }

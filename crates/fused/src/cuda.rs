@@ -275,6 +275,27 @@ fn check_attention(dev: &CudaDevice) -> Result<()> {
                 candle_core::Error::Msg(format!("head size {hd}, window {window}{plus}: {e}"))
             })?;
         }
+        // v_plus's own gradient, through the transposed view the train file passes.
+        let heads = Tensor::from_vec(
+            host_random(3 * b * h * t * hd, 13, 2.0),
+            (3, b, h, t, hd),
+            &device,
+        )?;
+        let heads_bf16 = heads.to_dtype(DType::BF16)?;
+        // The reference sees the same (rounded) values.
+        let heads = heads_bf16.to_dtype(DType::F32)?;
+        compare(
+            &[(DType::BF16, 2e-2)],
+            &host_random(b * t * h * hd, 14, 1.0),
+            &[b, t, h, hd],
+            &device,
+            &|x| crate::attention::flash::apply(&heads_bf16, Some(&x.transpose(1, 2)?), 37),
+            &|x| {
+                let p = x.to_dtype(DType::F32)?.transpose(1, 2)?;
+                crate::attention::plain::attention(&heads, Some(&p), 37)
+            },
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("head size {hd}, v_plus's gradient: {e}")))?;
     }
     Ok(())
 }
