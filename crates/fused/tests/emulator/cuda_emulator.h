@@ -51,7 +51,6 @@ struct Warp {
 std::vector<Warp> warps;
 
 void __syncthreads() { block_barrier->arrive_and_wait(); }
-[[noreturn]] void __trap() { std::abort(); }
 
 float __shfl_xor_sync(unsigned, float v, int mask) {
   Warp &w = warps[threadIdx.x / kLanes];
