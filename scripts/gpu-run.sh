@@ -4,7 +4,7 @@
 # sides for the full budget and prints the side-by-side tables. `kernels` times our fused kernels
 # against the plain path (fused-bench; seconds) and says whether they passed their self-check.
 # `profile` runs ours under Nsight Compute for a window of its kernel launches (SKIP=4000
-# COUNT=2500: about one pass of 16 rows, past start-up; one metric, so no replay) and prints
+# COUNT=2500: about one pass, past start-up; one metric, so no replay) and prints
 # where the GPU time goes, per kernel (~1 min; needs `ncu`, which Firecracker machines have).
 #
 #   ./run.sh [kernels|check|run|all|profile] [side_by_side.py options...]   # default: all

@@ -54,6 +54,32 @@ fn is_out_of_memory(why: &str) -> bool {
     .any(|w| why.contains(w))
 }
 
+/// The per-token losses of `model` on the rows `x` → `y`, half the rows at a time (and so on)
+/// where the whole does not fit in the device's memory. Evaluation runs at the training's rows
+/// per pass but keeps more alive (the f32 logits and their soft-cap): an out-of-memory there
+/// must not end the run after its training.
+fn losses_in_parts(
+    model: &dyn Fn(&Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<Tensor> {
+    let whole = model(x).and_then(|logits| Ok(per_token_cross_entropy(&logits, y)?));
+    let rows = x.dim(0)?;
+    match whole {
+        Err(e) if rows > 1 && is_out_of_memory(&e.to_string()) => {
+            let half = rows / 2;
+            let parts = [(0, half), (half, rows - half)]
+                .into_iter()
+                .map(|(start, len)| {
+                    losses_in_parts(model, &x.narrow(0, start, len)?, &y.narrow(0, start, len)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
+        }
+        other => other,
+    }
+}
+
 /// One run of the train binary: the data, the device, the budget and the seed the harness chose.
 pub struct Run {
     pub data: Dataset,
@@ -232,10 +258,8 @@ impl Run {
                     let shape = (rows as usize, seq as usize);
                     let x = Tensor::from_vec(inputs, shape, &self.device)?;
                     let y = Tensor::from_vec(targets, shape, &self.device)?;
-                    model(&x).and_then(|l| {
-                        let nats = per_token_cross_entropy(&l, &y)?;
-                        Ok(Mark::Losses(nats.flatten_all()?.to_vec1()?))
-                    })
+                    losses_in_parts(model, &x, &y)
+                        .and_then(|nats| Ok(Mark::Losses(nats.flatten_all()?.to_vec1()?)))
                 }
                 Request::Logits { inputs, positions } => {
                     let n = inputs.len();
@@ -266,8 +290,7 @@ impl Run {
         let batch = stats.eval_batch_rows.max(1) as usize;
         let started = Instant::now();
         let result = crate::evaluate_bpb(&self.data, &self.device, batch, |x, y| {
-            let logits = model(x).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            per_token_cross_entropy(&logits, y)
+            losses_in_parts(model, x, y).map_err(|e| candle_core::Error::Msg(e.to_string()))
         })?;
         println!(
             "evaluated here: {} tokens in {:.2}s",
@@ -455,7 +478,54 @@ fn device_memory_used_mb(_: &Device) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::is_out_of_memory;
+    use super::*;
+
+    #[test]
+    fn an_evaluation_batch_that_does_not_fit_is_scored_in_parts() {
+        let device = Device::Cpu;
+        let (rows, seq, vocab) = (5, 3, 7);
+        let ids: Vec<u32> = (0..rows * seq).map(|i| (i * 5 % vocab) as u32).collect();
+        let x = Tensor::from_vec(ids.clone(), (rows, seq), &device).unwrap();
+        let y = Tensor::from_vec(
+            ids.iter().map(|i| (i + 1) % vocab as u32).collect(),
+            (rows, seq),
+            &device,
+        )
+        .unwrap();
+        // Logits that depend on each row's own ids, so a part scored out of place would show.
+        let logits = |x: &Tensor| -> Result<Tensor> {
+            let hot = x.to_dtype(DType::F32)?.unsqueeze(2)?;
+            let scale = Tensor::arange(0f32, vocab as f32, &device)?.reshape((1, 1, vocab))?;
+            Ok((hot.broadcast_mul(&scale)? * 0.1)?.sin()?)
+        };
+        let calls = std::cell::RefCell::new(Vec::new());
+        let fits_two = |x: &Tensor| -> Result<Tensor> {
+            let n = x.dim(0)?;
+            calls.borrow_mut().push(n);
+            if n > 2 {
+                return Err(Error::Invalid(format!(
+                    r#"the model: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory") at {n} rows"#
+                )));
+            }
+            logits(x)
+        };
+        let whole = losses_in_parts(&logits, &x, &y).unwrap();
+        let parts = losses_in_parts(&fits_two, &x, &y).unwrap();
+        assert_eq!(parts.dims(), &[rows, seq]);
+        let (whole, parts): (Vec<f32>, Vec<f32>) = (
+            whole.flatten_all().unwrap().to_vec1().unwrap(),
+            parts.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(whole, parts);
+        // 5 rows → 2 + 3 → 2 + (1 + 2).
+        assert_eq!(*calls.borrow(), [5, 2, 3, 1, 2]);
+
+        // Any other failure ends the evaluation as it did.
+        let broken =
+            |_: &Tensor| -> Result<Tensor> { Err(Error::Invalid("shape mismatch".into())) };
+        let e = losses_in_parts(&broken, &x, &y).unwrap_err();
+        assert!(e.to_string().contains("shape mismatch"), "{e}");
+    }
 
     #[test]
     fn allocation_failures_are_told_from_other_errors() {

@@ -1,6 +1,6 @@
 //! Soft-capped cross-entropy: `z = cap·tanh(x/cap)`, per-token `logsumexp(z) − z[target]`, in
 //! one pass over the logits forward and one backward. The plain path makes ~10 passes each way
-//! over `[tokens, vocab]` in f32 and keeps the normalised logits; at the h100 preset's 16 × 2048
+//! over `[tokens, vocab]` in f32 and keeps the normalised logits; at a pass of 16 × 2048
 //! tokens and 8192 entries that is ~1 GB per pass, more traffic than the lm_head matmul.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};

@@ -1,5 +1,5 @@
 //! Times the fused ops against their plain paths, forward and forward + backward, and checks
-//! that they agree, at the h100 preset's pass (16 rows × 2048 tokens): the soft-capped
+//! that they agree, at a pass of 16 rows × 2048 tokens (the h100 preset's widths): the soft-capped
 //! cross-entropy (vocabulary 8192), attention's causal softmax at its scores (16 × 4 heads,
 //! 2048², window 1024 and full), the embedding (an f32 table of 8192 × 512, as the master
 //! weights), RMSNorm (512 wide), the rotary embedding (4 heads of 128), the heads from the
