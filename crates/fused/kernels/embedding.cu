@@ -1,11 +1,19 @@
 // Embedding lookup and its gradient. Forward: out[n, :] = table[ids[n], :], one thread per
 // element. Backward: dtable[v, :] = sum over the tokens n with ids[n] == v of g[n, :], in token
-// order (so the same from run to run, no atomics): a block per (row v, 512 columns), each warp
-// reading 32 ids at a time and adding the gradient rows of the ones that match (most words of
-// 32 ids hold none). Built to PTX by build.rs under `cuda`.
+// order (so the same from run to run, no atomics), in two kernels:
+// - embedding_grad_chunk: a block owns ROWS table rows, 512 columns and one chunk of the
+//   tokens. It lists the chunk's tokens whose id it owns, 256 at a time and in order (a ballot
+//   per warp, then the warps' counts), and adds their gradient rows into its rows' sums in
+//   shared memory, loading LOADS rows ahead. Each token id is read once per ROWS rows (not once
+//   per row), and a frequent token's rows are split over the chunks (not all in one block).
+// - embedding_grad_sum: dtable = the chunks' sums, added in chunk order.
+// Built to PTX by build.rs under `cuda`.
 #include "loads.cuh"
 
 #define THREADS 256
+#define ROWS 16
+#define COLS (2 * THREADS)
+#define LOADS 4
 
 template <typename T>
 __device__ void gather(const T *table, const uint32_t *ids, T *out, int n, int d, int vocab) {
@@ -15,25 +23,70 @@ __device__ void gather(const T *table, const uint32_t *ids, T *out, int n, int d
   store(out, i, id < (uint32_t)vocab ? load(table, (size_t)id * d + i % d) : 0.0f);
 }
 
+// Shared memory: sums [ROWS][COLS] f32, then the listed tokens' positions and rows (THREADS
+// each), then the warps' counts: 34,848 bytes.
 template <typename T>
-__device__ void scatter_sum(const uint32_t *ids, const T *g, T *dtable, int n, int d) {
-  const uint32_t v = blockIdx.x;
-  // Two columns a thread (512 a block): each scan of the ids serves twice the columns.
-  const int col = blockIdx.y * 2 * blockDim.x + threadIdx.x, col2 = col + blockDim.x;
-  const int lane = threadIdx.x % 32;
-  float acc = 0.0f, acc2 = 0.0f;
-  for (int base = 0; base < n; base += 32) {
-    const int j = base + lane;
-    unsigned hits = __ballot_sync(0xffffffff, j < n && ids[j] == v);
-    while (hits) {
-      const size_t row = (size_t)(base + __ffs(hits) - 1) * d;
-      hits &= hits - 1;
-      if (col < d) acc += load(g, row + col);
-      if (col2 < d) acc2 += load(g, row + col2);
+__device__ void grad_chunk(const uint32_t *ids, const T *g, float *partial, int n, int d,
+                           int vocab, int chunk) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  float *sums = reinterpret_cast<float *>(shared);
+  int *listed_at = reinterpret_cast<int *>(sums + ROWS * COLS);
+  int *listed_row = listed_at + THREADS;
+  int *counts = listed_row + THREADS;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int v0 = blockIdx.x * ROWS, col = blockIdx.y * COLS + tid, col2 = col + THREADS;
+  const int begin = blockIdx.z * chunk, end = min(n, begin + chunk);
+  for (int r = 0; r < ROWS; r++) sums[r * COLS + tid] = sums[r * COLS + tid + THREADS] = 0.0f;
+  for (int base = begin; base < end; base += THREADS) {
+    const int j = base + tid;
+    const uint32_t row = j < end ? ids[j] - (uint32_t)v0 : ROWS;  // wraps past ROWS below v0
+    const bool mine = row < ROWS;
+    const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) counts[warp] = __popc(ballot);
+    __syncthreads();
+    int at = 0, listed = 0;
+    for (int w = 0; w < THREADS / 32; w++) {
+      at += w < warp ? counts[w] : 0;
+      listed += counts[w];
     }
+    if (mine) {
+      at += __popc(ballot & ((1u << lane) - 1));
+      listed_at[at] = j;
+      listed_row[at] = (int)row;
+    }
+    __syncthreads();
+    for (int h = 0; h < listed; h += LOADS) {
+      float a[LOADS], b[LOADS];
+#pragma unroll
+      for (int k = 0; k < LOADS; k++) {
+        const size_t src = (size_t)listed_at[min(h + k, listed - 1)] * d;
+        a[k] = col < d ? load(g, src + col) : 0.0f;
+        b[k] = col2 < d ? load(g, src + col2) : 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < LOADS; k++) {
+        if (h + k < listed) {
+          sums[listed_row[h + k] * COLS + tid] += a[k];
+          sums[listed_row[h + k] * COLS + tid + THREADS] += b[k];
+        }
+      }
+    }
+    __syncthreads();  // the list is rewritten by the next round
   }
-  if (col < d) store(dtable, (size_t)v * d + col, acc);
-  if (col2 < d) store(dtable, (size_t)v * d + col2, acc2);
+  for (int r = 0; r < ROWS && v0 + r < vocab; r++) {
+    const size_t out = ((size_t)blockIdx.z * vocab + v0 + r) * d;
+    if (col < d) partial[out + col] = sums[r * COLS + tid];
+    if (col2 < d) partial[out + col2] = sums[r * COLS + tid + THREADS];
+  }
+}
+
+template <typename T>
+__device__ void grad_sum(const float *partial, T *dtable, size_t len, int chunks) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= len) return;
+  float sum = 0.0f;
+  for (int c = 0; c < chunks; c++) sum += partial[c * len + i];
+  store(dtable, i, sum);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -47,11 +100,20 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   gather(table, ids, out, n, d, vocab);
 }
 extern "C" __global__ void __launch_bounds__(THREADS)
-    embedding_backward_bf16(const uint32_t *ids, const __nv_bfloat16 *g, __nv_bfloat16 *dtable,
-                            int n, int d) {
-  scatter_sum(ids, g, dtable, n, d);
+    embedding_grad_chunk_bf16(const uint32_t *ids, const __nv_bfloat16 *g, float *partial, int n,
+                              int d, int vocab, int chunk) {
+  grad_chunk(ids, g, partial, n, d, vocab, chunk);
 }
 extern "C" __global__ void __launch_bounds__(THREADS)
-    embedding_backward_f32(const uint32_t *ids, const float *g, float *dtable, int n, int d) {
-  scatter_sum(ids, g, dtable, n, d);
+    embedding_grad_chunk_f32(const uint32_t *ids, const float *g, float *partial, int n, int d,
+                             int vocab, int chunk) {
+  grad_chunk(ids, g, partial, n, d, vocab, chunk);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+    embedding_grad_sum_bf16(const float *partial, __nv_bfloat16 *dtable, size_t len, int chunks) {
+  grad_sum(partial, dtable, len, chunks);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+    embedding_grad_sum_f32(const float *partial, float *dtable, size_t len, int chunks) {
+  grad_sum(partial, dtable, len, chunks);
 }

@@ -151,11 +151,11 @@ fn check_softmax(dev: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
-/// Ids with repeats (about three tokens a row), at a width past one block's 512 columns and
-/// not a multiple of it.
+/// Ids with repeats (about 70 tokens a row) in two chunks of the backward, at a width past one
+/// block's 512 columns and not a multiple of it, a table that does not fill the last block.
 fn check_embedding(dev: &CudaDevice) -> Result<()> {
     let device = Device::Cuda(dev.clone());
-    let (vocab, d, n) = (300, 700, 1000);
+    let (vocab, d, n) = (300, 700, EMBEDDING_CHUNK + 5_000);
     let ids: Vec<u32> = host_random(n, 5, 1.0)
         .iter()
         .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
@@ -586,6 +586,14 @@ pub(crate) fn embedding(
     Ok((out, Shape::from((il.shape().elem_count(), d))))
 }
 
+/// Tokens a block of the embedding's backward scans: a frequent id's gradient rows are split
+/// over ~n / 16,384 blocks, whose sums the second kernel adds in order.
+const EMBEDDING_CHUNK: usize = 16_384;
+/// The backward's table rows a block, and its shared memory (kernels/embedding.cu).
+const EMBEDDING_ROWS: usize = 16;
+const EMBEDDING_SHARED: u32 =
+    (EMBEDDING_ROWS * 2 * THREADS as usize * 4 + 8 * THREADS as usize + 32) as u32;
+
 pub(crate) fn embedding_backward(
     vocab: usize,
     is: &CudaStorage,
@@ -594,7 +602,7 @@ pub(crate) fn embedding_backward(
     gl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     fn launch<T: CudaDType + DeviceRepr>(
-        name: &str,
+        dtype: &str,
         dev: &CudaDevice,
         vocab: usize,
         (ids, il): (&CudaSlice<u32>, &Layout),
@@ -607,25 +615,57 @@ pub(crate) fn embedding_backward(
         }
         let ids = ids.slice(i_start..i_start + n);
         let g = g.slice(g_start..g_start + n * d);
-        let dtable = unsafe { dev.alloc::<T>(vocab * d)? };
-        let func = dev.get_or_load_custom_func(name, "fused-embedding", ptx::EMBEDDING)?;
-        let (n32, d32) = (n as i32, d as i32);
-        let mut b = func.builder();
-        b.arg(&ids).arg(&g).arg(&dtable).arg(&n32).arg(&d32);
-        let grid = (vocab as u32, d.div_ceil(2 * THREADS as usize) as u32, 1);
-        // SAFETY: reads n ids and n × d gradients; writes every one of vocab × d elements.
-        unsafe { b.launch(blocks(grid)) }.w()?;
+        let chunks = n.div_ceil(EMBEDDING_CHUNK).max(1);
+        let len = vocab * d;
+        let partial = unsafe { dev.alloc::<f32>(chunks * len)? };
+        let dtable = unsafe { dev.alloc::<T>(len)? };
+        let chunk = dev.get_or_load_custom_func(
+            &format!("embedding_grad_chunk_{dtype}"),
+            "fused-embedding",
+            ptx::EMBEDDING,
+        )?;
+        let (n32, d32, vocab32, chunk32) =
+            (n as i32, d as i32, vocab as i32, EMBEDDING_CHUNK as i32);
+        let mut b = chunk.builder();
+        b.arg(&ids)
+            .arg(&g)
+            .arg(&partial)
+            .arg(&n32)
+            .arg(&d32)
+            .arg(&vocab32)
+            .arg(&chunk32);
+        let config = LaunchConfig {
+            grid_dim: (
+                vocab.div_ceil(EMBEDDING_ROWS) as u32,
+                d.div_ceil(2 * THREADS as usize) as u32,
+                chunks as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: EMBEDDING_SHARED,
+        };
+        // SAFETY: reads n ids and n × d gradients; writes every element of the chunks' sums.
+        unsafe { b.launch(config) }.w()?;
+        let sum = dev.get_or_load_custom_func(
+            &format!("embedding_grad_sum_{dtype}"),
+            "fused-embedding",
+            ptx::EMBEDDING,
+        )?;
+        let chunks32 = chunks as i32;
+        let mut b = sum.builder();
+        b.arg(&partial).arg(&dtable).arg(&len).arg(&chunks32);
+        // SAFETY: reads the chunks' sums; writes every one of vocab × d elements.
+        unsafe { b.launch(blocks((len.div_ceil(THREADS as usize) as u32, 1, 1))) }.w()?;
         Ok(dtable)
     }
     let dev = &gs.device;
     let ids = is.as_cuda_slice::<u32>()?;
     let dtable = match &gs.slice {
         CudaStorageSlice::BF16(g) => CudaStorage::wrap_cuda_slice(
-            launch("embedding_backward_bf16", dev, vocab, (ids, il), (g, gl))?,
+            launch("bf16", dev, vocab, (ids, il), (g, gl))?,
             dev.clone(),
         ),
         CudaStorageSlice::F32(g) => CudaStorage::wrap_cuda_slice(
-            launch("embedding_backward_f32", dev, vocab, (ids, il), (g, gl))?,
+            launch("f32", dev, vocab, (ids, il), (g, gl))?,
             dev.clone(),
         ),
         _ => candle_core::bail!("the fused embedding's backward takes bf16 or f32 gradients"),

@@ -1,7 +1,8 @@
 //! The CUDA kernels run on the CPU: `emulator/cuda_emulator.h` runs a kernel file compiled as
 //! C++ with a thread per GPU thread (shuffles, barriers, and mma.sync in the PTX ISA's fragment
 //! layouts), and each driver checks its kernels against a reference in double precision. This
-//! is how CI tests kernels that no GPU has run yet: the flash attention kernels and the heads.
+//! is how CI tests kernels that no GPU has run yet: the flash attention kernels, the heads, and
+//! the embedding's chunked backward.
 //! Needs a C++20 compiler (`CXX`, else `c++`).
 
 use std::path::Path;
@@ -57,4 +58,10 @@ fn flash_attention_kernels_match_exact_attention_on_an_emulated_gpu() {
 fn heads_kernels_match_the_reference_and_its_finite_differences_on_an_emulated_gpu() {
     let report = run_driver("heads");
     assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
+}
+
+#[test]
+fn embedding_backward_matches_the_sum_of_its_rows_on_an_emulated_gpu() {
+    let report = run_driver("embedding");
+    assert_eq!(report.lines().count(), 3, "one line per case:\n{report}");
 }

@@ -1,5 +1,5 @@
 // CUDA on the CPU for the kernels' tests: a thread per GPU thread; warps exchange registers
-// through shared arrays at each shuffle and mma.sync (in the PTX ISA's fragment layouts);
+// through shared arrays at each shuffle, ballot and mma.sync (in the PTX ISA's fragment layouts);
 // blocks run one after another, __syncthreads a barrier of the block. A kernel file is included
 // after this header. Not covered: `__shared__` arrays declared inside a kernel (each thread
 // would get its own); `extern __shared__` memory is one buffer, as blocks run one at a time.
@@ -38,7 +38,7 @@ struct alignas(16) uint4 {
 #define __shared__
 
 thread_local dim3 threadIdx;
-dim3 blockIdx, gridDim;
+dim3 blockIdx, blockDim, gridDim;
 alignas(16) unsigned char shared[228 * 1024];  // one block at a time: one block's shared memory
 
 constexpr int kLanes = 32;
@@ -47,6 +47,7 @@ struct Warp {
   std::unique_ptr<std::barrier<>> barrier;
   uint32_t a[kLanes][4], b[kLanes][2];
   float value[kLanes];
+  bool vote[kLanes];
 };
 std::vector<Warp> warps;
 
@@ -61,6 +62,18 @@ float __shfl_xor_sync(unsigned, float v, int mask) {
   w.barrier->arrive_and_wait();
   return other;
 }
+
+unsigned __ballot_sync(unsigned, bool predicate) {
+  Warp &w = warps[threadIdx.x / kLanes];
+  w.vote[threadIdx.x % kLanes] = predicate;
+  w.barrier->arrive_and_wait();
+  unsigned word = 0;
+  for (int lane = 0; lane < kLanes; lane++) word |= unsigned(w.vote[lane]) << lane;
+  w.barrier->arrive_and_wait();
+  return word;
+}
+
+int __popc(unsigned x) { return __builtin_popcount(x); }
 
 float half_of(uint32_t reg, int high) { return __bfloat162float({uint16_t(reg >> (16 * high))}); }
 
@@ -93,29 +106,33 @@ float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // A grid of blocks of `threads` threads (a multiple of 32), one block at a time.
 void launch(dim3 grid, unsigned threads, const std::function<void()> &kernel) {
   gridDim = grid;
+  blockDim = {threads, 1, 1};
   block_barrier = std::make_unique<std::barrier<>>(threads);
   warps = std::vector<Warp>(threads / kLanes);
   for (auto &w : warps) w.barrier = std::make_unique<std::barrier<>>(kLanes);
-  for (unsigned y = 0; y < grid.y; y++) {
-    for (unsigned x = 0; x < grid.x; x++) {
-      blockIdx = {x, y, 0};
-      std::vector<std::thread> pool;
-      for (unsigned t = 0; t < threads; t++) {
-        pool.emplace_back([t, &kernel] {
-          threadIdx = {t, 0, 0};
-          kernel();
-        });
+  for (unsigned z = 0; z < std::max(grid.z, 1u); z++) {
+    for (unsigned y = 0; y < grid.y; y++) {
+      for (unsigned x = 0; x < grid.x; x++) {
+        blockIdx = {x, y, z};
+        std::vector<std::thread> pool;
+        for (unsigned t = 0; t < threads; t++) {
+          pool.emplace_back([t, &kernel] {
+            threadIdx = {t, 0, 0};
+            kernel();
+          });
+        }
+        for (auto &t : pool) t.join();
       }
-      for (auto &t : pool) t.join();
     }
   }
 }
 
 // max |got - want| / max |want|, where a value that is 0 in exact arithmetic (a window of 0)
-// is measured against 1e-3 (its rounding is ~1e-7).
+// is measured against 1e-3 (its rounding is ~1e-7). NaN where a value is NaN (unwritten).
 inline double relative_error(const std::vector<double> &got, const std::vector<double> &want) {
   double diff = 0, size = 0;
   for (size_t i = 0; i < want.size(); i++) {
+    if (std::isnan(got[i])) return NAN;
     diff = std::max(diff, std::fabs(got[i] - want[i]));
     size = std::max(size, std::fabs(want[i]));
   }

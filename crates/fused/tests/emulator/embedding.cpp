@@ -1,0 +1,55 @@
+// kernels/embedding.cu's backward run on the CPU (cuda_emulator.h), in f32 and bf16: the
+// table's gradient from chunked sums, checked against the sum in double of each row's tokens.
+// The ids are skewed (a third of the tokens share one id), the width takes a second, partial
+// block of columns, and the table's rows do not fill the last block. Built and run by
+// tests/emulated.rs; exits 1 on a mismatch.
+#include "cuda_emulator.h"
+
+#include "../../kernels/embedding.cu"
+
+float widen(float x) { return x; }
+float widen(bf16 x) { return __bfloat162float(x); }
+template <typename T> T narrow_to(float x);
+template <> float narrow_to<float>(float x) { return x; }
+template <> bf16 narrow_to<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+bool check(int vocab, int d, int n, int chunk, unsigned seed, double tolerance, const char *dtype) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> any_id(0, vocab - 1);
+  std::vector<uint32_t> ids(n);
+  for (auto &id : ids) id = rng() % 3 == 0 ? 17 % vocab : any_id(rng);
+  std::vector<T> g((size_t)n * d);
+  for (auto &x : g) x = narrow_to<T>(u(rng));
+
+  const int chunks = (n + chunk - 1) / chunk;
+  std::vector<float> partial((size_t)chunks * vocab * d, NAN);
+  std::vector<T> dtable((size_t)vocab * d, narrow_to<T>(NAN));
+  const dim3 grid{unsigned((vocab + ROWS - 1) / ROWS), unsigned((d + COLS - 1) / COLS),
+                  unsigned(chunks)};
+  launch(grid, THREADS,
+         [&] { grad_chunk(ids.data(), g.data(), partial.data(), n, d, vocab, chunk); });
+  const size_t len = (size_t)vocab * d;
+  launch({unsigned((len + THREADS - 1) / THREADS), 1, 1}, THREADS,
+         [&] { grad_sum(partial.data(), dtable.data(), len, chunks); });
+
+  std::vector<double> want(len, 0.0), got(len);
+  for (int j = 0; j < n; j++) {
+    for (int c = 0; c < d; c++) want[(size_t)ids[j] * d + c] += widen(g[(size_t)j * d + c]);
+  }
+  for (size_t i = 0; i < len; i++) got[i] = widen(dtable[i]);
+  const double err = relative_error(got, want);
+  const bool pass = err <= tolerance;  // NaN (an unwritten element) fails
+  std::printf("%s, vocab %d, d %d, %d tokens in %d chunks: dtable %.1e%s\n", dtype, vocab, d, n,
+              chunks, err, pass ? "" : " (FAILED)");
+  return pass;
+}
+
+int main() {
+  bool ok = true;
+  ok &= check<float>(100, 600, 2000, 512, 1, 1e-6, "f32");    // four chunks, the last partial
+  ok &= check<bf16>(100, 600, 2000, 512, 2, 1e-2, "bf16");    // the same in bf16
+  ok &= check<float>(37, 64, 300, 4096, 3, 1e-6, "f32");      // one chunk, narrower than a block
+  return ok ? 0 : 1;
+}
