@@ -50,15 +50,31 @@ __device__ __forceinline__ uint32_t pair(float lo, float hi) {
   return pair(v.x, v.y);
 }
 
-// `rows` rows of HD bf16 from global memory (row r at src + r * stride) into shared memory
-// (row r at dst + r * (HD + PAD)), 16 bytes a thread at a time.
+// 16 bytes from global to shared memory without passing through registers (cp.async, sm_80+):
+// the copy lands while the block computes; wait_copies() waits for the thread's own copies, and
+// a __syncthreads after it shows them to the block. The emulator copies at once.
+__device__ __forceinline__ void copy16(void *dst, const void *src) {
+#if !defined(FLASH_EMULATED) && __CUDA_ARCH__ >= 800
+  const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(src));
+#else
+  *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+#endif
+}
+__device__ __forceinline__ void wait_copies() {
+#if !defined(FLASH_EMULATED) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
+// Starts copying `rows` rows of HD bf16 from global memory (row r at src + r * stride) into
+// shared memory (row r at dst + r * (HD + PAD)), 16 bytes a thread at a time.
 template <int HD>
 __device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, size_t stride, int rows) {
   constexpr int CHUNKS = HD / 8;
   for (int i = threadIdx.x; i < rows * CHUNKS; i += THREADS) {
     const int r = i / CHUNKS, c = i % CHUNKS;
-    *reinterpret_cast<uint4 *>(dst + r * (HD + PAD) + c * 8) =
-        *reinterpret_cast<const uint4 *>(src + r * stride + c * 8);
+    copy16(dst + r * (HD + PAD) + c * 8, src + r * stride + c * 8);
   }
 }
 
@@ -141,13 +157,14 @@ __device__ __forceinline__ void product_over_tile(float acc[HD / 8][4], const fl
 // Whether query i sees key j.
 __device__ __forceinline__ bool sees(int i, int j, int window) { return j <= i && i - j <= window; }
 
-// Forward: a block is 64 queries of one head (16 per warp), over tiles of 64 keys.
+// Forward: a block is 64 queries of one head (16 per warp), over tiles of 64 keys, two tiles
+// in shared memory: the next one is copied in while the block computes on this one.
 template <int HD>
 __device__ void forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int H,
                         int T, int window, float scale_log2) {
   constexpr int BQ = 16 * WARPS, BK = 64, LD = HD + PAD;
   extern __shared__ __align__(16) unsigned char shared[];
-  bf16 *ks = reinterpret_cast<bf16 *>(shared), *vs = ks + BK * LD;
+  bf16 *const tiles = reinterpret_cast<bf16 *>(shared);  // [2][k, v][BK][LD]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int first = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows start first
@@ -161,12 +178,18 @@ __device__ void forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, fl
   for (int j = 0; j < HD / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
-  const int from = max(0, first - window) / BK * BK;
-  for (int k0 = from; k0 < first + BQ; k0 += BK) {
-    __syncthreads();  // the last tile's readers are done
-    load_rows<HD>(ks, k + head + (size_t)k0 * HD, HD, BK);
-    load_rows<HD>(vs, v + head + (size_t)k0 * HD, HD, BK);
-    __syncthreads();
+  const int from = max(0, first - window) / BK * BK, end = first + BQ;
+  load_rows<HD>(tiles, k + head + (size_t)from * HD, HD, BK);
+  load_rows<HD>(tiles + BK * LD, v + head + (size_t)from * HD, HD, BK);
+  for (int k0 = from, buf = 0; k0 < end; k0 += BK, buf ^= 1) {
+    wait_copies();
+    __syncthreads();  // this tile is in; the other buffer's last readers are done
+    if (k0 + BK < end) {
+      bf16 *next = tiles + (buf ^ 1) * 2 * BK * LD;
+      load_rows<HD>(next, k + head + (size_t)(k0 + BK) * HD, HD, BK);
+      load_rows<HD>(next + BK * LD, v + head + (size_t)(k0 + BK) * HD, HD, BK);
+    }
+    const bf16 *ks = tiles + buf * 2 * BK * LD, *vs = ks + BK * LD;
     float s[BK / 8][4];
     product_over_hd<HD, BK / 8>(s, qf, ks);
 #pragma unroll
@@ -248,10 +271,11 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
                             const float *lse, const float *dlt, bf16 *grads, int H, int T,
                             int window, float scale, float scale_log2) {
   constexpr int BK = 16 * WARPS, BQ = 32, LD = HD + PAD;
+  // The block's k and v rows, then two buffers of a query tile: q, dO, lse and delta rows.
+  constexpr int TILE = 2 * BQ * LD * 2 + 2 * BQ * 4;  // bytes
   extern __shared__ __align__(16) unsigned char shared[];
-  bf16 *ks = reinterpret_cast<bf16 *>(shared), *vs = ks + BK * LD, *qs = vs + BK * LD,
-       *dos = qs + BQ * LD;
-  float *lse_s = reinterpret_cast<float *>(dos + BQ * LD), *dlt_s = lse_s + BQ;
+  bf16 *ks = reinterpret_cast<bf16 *>(shared), *vs = ks + BK * LD;
+  unsigned char *const tiles = reinterpret_cast<unsigned char *>(vs + BK * LD);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int first = blockIdx.x * BK;  // the first keys have the most queries: they start first
@@ -268,16 +292,27 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
     dv_acc[j][0] = dv_acc[j][1] = dv_acc[j][2] = dv_acc[j][3] = 0.0f;
   }
 
-  const int last = min(T - 1, first + BK - 1 + window);
-  for (int q0 = first / BQ * BQ; q0 <= last; q0 += BQ) {
-    __syncthreads();
+  // Starts copying the query tile from q0 into buffer `buf`: its q and dO rows, then its lse
+  // and delta (BQ floats each, 16 bytes a thread).
+  auto load_tile = [&](int q0, int buf) {
+    unsigned char *tile = tiles + buf * TILE;
+    bf16 *qs = reinterpret_cast<bf16 *>(tile), *dos = qs + BQ * LD;
     load_rows<HD>(qs, q + head + (size_t)q0 * HD, HD, BQ);
     load_rows<HD>(dos, d_o + (((size_t)b * T + q0) * H + h) * HD, (size_t)H * HD, BQ);
-    if (threadIdx.x < BQ) {
-      lse_s[threadIdx.x] = lse[(size_t)bh * T + q0 + threadIdx.x];
-      dlt_s[threadIdx.x] = dlt[(size_t)bh * T + q0 + threadIdx.x];
+    float *rows = reinterpret_cast<float *>(dos + BQ * LD);
+    if (threadIdx.x < 2 * BQ / 4) {
+      const int half = threadIdx.x / (BQ / 4), at = threadIdx.x % (BQ / 4) * 4;
+      copy16(rows + half * BQ + at, (half ? dlt : lse) + (size_t)bh * T + q0 + at);
     }
-    __syncthreads();
+  };
+  const int last = min(T - 1, first + BK - 1 + window);
+  load_tile(first / BQ * BQ, 0);
+  for (int q0 = first / BQ * BQ, buf = 0; q0 <= last; q0 += BQ, buf ^= 1) {
+    wait_copies();
+    __syncthreads();  // this tile (and the block's k, v) is in; the other buffer is free
+    if (q0 + BQ <= last) load_tile(q0 + BQ, buf ^ 1);
+    const bf16 *qs = reinterpret_cast<const bf16 *>(tiles + buf * TILE), *dos = qs + BQ * LD;
+    const float *lse_s = reinterpret_cast<const float *>(dos + BQ * LD), *dlt_s = lse_s + BQ;
     float s[BQ / 8][4];
     product_over_hd<HD, BQ / 8>(s, ks + warp * 16 * LD, qs);
     // Pᵀ: row r is key k0 + g + 8r, column the query q0 + n·8 + 2c + e.
@@ -323,7 +358,7 @@ __device__ void backward_q(const bf16 *q, const bf16 *k, const bf16 *v, const bf
                            float scale, float scale_log2) {
   constexpr int BQ = 16 * WARPS, BK = 32, LD = HD + PAD;
   extern __shared__ __align__(16) unsigned char shared[];
-  bf16 *ks = reinterpret_cast<bf16 *>(shared), *vs = ks + BK * LD;
+  bf16 *const tiles = reinterpret_cast<bf16 *>(shared);  // [2][k, v][BK][LD]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int first = (gridDim.x - 1 - blockIdx.x) * BQ;
@@ -343,12 +378,18 @@ __device__ void backward_q(const bf16 *q, const bf16 *k, const bf16 *v, const bf
 #pragma unroll
   for (int j = 0; j < HD / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-  const int from = max(0, first - window) / BK * BK;
-  for (int k0 = from; k0 < first + BQ; k0 += BK) {
-    __syncthreads();
-    load_rows<HD>(ks, k + head + (size_t)k0 * HD, HD, BK);
-    load_rows<HD>(vs, v + head + (size_t)k0 * HD, HD, BK);
-    __syncthreads();
+  const int from = max(0, first - window) / BK * BK, end = first + BQ;
+  load_rows<HD>(tiles, k + head + (size_t)from * HD, HD, BK);
+  load_rows<HD>(tiles + BK * LD, v + head + (size_t)from * HD, HD, BK);
+  for (int k0 = from, buf = 0; k0 < end; k0 += BK, buf ^= 1) {
+    wait_copies();
+    __syncthreads();  // this tile is in; the other buffer's last readers are done
+    if (k0 + BK < end) {
+      bf16 *next = tiles + (buf ^ 1) * 2 * BK * LD;
+      load_rows<HD>(next, k + head + (size_t)(k0 + BK) * HD, HD, BK);
+      load_rows<HD>(next + BK * LD, v + head + (size_t)(k0 + BK) * HD, HD, BK);
+    }
+    const bf16 *ks = tiles + buf * 2 * BK * LD, *vs = ks + BK * LD;
     float s[BK / 8][4], dp[BK / 8][4];
     product_over_hd<HD, BK / 8>(s, qf, ks);
     product_over_hd<HD, BK / 8>(dp, dof, vs);
@@ -376,6 +417,9 @@ __device__ void backward_q(const bf16 *q, const bf16 *k, const bf16 *v, const bf
 }
 
 #define HEAD_SIZES(X) X(64) X(128)
+// Three forward blocks an SM: registers capped at 170 (168 used at head size 128, no spills),
+// shared memory 3 × 68 KiB.
+#define FORWARD_BLOCKS 3
 // The backward kernels write into grads [3, B, H, T, HD]: dq, dk, dv.
 #define BACKWARD(SIDE, HD)                                                                        \
   extern "C" __global__ void __launch_bounds__(THREADS) flash_backward_##SIDE##_##HD(             \
@@ -384,7 +428,7 @@ __device__ void backward_q(const bf16 *q, const bf16 *k, const bf16 *v, const bf
     backward_##SIDE<HD>(q, k, v, d_o, lse, dlt, grads, H, T, window, scale, scale_log2);          \
   }
 #define KERNELS(HD)                                                                               \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                           \
+  extern "C" __global__ void __launch_bounds__(THREADS, FORWARD_BLOCKS)                           \
       flash_forward_##HD(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int H, \
                          int T, int window, float scale_log2) {                                   \
     forward<HD>(q, k, v, o, lse, H, T, window, scale_log2);                                       \

@@ -1061,7 +1061,8 @@ pub(crate) fn flash_forward(
     ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
         let o = unsafe { dev.alloc::<T>(b * h * t * hd)? };
         let lse = unsafe { dev.alloc::<f32>(b * h * t)? };
-        let shared = 2 * FLASH_BLOCK * (hd + 8) * 2;
+        // Two buffers of a 64-key tile's k and v rows.
+        let shared = 2 * 2 * FLASH_BLOCK * (hd + 8) * 2;
         let func = dev.get_or_load_custom_func(
             &format!("flash_forward_{hd}"),
             "fused-flash-attention",
@@ -1144,11 +1145,14 @@ pub(crate) fn flash_backward(
 
         let mut grads = unsafe { dev.alloc::<T>(3 * n)? };
         let grid = ((t / FLASH_BLOCK) as u32, (b * h) as u32, 1);
-        // Keys' side (dk, dv): 64 keys and v rows, 32 query and gradient rows, their lse and
-        // delta. Queries' side (dq): 32 keys and v rows.
+        // Keys' side (dk, dv): 64 k and v rows, then two buffers of 32 query and gradient rows
+        // with their lse and delta. Queries' side (dq): two buffers of 32 k and v rows.
         let sides = [
-            ("kv", (2 * FLASH_BLOCK + 2 * 32) * (hd + 8) * 2 + 2 * 32 * 4),
-            ("q", 2 * 32 * (hd + 8) * 2),
+            (
+                "kv",
+                2 * FLASH_BLOCK * (hd + 8) * 2 + 2 * (2 * 32 * (hd + 8) * 2 + 2 * 32 * 4),
+            ),
+            ("q", 2 * 2 * 32 * (hd + 8) * 2),
         ];
         for (side, shared) in sides {
             let func = dev.get_or_load_custom_func(

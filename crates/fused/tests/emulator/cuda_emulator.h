@@ -33,7 +33,7 @@ struct alignas(16) uint4 {
 #define __device__ inline
 #define __forceinline__
 #define __global__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__
 
