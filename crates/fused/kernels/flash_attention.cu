@@ -78,6 +78,16 @@ __device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, size_t str
   }
 }
 
+// Starts copying the k and v rows of the key tile from k0 (BK rows each, of one head) into
+// buffer `buf` of `tiles` ([2][k, v][BK][HD + PAD]).
+template <int HD, int BK>
+__device__ __forceinline__ void load_kv(bf16 *tiles, const bf16 *k, const bf16 *v, int k0,
+                                        int buf) {
+  bf16 *dst = tiles + buf * 2 * BK * (HD + PAD);
+  load_rows<HD>(dst, k + (size_t)k0 * HD, HD, BK);
+  load_rows<HD>(dst + BK * (HD + PAD), v + (size_t)k0 * HD, HD, BK);
+}
+
 // The A fragments of 16 rows × HD: rows at p + r * stride (global or shared memory).
 template <int HD>
 __device__ __forceinline__ void a_fragments(uint32_t a[HD / 16][4], const bf16 *p, size_t stride) {
@@ -179,16 +189,11 @@ __device__ void forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, fl
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
   const int from = max(0, first - window) / BK * BK, end = first + BQ;
-  load_rows<HD>(tiles, k + head + (size_t)from * HD, HD, BK);
-  load_rows<HD>(tiles + BK * LD, v + head + (size_t)from * HD, HD, BK);
+  load_kv<HD, BK>(tiles, k + head, v + head, from, 0);
   for (int k0 = from, buf = 0; k0 < end; k0 += BK, buf ^= 1) {
     wait_copies();
     __syncthreads();  // this tile is in; the other buffer's last readers are done
-    if (k0 + BK < end) {
-      bf16 *next = tiles + (buf ^ 1) * 2 * BK * LD;
-      load_rows<HD>(next, k + head + (size_t)(k0 + BK) * HD, HD, BK);
-      load_rows<HD>(next + BK * LD, v + head + (size_t)(k0 + BK) * HD, HD, BK);
-    }
+    if (k0 + BK < end) load_kv<HD, BK>(tiles, k + head, v + head, k0 + BK, buf ^ 1);
     const bf16 *ks = tiles + buf * 2 * BK * LD, *vs = ks + BK * LD;
     float s[BK / 8][4];
     product_over_hd<HD, BK / 8>(s, qf, ks);
@@ -379,16 +384,11 @@ __device__ void backward_q(const bf16 *q, const bf16 *k, const bf16 *v, const bf
   for (int j = 0; j < HD / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
   const int from = max(0, first - window) / BK * BK, end = first + BQ;
-  load_rows<HD>(tiles, k + head + (size_t)from * HD, HD, BK);
-  load_rows<HD>(tiles + BK * LD, v + head + (size_t)from * HD, HD, BK);
+  load_kv<HD, BK>(tiles, k + head, v + head, from, 0);
   for (int k0 = from, buf = 0; k0 < end; k0 += BK, buf ^= 1) {
     wait_copies();
     __syncthreads();  // this tile is in; the other buffer's last readers are done
-    if (k0 + BK < end) {
-      bf16 *next = tiles + (buf ^ 1) * 2 * BK * LD;
-      load_rows<HD>(next, k + head + (size_t)(k0 + BK) * HD, HD, BK);
-      load_rows<HD>(next + BK * LD, v + head + (size_t)(k0 + BK) * HD, HD, BK);
-    }
+    if (k0 + BK < end) load_kv<HD, BK>(tiles, k + head, v + head, k0 + BK, buf ^ 1);
     const bf16 *ks = tiles + buf * 2 * BK * LD, *vs = ks + BK * LD;
     float s[BK / 8][4], dp[BK / 8][4];
     product_over_hd<HD, BK / 8>(s, qf, ks);
