@@ -4,10 +4,14 @@
 # sides for the full budget and prints the side-by-side tables. `kernels` times our fused kernels
 # against the plain path (fused-bench; seconds) and says whether they passed their self-check.
 # `profile` runs ours under Nsight Compute for a window of its kernel launches (SKIP=4000
-# COUNT=2500: about one pass, past start-up; one metric, so no replay) and prints
+# COUNT=2500: a pass or more, past start-up; one metric, so no replay) and prints
 # where the GPU time goes, per kernel (~1 min; needs `ncu`, which Firecracker machines have).
+# `acceptance` is the GPU acceptance in one call of at most LIMIT seconds (default 530): the
+# check (warm-up steps only), ours and then the twin for BUDGET (default 120) seconds each, the
+# side-by-side table, then `kernels` and `profile` with the time left; each stage runs under
+# what is left of LIMIT, is skipped when too little is, and its outcome goes to acceptance.txt.
 #
-#   ./run.sh [kernels|check|run|all|profile] [side_by_side.py options...]   # default: all
+#   ./run.sh [kernels|check|run|all|profile|acceptance] [side_by_side.py options...]   # default: all
 #   ./run.sh run --side ours; ./run.sh run --side twin        # one side per call (each ~6 min)
 #   PYTHON=/path/to/python ./run.sh                            # a Python with CUDA PyTorch
 #   CUDA_LIB_DIR=/dir/with/libcublas.so.13 ./run.sh
@@ -20,8 +24,8 @@ mode=${1:-all}
 [ $# -gt 0 ] && shift
 fail() { echo "run.sh: $*" >&2; exit 2; }
 case $mode in
-  kernels | check | run | all | profile) ;;
-  *) fail "usage: ./run.sh [kernels|check|run|all|profile] [side_by_side.py options...], not \`$mode\`" ;;
+  kernels | check | run | all | profile | acceptance) ;;
+  *) fail "usage: ./run.sh [kernels|check|run|all|profile|acceptance] [side_by_side.py options...], not \`$mode\`" ;;
 esac
 ours=yes
 if [ "$mode" = run ]; then
@@ -77,6 +81,36 @@ if [ "$ours" = yes ]; then
   printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "'$libs'" "'$here/train'" > "$here/train.sh"
   chmod +x "$here/train.sh"
   train=$here/train.sh
+fi
+
+if [ "$mode" = acceptance ]; then
+  limit=${LIMIT:-530} self=$here/$(basename "$0")
+  export BUDGET=${BUDGET:-120}
+  out=${OUT:-$here/results}
+  mkdir -p "$out"
+  # stage NAME SECONDS-NEEDED COMMAND...: runs COMMAND under what is left of the limit.
+  stage() {
+    local name=$1 need=$2 left=$((limit - SECONDS)) began=$SECONDS code=0
+    shift 2
+    if [ "$left" -lt "$need" ]; then
+      echo "acceptance: $name skipped: ${left}s left of ${limit}s, it needs ${need}s" | tee -a "$out/acceptance.txt"
+      return
+    fi
+    timeout -k 5 "$left" "$@" || code=$?
+    echo "acceptance: $name $([ $code = 0 ] && echo passed || echo "failed (exit $code; 124: out of time)") in $((SECONDS - began))s" \
+      | tee -a "$out/acceptance.txt"
+  }
+  : > "$out/acceptance.txt"
+  rm -f "$out"/run/*.figures.json  # an earlier call's figures must not fill in a failed side's
+  stage check 90 "$self" check --warmup-only "$@"
+  stage ours $((BUDGET + 40)) "$self" run --side ours "$@"
+  stage twin $((BUDGET + 80)) "$self" run --side twin "$@"
+  stage kernels 45 "$self" kernels
+  stage profile 75 "$self" profile
+  # Last, where the device tool's tail of the output keeps them: the table and the stages.
+  [ -d "$out/run" ] && { "$py" "$here/side_by_side.py" table --from "$out/run" || true; }
+  cat "$out/acceptance.txt"
+  exit 0
 fi
 
 export AUTORESEARCH_CACHE=$here/data

@@ -7,6 +7,7 @@
 //! val_bpb itself; this process never reads them. Run by hand, it evaluates locally with
 //! [`evaluate_bpb`](crate::evaluate_bpb) and prints the summary block.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::BufReader;
 use std::sync::{Arc, Mutex};
@@ -57,27 +58,30 @@ fn is_out_of_memory(why: &str) -> bool {
 /// The per-token losses of `model` on the rows `x` → `y`, half the rows at a time (and so on)
 /// where the whole does not fit in the device's memory. Evaluation runs at the training's rows
 /// per pass but keeps more alive (the f32 logits and their soft-cap): an out-of-memory there
-/// must not end the run after its training.
+/// must not end the run after its training. `fits` holds the most rows not yet found too many,
+/// so that later batches are split at once instead of failing first.
 fn losses_in_parts(
     model: &dyn Fn(&Tensor) -> Result<Tensor>,
     x: &Tensor,
     y: &Tensor,
+    fits: &Cell<usize>,
 ) -> Result<Tensor> {
-    let whole = model(x).and_then(|logits| Ok(per_token_cross_entropy(&logits, y)?));
     let rows = x.dim(0)?;
-    match whole {
-        Err(e) if rows > 1 && is_out_of_memory(&e.to_string()) => {
-            let half = rows / 2;
-            let parts = [(0, half), (half, rows - half)]
-                .into_iter()
-                .map(|(start, len)| {
-                    losses_in_parts(model, &x.narrow(0, start, len)?, &y.narrow(0, start, len)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Tensor::cat(&parts, 0)?)
+    if rows <= fits.get() {
+        match model(x).and_then(|logits| Ok(per_token_cross_entropy(&logits, y)?)) {
+            Err(e) if rows > 1 && is_out_of_memory(&e.to_string()) => fits.set(rows / 2),
+            other => return other,
         }
-        other => other,
     }
+    let half = rows / 2;
+    let parts = [(0, half), (half, rows - half)]
+        .into_iter()
+        .map(|(start, len)| {
+            let (x, y) = (x.narrow(0, start, len)?, y.narrow(0, start, len)?);
+            losses_in_parts(model, &x, &y, fits)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// One run of the train binary: the data, the device, the budget and the seed the harness chose.
@@ -244,6 +248,7 @@ impl Run {
         println!("training done: the harness evaluates the model");
         link.send(&Mark::Evaluate(stats))?;
         let mut requests = BufReader::new(std::io::stdin().lock());
+        let fits = Cell::new(usize::MAX);
         loop {
             let request = Request::read(&mut requests)
                 .map_err(|e| Error::Invalid(format!("reading the harness's request: {e}")))?;
@@ -258,7 +263,7 @@ impl Run {
                     let shape = (rows as usize, seq as usize);
                     let x = Tensor::from_vec(inputs, shape, &self.device)?;
                     let y = Tensor::from_vec(targets, shape, &self.device)?;
-                    losses_in_parts(model, &x, &y)
+                    losses_in_parts(model, &x, &y, &fits)
                         .and_then(|nats| Ok(Mark::Losses(nats.flatten_all()?.to_vec1()?)))
                 }
                 Request::Logits { inputs, positions } => {
@@ -289,8 +294,9 @@ impl Run {
     ) -> Result<()> {
         let batch = stats.eval_batch_rows.max(1) as usize;
         let started = Instant::now();
+        let fits = Cell::new(usize::MAX);
         let result = crate::evaluate_bpb(&self.data, &self.device, batch, |x, y| {
-            losses_in_parts(model, x, y).map_err(|e| candle_core::Error::Msg(e.to_string()))
+            losses_in_parts(model, x, y, &fits).map_err(|e| candle_core::Error::Msg(e.to_string()))
         })?;
         println!(
             "evaluated here: {} tokens in {:.2}s",
@@ -509,21 +515,25 @@ mod tests {
             }
             logits(x)
         };
-        let whole = losses_in_parts(&logits, &x, &y).unwrap();
-        let parts = losses_in_parts(&fits_two, &x, &y).unwrap();
+        let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let whole = flat(losses_in_parts(&logits, &x, &y, &Cell::new(usize::MAX)).unwrap());
+        let fits = Cell::new(usize::MAX);
+        let parts = losses_in_parts(&fits_two, &x, &y, &fits).unwrap();
         assert_eq!(parts.dims(), &[rows, seq]);
-        let (whole, parts): (Vec<f32>, Vec<f32>) = (
-            whole.flatten_all().unwrap().to_vec1().unwrap(),
-            parts.flatten_all().unwrap().to_vec1().unwrap(),
-        );
-        assert_eq!(whole, parts);
-        // 5 rows → 2 + 3 → 2 + (1 + 2).
-        assert_eq!(*calls.borrow(), [5, 2, 3, 1, 2]);
+        assert_eq!(flat(parts), whole);
+        // 5 rows fail → 2 fit; the other 3 are split untried → 1 + 2.
+        assert_eq!(*calls.borrow(), [5, 2, 1, 2]);
+        assert_eq!(fits.get(), 2);
+        // The next batch is split at once.
+        calls.borrow_mut().clear();
+        let again = losses_in_parts(&fits_two, &x, &y, &fits).unwrap();
+        assert_eq!(flat(again), whole);
+        assert_eq!(*calls.borrow(), [2, 1, 2]);
 
         // Any other failure ends the evaluation as it did.
         let broken =
             |_: &Tensor| -> Result<Tensor> { Err(Error::Invalid("shape mismatch".into())) };
-        let e = losses_in_parts(&broken, &x, &y).unwrap_err();
+        let e = losses_in_parts(&broken, &x, &y, &Cell::new(usize::MAX)).unwrap_err();
         assert!(e.to_string().contains("shape mismatch"), "{e}");
     }
 

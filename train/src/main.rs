@@ -40,7 +40,7 @@ struct Hyper {
 }
 
 /// The original's values for one H100, but for the device batch: half the original's 128 rows
-/// (~65 GB predicted with fused attention; the rows are halved again where a card holds less).
+/// (~60 GB predicted with fused attention; the rows are halved again where a card holds less).
 const H100: Hyper = Hyper {
     depth: 8,
     aspect_ratio: 64,

@@ -587,8 +587,10 @@ pub(crate) fn embedding(
 }
 
 /// Tokens a block of the embedding's backward scans: a frequent id's gradient rows are split
-/// over ~n / 16,384 blocks, whose sums the second kernel adds in order.
+/// over ~n / 16,384 blocks, whose sums the second kernel adds in order. The chunks' sums (f32,
+/// a table's size each) are held under 256 MiB: a large table takes longer chunks.
 const EMBEDDING_CHUNK: usize = 16_384;
+const EMBEDDING_SCRATCH: usize = 256 << 20;
 /// The backward's table rows a block, and its shared memory (kernels/embedding.cu).
 const EMBEDDING_ROWS: usize = 16;
 const EMBEDDING_SHARED: u32 =
@@ -615,18 +617,21 @@ pub(crate) fn embedding_backward(
         }
         let ids = ids.slice(i_start..i_start + n);
         let g = g.slice(g_start..g_start + n * d);
-        let chunks = n.div_ceil(EMBEDDING_CHUNK).max(1);
         let len = vocab * d;
+        let chunks = n
+            .div_ceil(EMBEDDING_CHUNK)
+            .min(EMBEDDING_SCRATCH / (4 * len).max(1))
+            .max(1);
+        let chunk = n.div_ceil(chunks).max(1);
         let partial = unsafe { dev.alloc::<f32>(chunks * len)? };
         let dtable = unsafe { dev.alloc::<T>(len)? };
-        let chunk = dev.get_or_load_custom_func(
+        let by_chunk = dev.get_or_load_custom_func(
             &format!("embedding_grad_chunk_{dtype}"),
             "fused-embedding",
             ptx::EMBEDDING,
         )?;
-        let (n32, d32, vocab32, chunk32) =
-            (n as i32, d as i32, vocab as i32, EMBEDDING_CHUNK as i32);
-        let mut b = chunk.builder();
+        let (n32, d32, vocab32, chunk32) = (n as i32, d as i32, vocab as i32, chunk as i32);
+        let mut b = by_chunk.builder();
         b.arg(&ids)
             .arg(&g)
             .arg(&partial)

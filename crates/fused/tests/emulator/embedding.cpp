@@ -1,7 +1,8 @@
 // kernels/embedding.cu's backward run on the CPU (cuda_emulator.h), in f32 and bf16: the
 // table's gradient from chunked sums, checked against the sum in double of each row's tokens.
 // The ids are skewed (a third of the tokens share one id), the width takes a second, partial
-// block of columns, and the table's rows do not fill the last block. Built and run by
+// block of columns, and the table's rows do not fill the last block; ids past the table (which
+// the forward reads as zero rows) get no gradient. Built and run by
 // tests/emulated.rs; exits 1 on a mismatch.
 #include "cuda_emulator.h"
 
@@ -14,12 +15,16 @@ template <> float narrow_to<float>(float x) { return x; }
 template <> bf16 narrow_to<bf16>(float x) { return __float2bfloat16_rn(x); }
 
 template <typename T>
-bool check(int vocab, int d, int n, int chunk, unsigned seed, double tolerance, const char *dtype) {
+bool check(int vocab, int d, int n, int chunk, bool past_table, unsigned seed, double tolerance,
+           const char *dtype) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::uniform_int_distribution<int> any_id(0, vocab - 1);
   std::vector<uint32_t> ids(n);
   for (auto &id : ids) id = rng() % 3 == 0 ? 17 % vocab : any_id(rng);
+  if (past_table) {
+    for (int j = 0; j < n; j += 7) ids[j] = vocab + j % 20;
+  }
   std::vector<T> g((size_t)n * d);
   for (auto &x : g) x = narrow_to<T>(u(rng));
 
@@ -36,6 +41,7 @@ bool check(int vocab, int d, int n, int chunk, unsigned seed, double tolerance, 
 
   std::vector<double> want(len, 0.0), got(len);
   for (int j = 0; j < n; j++) {
+    if (ids[j] >= (uint32_t)vocab) continue;
     for (int c = 0; c < d; c++) want[(size_t)ids[j] * d + c] += widen(g[(size_t)j * d + c]);
   }
   for (size_t i = 0; i < len; i++) got[i] = widen(dtable[i]);
@@ -48,8 +54,9 @@ bool check(int vocab, int d, int n, int chunk, unsigned seed, double tolerance, 
 
 int main() {
   bool ok = true;
-  ok &= check<float>(100, 600, 2000, 512, 1, 1e-6, "f32");    // four chunks, the last partial
-  ok &= check<bf16>(100, 600, 2000, 512, 2, 1e-2, "bf16");    // the same in bf16
-  ok &= check<float>(37, 64, 300, 4096, 3, 1e-6, "f32");      // one chunk, narrower than a block
+  ok &= check<float>(100, 600, 2000, 512, false, 1, 1e-6, "f32");  // 4 chunks, the last partial
+  ok &= check<bf16>(100, 600, 2000, 512, false, 2, 1e-2, "bf16");  // the same in bf16
+  ok &= check<float>(37, 64, 300, 4096, false, 3, 1e-6, "f32");    // one chunk, one narrow block
+  ok &= check<float>(50, 520, 1000, 300, true, 4, 1e-6, "f32");    // chunks not of 256; bad ids
   return ok ? 0 : 1;
 }
