@@ -7,7 +7,10 @@
 //   B (16 × 8, k × n), 2 registers: b0 = (k = 2c..2c+1, n = g), b1 = (k = 2c + 8.., n = g);
 //   C (16 × 8, f32), 4 floats: (g, 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1);
 // for lane = 4g + c. Two n8 tiles of C side by side are, rounded to bf16, one A fragment: that
-// is how P (and dS) go from one product to the next without leaving registers.
+// is how P (and dS) go from one product to the next without leaving registers. Fragments read
+// from shared memory come through ldmatrix: four 8 × 8 matrices a warp instruction, lane l
+// giving the address of row l % 8 of matrix l / 8 and receiving, in register m, (row l / 4,
+// columns 2(l % 4) and + 1) of matrix m, or with .trans (rows 2(l % 4) and + 1, column l / 4).
 //
 // q, k, v and their gradients: [B, H, T, HD], rows contiguous. o and its gradient: [B, T, H, HD]
 // (the layout the output projection reads). Query i sees keys i - window ..= i. T must be a
@@ -35,6 +38,27 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0
   // Below sm_80 (no bf16 mma) nothing is added: the host refuses such a GPU before any launch,
   // and a module built for one anyway fails the self-check on its numbers, not with a trap
   // that would end the process's CUDA context.
+}
+
+// Four 8 × 8 bf16 matrices from shared memory (the layout above); `row` is this lane's row.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const bf16 *row) {
+#if defined(FLASH_EMULATED)
+  emulated_ldmatrix(r, row, TRANS);
+#elif __CUDA_ARCH__ >= 800
+  const unsigned at = (unsigned)__cvta_generic_to_shared(row);
+  if (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  }
+#else
+  r[0] = r[1] = r[2] = r[3] = 0;  // below sm_80: see mma
+#endif
 }
 
 // Two adjacent bf16 (the lower column in the low half).
@@ -102,44 +126,48 @@ __device__ __forceinline__ void a_fragments(uint32_t a[HD / 16][4], const bf16 *
   }
 }
 
+// acc[n..n+1] += A (16 × 16: the HD columns kk·16 ..) · Bᵀ for B's rows n·8 .. n·8 + 15, the
+// shared rows of `b` (HD + PAD apart): one ldmatrix gives both B fragments of two n8 tiles.
+template <int HD, int N8>
+__device__ __forceinline__ void products_over_16(float acc[N8][4], const uint32_t a[4],
+                                                 const bf16 *b, int kk) {
+  const int lane = threadIdx.x % 32, m = lane / 8;
+#pragma unroll
+  for (int n = 0; n < N8; n += 2) {
+    uint32_t f[4];
+    ldmatrix_x4<false>(f, b + ((n + m / 2) * 8 + lane % 8) * (HD + PAD) + kk * 16 + m % 2 * 8);
+    mma(acc[n], a, f[0], f[1]);
+    mma(acc[n + 1], a, f[2], f[3]);
+  }
+}
+
 // acc[n] (16 × 8 each) = A (16 × HD) · Bᵀ, where B's rows n·8 .. n·8 + 7 are the shared rows of
 // `b` (HD + PAD apart): a product with the contraction over HD. A is held in registers.
 template <int HD, int N8>
 __device__ __forceinline__ void product_over_hd(float acc[N8][4], const uint32_t a[HD / 16][4],
                                                 const bf16 *b) {
-  const int g = (threadIdx.x % 32) >> 2, c = threadIdx.x & 3;
 #pragma unroll
   for (int n = 0; n < N8; n++) {
     acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
   }
 #pragma unroll
-  for (int kk = 0; kk < HD / 16; kk++) {
-#pragma unroll
-    for (int n = 0; n < N8; n++) {
-      const bf16 *r = b + (n * 8 + g) * (HD + PAD) + kk * 16 + 2 * c;
-      mma(acc[n], a[kk], pair(r), pair(r + 8));
-    }
-  }
+  for (int kk = 0; kk < HD / 16; kk++) products_over_16<HD, N8>(acc, a[kk], b, kk);
 }
 
 // The same with A's 16 rows in shared memory, read a fragment at a time (fewer registers).
 template <int HD, int N8>
 __device__ __forceinline__ void product_over_hd(float acc[N8][4], const bf16 *a, const bf16 *b) {
-  const int g = (threadIdx.x % 32) >> 2, c = threadIdx.x & 3;
-  constexpr int LD = HD + PAD;
+  const int lane = threadIdx.x % 32, m = lane / 8;
 #pragma unroll
   for (int n = 0; n < N8; n++) {
     acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
   }
 #pragma unroll
   for (int kk = 0; kk < HD / 16; kk++) {
-    const bf16 *r0 = a + g * LD + kk * 16 + 2 * c, *r1 = r0 + 8 * LD;
-    const uint32_t frag[4] = {pair(r0), pair(r1), pair(r0 + 8), pair(r1 + 8)};
-#pragma unroll
-    for (int n = 0; n < N8; n++) {
-      const bf16 *r = b + (n * 8 + g) * LD + kk * 16 + 2 * c;
-      mma(acc[n], frag, pair(r), pair(r + 8));
-    }
+    // Matrices: rows 0-7 and 8-15 of columns kk·16 + 0..7, then of kk·16 + 8..15.
+    uint32_t frag[4];
+    ldmatrix_x4<false>(frag, a + (m % 2 * 8 + lane % 8) * (HD + PAD) + kk * 16 + m / 2 * 8);
+    products_over_16<HD, N8>(acc, frag, b, kk);
   }
 }
 
@@ -148,18 +176,21 @@ __device__ __forceinline__ void product_over_hd(float acc[N8][4], const bf16 *a,
 template <int HD, int K16>
 __device__ __forceinline__ void product_over_tile(float acc[HD / 8][4], const float p[2 * K16][4],
                                                   const bf16 *b) {
-  const int g = (threadIdx.x % 32) >> 2, c = threadIdx.x & 3;
+  const int lane = threadIdx.x % 32, m = lane / 8;
   constexpr int LD = HD + PAD;
 #pragma unroll
   for (int kc = 0; kc < K16; kc++) {
     const uint32_t a[4] = {pair(p[2 * kc][0], p[2 * kc][1]), pair(p[2 * kc][2], p[2 * kc][3]),
                            pair(p[2 * kc + 1][0], p[2 * kc + 1][1]),
                            pair(p[2 * kc + 1][2], p[2 * kc + 1][3])};
-    const bf16 *col = b + (kc * 16 + 2 * c) * LD + g;
+    // Transposed matrices: rows (the contraction) kc·16 + 0..7 and + 8..15 of columns j·8 ..,
+    // then of (j + 1)·8 ..: the B fragments of two n8 tiles.
 #pragma unroll
-    for (int j = 0; j < HD / 8; j++) {
-      const bf16 *r = col + j * 8;
-      mma(acc[j], a, pair(r[0], r[LD]), pair(r[8 * LD], r[9 * LD]));
+    for (int j = 0; j < HD / 8; j += 2) {
+      uint32_t f[4];
+      ldmatrix_x4<true>(f, b + (kc * 16 + m % 2 * 8 + lane % 8) * LD + (j + m / 2) * 8);
+      mma(acc[j], a, f[0], f[1]);
+      mma(acc[j + 1], a, f[2], f[3]);
     }
   }
 }

@@ -48,6 +48,7 @@ struct Warp {
   uint32_t a[kLanes][4], b[kLanes][2];
   float value[kLanes];
   bool vote[kLanes];
+  const bf16 *row[kLanes];
 };
 std::vector<Warp> warps;
 
@@ -99,6 +100,24 @@ void emulated_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   }
   w.barrier->arrive_and_wait();  // every lane has read the fragments
   for (int x = 0; x < 4; x++) c[x] = d[x];
+}
+
+// ldmatrix .x4 (.trans): lane l gives the address of row l % 8 of matrix l / 8 (8 bf16); register
+// m gets (row l / 4, columns 2(l % 4), + 1) of matrix m, or transposed (rows 2(l % 4), + 1,
+// column l / 4); the lower column (row) in the low half.
+void emulated_ldmatrix(uint32_t r[4], const bf16 *row, bool trans) {
+  Warp &w = warps[threadIdx.x / kLanes];
+  const int lane = threadIdx.x % kLanes;
+  w.row[lane] = row;
+  w.barrier->arrive_and_wait();
+  auto bits = [](bf16 x) { return uint32_t(x.bits); };
+  for (int m = 0; m < 4; m++) {
+    const bf16 *const *rows = w.row + 8 * m;
+    const int i = lane / 4, j = 2 * (lane % 4);
+    r[m] = trans ? bits(rows[j][i]) | bits(rows[j + 1][i]) << 16
+                 : bits(rows[i][j]) | bits(rows[i][j + 1]) << 16;
+  }
+  w.barrier->arrive_and_wait();  // every lane has read the rows
 }
 
 float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
