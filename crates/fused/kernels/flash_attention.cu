@@ -78,7 +78,9 @@ __device__ __forceinline__ uint32_t pair(float lo, float hi) {
 // the copy lands while the block computes; wait_copies() waits for the thread's own copies, and
 // a __syncthreads after it shows them to the block. The emulator copies at once.
 __device__ __forceinline__ void copy16(void *dst, const void *src) {
-#if !defined(FLASH_EMULATED) && __CUDA_ARCH__ >= 800
+#if defined(FLASH_EMULATED)
+  emulated_copy16(dst, src);
+#elif __CUDA_ARCH__ >= 800
   const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(src));
 #else
@@ -131,6 +133,7 @@ __device__ __forceinline__ void a_fragments(uint32_t a[HD / 16][4], const bf16 *
 template <int HD, int N8>
 __device__ __forceinline__ void products_over_16(float acc[N8][4], const uint32_t a[4],
                                                  const bf16 *b, int kk) {
+  static_assert(N8 % 2 == 0, "n8 tiles go two to an ldmatrix");
   const int lane = threadIdx.x % 32, m = lane / 8;
 #pragma unroll
   for (int n = 0; n < N8; n += 2) {
@@ -176,6 +179,7 @@ __device__ __forceinline__ void product_over_hd(float acc[N8][4], const bf16 *a,
 template <int HD, int K16>
 __device__ __forceinline__ void product_over_tile(float acc[HD / 8][4], const float p[2 * K16][4],
                                                   const bf16 *b) {
+  static_assert(HD % 16 == 0, "n8 tiles go two to an ldmatrix");
   const int lane = threadIdx.x % 32, m = lane / 8;
   constexpr int LD = HD + PAD;
 #pragma unroll

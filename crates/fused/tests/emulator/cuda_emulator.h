@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <random>
@@ -102,12 +103,31 @@ void emulated_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   for (int x = 0; x < 4; x++) c[x] = d[x];
 }
 
+// Where the card would fault: a shared-memory access of 16 bytes outside `shared` or not on a
+// 16-byte boundary (ldmatrix rows, cp.async destinations), or a misaligned 16-byte source.
+void check_access16(const void *p, bool in_shared, const char *what) {
+  const auto *at = static_cast<const unsigned char *>(p);
+  const bool inside = !in_shared || (at >= shared && at + 16 <= shared + sizeof(shared));
+  if (reinterpret_cast<uintptr_t>(at) % 16 != 0 || !inside) {
+    std::fprintf(stderr, "%s: %p is %s\n", what, p, inside ? "not 16-byte aligned" : "outside shared memory");
+    std::abort();
+  }
+}
+
+// cp.async.cg of 16 bytes, done at once.
+void emulated_copy16(void *dst, const void *src) {
+  check_access16(dst, true, "cp.async destination");
+  check_access16(src, false, "cp.async source");
+  std::memcpy(dst, src, 16);
+}
+
 // ldmatrix .x4 (.trans): lane l gives the address of row l % 8 of matrix l / 8 (8 bf16); register
 // m gets (row l / 4, columns 2(l % 4), + 1) of matrix m, or transposed (rows 2(l % 4), + 1,
 // column l / 4); the lower column (row) in the low half.
 void emulated_ldmatrix(uint32_t r[4], const bf16 *row, bool trans) {
   Warp &w = warps[threadIdx.x / kLanes];
   const int lane = threadIdx.x % kLanes;
+  check_access16(row, true, "ldmatrix row");
   w.row[lane] = row;
   w.barrier->arrive_and_wait();
   auto bits = [](bf16 x) { return uint32_t(x.bits); };
