@@ -649,12 +649,14 @@ fn train(hp: &Hyper, run: &Run) -> Result<(Gpt, BudgetClock, usize)> {
     let preset = data.preset();
     let cfg = Config::new(hp, data.vocab_size(), preset.seq_len)?;
     let model = Gpt::new(cfg, device, run.seed)?;
-    // Made before the trial pass, so that the optimizer's state is counted in what must fit.
+    // Made before the trial, so that the optimizer's state is counted in what must fit.
     let mut opt = MuonAdamW::new(&model, hp)?;
-    // The card decides the rows per pass: halved until a pass fits, the total batch kept.
+    // The card decides the rows per pass: halved until two accumulated passes fit (as a step
+    // holds them: one pass's graph beside the summed gradients), the total batch kept.
     let rows = run.fit_device_batch(hp.device_batch_size, |rows| -> Result<()> {
         let x = Tensor::zeros((rows, preset.seq_len), DType::U32, device)?;
-        model.loss(&x, &x)?.backward()?;
+        let mut same = || Ok((x.clone(), x.clone()));
+        forward_backward(&model, &mut same, 2, &mut Stopwatch::new(device, PHASES, 1))?;
         Ok(())
     })?;
     let tokens_per_pass = rows * preset.seq_len;
