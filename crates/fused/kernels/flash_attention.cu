@@ -114,6 +114,17 @@ __device__ __forceinline__ void load_kv(bf16 *tiles, const bf16 *k, const bf16 *
   load_rows<HD>(dst + BK * (HD + PAD), v + (size_t)k0 * HD, HD, BK);
 }
 
+// The key tile from k0, in buffer `buf`, once its copies are in; then starts copying the next
+// tile (below `end`) into the other buffer, which every warp has finished reading by then.
+template <int HD, int BK>
+__device__ __forceinline__ const bf16 *kv_tile(bf16 *tiles, const bf16 *k, const bf16 *v, int k0,
+                                               int end, int buf) {
+  wait_copies();
+  __syncthreads();
+  if (k0 + BK < end) load_kv<HD, BK>(tiles, k, v, k0 + BK, buf ^ 1);
+  return tiles + buf * 2 * BK * (HD + PAD);
+}
+
 // The A fragments of 16 rows × HD: rows at p + r * stride (global or shared memory).
 template <int HD>
 __device__ __forceinline__ void a_fragments(uint32_t a[HD / 16][4], const bf16 *p, size_t stride) {
@@ -226,10 +237,7 @@ __device__ void forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, fl
   const int from = max(0, first - window) / BK * BK, end = first + BQ;
   load_kv<HD, BK>(tiles, k + head, v + head, from, 0);
   for (int k0 = from, buf = 0; k0 < end; k0 += BK, buf ^= 1) {
-    wait_copies();
-    __syncthreads();  // this tile is in; the other buffer's last readers are done
-    if (k0 + BK < end) load_kv<HD, BK>(tiles, k + head, v + head, k0 + BK, buf ^ 1);
-    const bf16 *ks = tiles + buf * 2 * BK * LD, *vs = ks + BK * LD;
+    const bf16 *ks = kv_tile<HD, BK>(tiles, k + head, v + head, k0, end, buf), *vs = ks + BK * LD;
     float s[BK / 8][4];
     product_over_hd<HD, BK / 8>(s, qf, ks);
 #pragma unroll
@@ -421,10 +429,7 @@ __device__ void backward_q(const bf16 *q, const bf16 *k, const bf16 *v, const bf
   const int from = max(0, first - window) / BK * BK, end = first + BQ;
   load_kv<HD, BK>(tiles, k + head, v + head, from, 0);
   for (int k0 = from, buf = 0; k0 < end; k0 += BK, buf ^= 1) {
-    wait_copies();
-    __syncthreads();  // this tile is in; the other buffer's last readers are done
-    if (k0 + BK < end) load_kv<HD, BK>(tiles, k + head, v + head, k0 + BK, buf ^ 1);
-    const bf16 *ks = tiles + buf * 2 * BK * LD, *vs = ks + BK * LD;
+    const bf16 *ks = kv_tile<HD, BK>(tiles, k + head, v + head, k0, end, buf), *vs = ks + BK * LD;
     float s[BK / 8][4], dp[BK / 8][4];
     product_over_hd<HD, BK / 8>(s, qf, ks);
     product_over_hd<HD, BK / 8>(dp, dof, vs);
