@@ -13,10 +13,10 @@ use candle_core::{
     CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
 };
 
-use crate::Kernel;
 use crate::attention::{CausalSoftmax, CausalSoftmaxBackward};
 use crate::cross_entropy::{SoftcapCrossEntropy, plain};
 use crate::embedding::Embedding;
+use crate::{Kernel, launch};
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
@@ -591,10 +591,6 @@ pub(crate) fn embedding(
 /// a table's size each) are held under 256 MiB: a large table takes longer chunks.
 const EMBEDDING_CHUNK: usize = 16_384;
 const EMBEDDING_SCRATCH: usize = 256 << 20;
-/// The backward's table rows a block, and its shared memory (kernels/embedding.cu).
-const EMBEDDING_ROWS: usize = 16;
-const EMBEDDING_SHARED: u32 =
-    (EMBEDDING_ROWS * 2 * THREADS as usize * 4 + 8 * THREADS as usize + 32) as u32;
 
 pub(crate) fn embedding_backward(
     vocab: usize,
@@ -641,12 +637,12 @@ pub(crate) fn embedding_backward(
             .arg(&chunk32);
         let config = LaunchConfig {
             grid_dim: (
-                vocab.div_ceil(EMBEDDING_ROWS) as u32,
+                vocab.div_ceil(launch::EMBEDDING_ROWS) as u32,
                 d.div_ceil(2 * THREADS as usize) as u32,
                 chunks as u32,
             ),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: EMBEDDING_SHARED,
+            shared_mem_bytes: launch::EMBEDDING_GRAD_CHUNK as u32,
         };
         // SAFETY: reads n ids and n × d gradients; writes every element of the chunks' sums.
         unsafe { b.launch(config) }.w()?;
@@ -1002,7 +998,7 @@ pub(crate) fn flash_dims(dims: [&[usize]; 3]) -> Result<(usize, usize, usize, us
                 && v == q
                 && matches!(hd, 64 | 128)
                 && t > 0
-                && t.is_multiple_of(FLASH_BLOCK)
+                && t.is_multiple_of(launch::FLASH_BLOCK)
                 && (1..=u16::MAX as usize).contains(&(b * h)) =>
         {
             Ok((b, h, t, hd))
@@ -1024,8 +1020,7 @@ fn aligned_view<'a, T>(x: &'a CudaSlice<T>, l: &Layout, n: usize) -> Result<Cuda
     Ok(x.slice(start..start + n))
 }
 
-/// Queries (and keys) a block of the forward and backward kernels takes, and their threads.
-const FLASH_BLOCK: usize = 64;
+/// Threads a block of the flash attention kernels.
 const FLASH_THREADS: u32 = 128;
 
 /// Lets `func` have `shared` bytes of dynamic shared memory (past the default 48 KiB).
@@ -1066,8 +1061,7 @@ pub(crate) fn flash_forward(
     ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
         let o = unsafe { dev.alloc::<T>(b * h * t * hd)? };
         let lse = unsafe { dev.alloc::<f32>(b * h * t)? };
-        // Two buffers of a 64-key tile's k and v rows.
-        let shared = 2 * 2 * FLASH_BLOCK * (hd + 8) * 2;
+        let shared = launch::flash_forward(hd);
         let func = dev.get_or_load_custom_func(
             &format!("flash_forward_{hd}"),
             "fused-flash-attention",
@@ -1087,7 +1081,7 @@ pub(crate) fn flash_forward(
             .arg(&t32)
             .arg(&window32)
             .arg(&scale_log2);
-        let grid = ((t / FLASH_BLOCK) as u32, (b * h) as u32, 1);
+        let grid = ((t / launch::FLASH_BLOCK) as u32, (b * h) as u32, 1);
         // SAFETY: reads b·h·t·hd elements of each input, writes as many of o and b·h·t of lse.
         unsafe { builder.launch(flash_config(grid, shared)) }.w()?;
         Ok((o, lse))
@@ -1149,15 +1143,10 @@ pub(crate) fn flash_backward(
         unsafe { builder.launch(flash_config(grid, 0)) }.w()?;
 
         let mut grads = unsafe { dev.alloc::<T>(3 * n)? };
-        let grid = ((t / FLASH_BLOCK) as u32, (b * h) as u32, 1);
-        // Keys' side (dk, dv): 64 k and v rows, then two buffers of 32 query and gradient rows
-        // with their lse and delta. Queries' side (dq): two buffers of 32 k and v rows.
+        let grid = ((t / launch::FLASH_BLOCK) as u32, (b * h) as u32, 1);
         let sides = [
-            (
-                "kv",
-                2 * FLASH_BLOCK * (hd + 8) * 2 + 2 * (2 * 32 * (hd + 8) * 2 + 2 * 32 * 4),
-            ),
-            ("q", 2 * 2 * 32 * (hd + 8) * 2),
+            ("kv", launch::flash_backward_kv(hd)),
+            ("q", launch::flash_backward_q(hd)),
         ];
         for (side, shared) in sides {
             let func = dev.get_or_load_custom_func(

@@ -20,6 +20,8 @@ pub mod cross_entropy;
 mod cuda;
 pub mod embedding;
 pub mod heads;
+#[doc(hidden)]
+pub mod launch;
 pub mod rotary;
 
 pub use attention::{attention, causal_softmax};

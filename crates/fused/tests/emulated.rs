@@ -3,13 +3,20 @@
 //! layouts), and each driver checks its kernels against a reference in double precision. This
 //! is how CI tests kernels that no GPU has run yet: the flash attention kernels, the heads, and
 //! the embedding's chunked backward.
-//! Needs a C++20 compiler (`CXX`, else `c++`).
+//! Each launch gets the shared memory its launcher gives (`fused::launch`); the drivers are built
+//! with AddressSanitizer, so a kernel that reads or writes past that, or past a tensor, stops the
+//! test where the card would fault.
+//! Needs a C++20 compiler (`CXX`, else `c++`) with AddressSanitizer and UBSan (gcc's libasan and
+//! libubsan, or clang).
 
 use std::path::Path;
 use std::process::Command;
 
-/// Builds `emulator/{driver}.cpp`, runs it, and returns its report (a line per case).
-fn run_driver(driver: &str) -> String {
+use fused::launch;
+
+/// Builds `emulator/{driver}.cpp`, runs it with each kernel's shared memory as its launcher gives
+/// it (`SHARED_<kernel>`), and returns its report (a line per case).
+fn run_driver(driver: &str, shared: &[(String, usize)]) -> String {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = here.join(format!("tests/emulator/{driver}.cpp"));
     let binary = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{driver}-emulated"));
@@ -18,7 +25,10 @@ fn run_driver(driver: &str) -> String {
         // The kernels read bf16 pairs through 32- and 128-bit words, as CUDA allows.
         .args([
             "-std=c++20",
-            "-O2",
+            "-O1",
+            "-g",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
             "-fno-strict-aliasing",
             "-pthread",
             "-I",
@@ -33,11 +43,21 @@ fn run_driver(driver: &str) -> String {
         });
     assert!(
         built.status.success(),
-        "{compiler} failed on {}:\n{}",
+        "{compiler} failed on {} (it needs C++20 and AddressSanitizer: install g++ with \
+         libasan, or set CXX=clang++):\n{}",
         source.display(),
         String::from_utf8_lossy(&built.stderr)
     );
-    let run = Command::new(&binary).output().unwrap();
+    let run = Command::new(&binary)
+        .envs(
+            shared
+                .iter()
+                .map(|(kernel, bytes)| (format!("SHARED_{kernel}"), bytes.to_string())),
+        )
+        // Leak checks need ptrace, which containers often deny; a leak is not a fault on the card.
+        .env("ASAN_OPTIONS", "detect_leaks=0")
+        .output()
+        .unwrap();
     let report = String::from_utf8_lossy(&run.stdout).into_owned();
     println!("{report}");
     assert!(
@@ -50,18 +70,38 @@ fn run_driver(driver: &str) -> String {
 
 #[test]
 fn flash_attention_kernels_match_exact_attention_on_an_emulated_gpu() {
-    let report = run_driver("flash_attention");
+    let shared: Vec<(String, usize)> = [64, 128]
+        .into_iter()
+        .flat_map(|hd| {
+            [
+                (format!("flash_forward_{hd}"), launch::flash_forward(hd)),
+                (
+                    format!("flash_backward_kv_{hd}"),
+                    launch::flash_backward_kv(hd),
+                ),
+                (
+                    format!("flash_backward_q_{hd}"),
+                    launch::flash_backward_q(hd),
+                ),
+            ]
+        })
+        .collect();
+    let report = run_driver("flash_attention", &shared);
     assert_eq!(report.lines().count(), 5, "one line per case:\n{report}");
 }
 
 #[test]
 fn heads_kernels_match_the_reference_and_its_finite_differences_on_an_emulated_gpu() {
-    let report = run_driver("heads");
+    let report = run_driver("heads", &[]);
     assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
 }
 
 #[test]
 fn embedding_backward_matches_the_sum_of_its_rows_on_an_emulated_gpu() {
-    let report = run_driver("embedding");
+    let shared = [(
+        "embedding_grad_chunk".to_string(),
+        launch::EMBEDDING_GRAD_CHUNK,
+    )];
+    let report = run_driver("embedding", &shared);
     assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
 }

@@ -3,6 +3,8 @@
 // blocks run one after another, __syncthreads a barrier of the block. A kernel file is included
 // after this header. Not covered: `__shared__` arrays declared inside a kernel (each thread
 // would get its own); `extern __shared__` memory is one buffer, as blocks run one at a time.
+// Each block's shared memory starts as NaN bytes (the card does not clear it), and the bytes past
+// what the launch gives are poisoned under AddressSanitizer, as the card would fault on them.
 #pragma once
 #include <algorithm>
 #include <barrier>
@@ -14,8 +16,13 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include "cuda_bf16.h"
 
@@ -41,6 +48,7 @@ struct alignas(16) uint4 {
 thread_local dim3 threadIdx;
 dim3 blockIdx, blockDim, gridDim;
 alignas(16) unsigned char shared[228 * 1024];  // one block at a time: one block's shared memory
+size_t shared_given = 0;                          // what this launch gives of it
 
 constexpr int kLanes = 32;
 std::unique_ptr<std::barrier<>> block_barrier;
@@ -103,11 +111,11 @@ void emulated_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   for (int x = 0; x < 4; x++) c[x] = d[x];
 }
 
-// Where the card would fault: a shared-memory access of 16 bytes outside `shared` or not on a
-// 16-byte boundary (ldmatrix rows, cp.async destinations), or a misaligned 16-byte source.
+// Where the card would fault: a shared-memory access of 16 bytes outside what the launch gives or
+// not on a 16-byte boundary (ldmatrix rows, cp.async destinations), or a misaligned 16-byte source.
 void check_access16(const void *p, bool in_shared, const char *what) {
   const auto *at = static_cast<const unsigned char *>(p);
-  const bool inside = !in_shared || (at >= shared && at + 16 <= shared + sizeof(shared));
+  const bool inside = !in_shared || (at >= shared && at + 16 <= shared + shared_given);
   if (reinterpret_cast<uintptr_t>(at) % 16 != 0 || !inside) {
     std::fprintf(stderr, "%s: %p is %s\n", what, p, inside ? "not 16-byte aligned" : "outside shared memory");
     std::abort();
@@ -142,8 +150,29 @@ void emulated_ldmatrix(uint32_t r[4], const bf16 *row, bool trans) {
 
 float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
-// A grid of blocks of `threads` threads (a multiple of 32), one block at a time.
-void launch(dim3 grid, unsigned threads, const std::function<void()> &kernel) {
+// The dynamic shared memory the launcher gives `kernel` (its name in the kernel file, without the
+// dtype): tests/emulated.rs passes the launchers' figures (`fused::launch`) as SHARED_<kernel>.
+size_t launch_shared(const std::string &kernel) {
+  const char *given = std::getenv(("SHARED_" + kernel).c_str());
+  if (given == nullptr) {
+    std::fprintf(stderr, "SHARED_%s is not set: run this through tests/emulated.rs\n", kernel.c_str());
+    std::exit(2);
+  }
+  return std::strtoull(given, nullptr, 10);
+}
+
+// A grid of blocks of `threads` threads (a multiple of 32), one block at a time, each given
+// `shared_bytes` of dynamic shared memory.
+void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::function<void()> &kernel) {
+  if (shared_bytes > sizeof(shared)) {
+    std::fprintf(stderr, "a launch asks for %zu bytes of shared memory, past the card's\n", shared_bytes);
+    std::exit(2);
+  }
+  shared_given = shared_bytes;
+#if defined(__SANITIZE_ADDRESS__)
+  ASAN_UNPOISON_MEMORY_REGION(shared, sizeof(shared));
+  ASAN_POISON_MEMORY_REGION(shared + shared_bytes, sizeof(shared) - shared_bytes);
+#endif
   gridDim = grid;
   blockDim = {threads, 1, 1};
   block_barrier = std::make_unique<std::barrier<>>(threads);
@@ -153,6 +182,7 @@ void launch(dim3 grid, unsigned threads, const std::function<void()> &kernel) {
     for (unsigned y = 0; y < grid.y; y++) {
       for (unsigned x = 0; x < grid.x; x++) {
         blockIdx = {x, y, z};
+        std::memset(shared, 0xff, shared_bytes);  // NaN in bf16 and f32, -1 in ints
         std::vector<std::thread> pool;
         for (unsigned t = 0; t < threads; t++) {
           pool.emplace_back([t, &kernel] {

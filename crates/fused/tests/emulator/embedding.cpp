@@ -33,10 +33,10 @@ bool check(int vocab, int d, int n, int chunk, bool past_table, unsigned seed, d
   std::vector<T> dtable((size_t)vocab * d, narrow_to<T>(NAN));
   const dim3 grid{unsigned((vocab + ROWS - 1) / ROWS), unsigned((d + COLS - 1) / COLS),
                   unsigned(chunks)};
-  launch(grid, THREADS,
+  launch(grid, THREADS, launch_shared("embedding_grad_chunk"),
          [&] { grad_chunk(ids.data(), g.data(), partial.data(), n, d, vocab, chunk); });
   const size_t len = (size_t)vocab * d;
-  launch({unsigned((len + THREADS - 1) / THREADS), 1, 1}, THREADS,
+  launch({unsigned((len + THREADS - 1) / THREADS), 1, 1}, THREADS, 0,
          [&] { grad_sum(partial.data(), dtable.data(), len, chunks); });
 
   std::vector<double> want(len, 0.0), got(len);

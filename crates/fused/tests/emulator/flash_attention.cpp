@@ -38,16 +38,17 @@ bool check(int B, int H, int T, int window, unsigned seed) {
   std::vector<float> lse((size_t)B * H * T, NAN), dlt((size_t)B * H * T, NAN);
   for (auto &x : o) x = __float2bfloat16_rn(NAN);  // poisoned: every element must be written
   for (auto &x : grads) x = __float2bfloat16_rn(NAN);
-  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, [&] {
+  const std::string hd = std::to_string(HD);
+  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, launch_shared("flash_forward_" + hd), [&] {
     forward<HD>(q.data(), k.data(), v.data(), o.data(), lse.data(), H, T, w, scale_log2);
   });
-  launch({unsigned((B * T * H + WARPS - 1) / WARPS), 1, 1}, THREADS,
+  launch({unsigned((B * T * H + WARPS - 1) / WARPS), 1, 1}, THREADS, 0,
          [&] { delta<HD>(o.data(), d_o.data(), dlt.data(), B, H, T); });
-  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, [&] {
+  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, launch_shared("flash_backward_kv_" + hd), [&] {
     backward_kv<HD>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), dlt.data(),
                     grads.data(), H, T, w, scale, scale_log2);
   });
-  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, [&] {
+  launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, launch_shared("flash_backward_q_" + hd), [&] {
     backward_q<HD>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), dlt.data(),
                    grads.data(), H, T, w, scale, scale_log2);
   });
