@@ -581,7 +581,13 @@ def main():
     clock = BudgetClock(budget)
     smooth, last_print, peak_mb = 0.0, 0.0, 0.0
     watch, timed_phases, timed_steps = Stopwatch(device), [0.0] * 4, 0
+    # prepare::Stopwatch's AUTORESEARCH_PROFILE_STEP: the one step a profiler started with
+    # `--profile-from-start off` records (run.sh profile --side twin); the run ends after it.
+    profile_step = int(os.environ.get("AUTORESEARCH_PROFILE_STEP", "-1"))
     while not clock.exhausted():
+        if clock.steps == profile_step and device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStart()
         t0 = time.perf_counter()
         watch.restart(clock.steps % TIME_PHASES_EVERY == 0)
         progress = clock.progress()
@@ -607,6 +613,12 @@ def main():
             timed_steps += 1
             timed_phases = [a + b for a, b in zip(timed_phases, watch.step)]
         dt = time.perf_counter() - t0
+        if clock.steps == profile_step:
+            if device.type == "cuda":
+                torch.cuda.cudart().cudaProfilerStop()
+            print(f"profiled step {profile_step} (AUTORESEARCH_PROFILE_STEP): the run ends here, before evaluation",
+                  file=sys.stderr)
+            sys.exit(0)
         clock.end_step(dt)
         peak_mb = max(peak_mb, driver_used_mb(device))
         smooth = 0.9 * smooth + 0.1 * total

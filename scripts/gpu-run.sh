@@ -3,13 +3,15 @@
 # toolchain and no network, checks that the twin agrees with ours on the GPU, then runs both
 # sides for the full budget and prints the side-by-side tables. `kernels` times our fused kernels
 # against the plain path (fused-bench; seconds) and says whether they passed their self-check.
-# `profile` runs ours under Nsight Compute for a window of its kernel launches (SKIP=4000
-# COUNT=2500: a pass or more, past start-up; one metric, so no replay) and prints
-# where the GPU time goes, per kernel (~1 min; needs `ncu`, which Firecracker machines have).
+# `profile` runs ours (`--side twin`: the twin) under Nsight Compute for one training step
+# (STEP=12, past the warm-up and the timed steps: the train file's Stopwatch starts and stops
+# the profiler around it, then the run ends; one metric, so no replay) and prints where that
+# step's GPU time goes, per kernel (~1 min; needs `ncu`, which Firecracker machines have).
 # `acceptance` is the GPU acceptance in one call of at most LIMIT seconds (default 530): the
 # check (warm-up steps only), ours and then the twin for BUDGET (default 120) seconds each, the
-# side-by-side table, then `kernels` and `profile` with the time left; each stage runs under
-# what is left of LIMIT, is skipped when too little is, and its outcome goes to acceptance.txt.
+# side-by-side table, then `kernels` and both sides' `profile` with the time left; each stage
+# runs under what is left of LIMIT, is skipped when too little is, and its outcome goes to
+# acceptance.txt.
 #
 #   ./run.sh [kernels|check|run|all|profile|acceptance] [side_by_side.py options...]   # default: all
 #   ./run.sh run --side ours; ./run.sh run --side twin        # one side per call (each ~6 min)
@@ -107,6 +109,7 @@ if [ "$mode" = acceptance ]; then
   stage twin $((BUDGET + 80)) "$self" run --side twin "$@"
   stage kernels 45 "$self" kernels
   stage profile 75 "$self" profile
+  stage profile-twin 100 "$self" profile --side twin  # torch.compile's minute comes first
   # Last, where the device tool's tail of the output keeps them: the table and the stages.
   [ -d "$out/run" ] && { "$py" "$here/side_by_side.py" table --from "$out/run" || true; }
   cat "$out/acceptance.txt"
@@ -130,10 +133,13 @@ if [ "$mode" = run ] || [ "$mode" = all ]; then
 fi
 if [ "$mode" = profile ]; then
   command -v ncu >/dev/null || fail "ncu (Nsight Compute) not found: profile needs it"
-  AUTORESEARCH_DEVICE=cuda AUTORESEARCH_TIME_BUDGET=30 AUTORESEARCH_REPORT=$out/profile.json \
+  side=ours target=("$train")
+  case " $* " in *" --side twin "* | *" --side=twin "*) side=twin target=("$py" "$here/torch_twin.py") ;; esac
+  AUTORESEARCH_DEVICE=cuda AUTORESEARCH_TIME_BUDGET=60 AUTORESEARCH_PROFILE_STEP=${STEP:-12} \
     ncu --clock-control none --print-units base --metrics gpu__time_duration.sum \
-    --launch-skip "${SKIP:-4000}" --launch-count "${COUNT:-2500}" --kill on --csv --page raw \
-    "$train" > "$out/ncu.csv" 2> "$out/ncu.err" || echo "run.sh: ncu exited $? (see $out/ncu.err)" >&2
-  "$py" "$here/side_by_side.py" kernels "$out/ncu.csv" | tee "$out/profile.txt"
+    --profile-from-start off --csv --page raw \
+    "${target[@]}" > "$out/ncu-$side.csv" 2> "$out/ncu-$side.err" \
+    || echo "run.sh: ncu exited $? (see $out/ncu-$side.err)" >&2
+  "$py" "$here/side_by_side.py" kernels "$out/ncu-$side.csv" | tee "$out/profile-$side.txt"
 fi
 echo "results: $out"

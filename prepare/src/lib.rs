@@ -61,6 +61,9 @@ pub mod env {
     /// Tests only (the harness never passes it on): a device batch above this many rows fails
     /// as out of memory, so a CPU run drives the fallback of `Run::fit_device_batch`.
     pub const FAKE_DEVICE_ROWS: &str = "AUTORESEARCH_FAKE_DEVICE_ROWS";
+    /// Diagnostics only (`run.sh profile`; the harness never passes it on): the one step a
+    /// CUDA profiler started with `--profile-from-start off` records; the run ends after it.
+    pub const PROFILE_STEP: &str = "AUTORESEARCH_PROFILE_STEP";
 }
 
 /// Special tokens, appended after the learned vocabulary; the first one starts every document.

@@ -119,6 +119,7 @@ impl Run {
         if let Err(e) = keep_freed_device_memory(&device) {
             eprintln!("warning: freed GPU memory goes back to the driver at each step: {e}");
         }
+        skip_stream_events(&device);
         let budget = std::env::var(env::TIME_BUDGET)
             .ok()
             .and_then(|v| v.parse::<f64>().ok())
@@ -341,6 +342,8 @@ pub struct Stopwatch {
     sums: Vec<f64>,
     timed_steps: u64,
     timing: bool,
+    /// `AUTORESEARCH_PROFILE_STEP`: the step the profiler records, after which the run ends.
+    profile_step: Option<u64>,
 }
 
 impl Stopwatch {
@@ -354,11 +357,25 @@ impl Stopwatch {
             sums: vec![0.0; names.len()],
             timed_steps: 0,
             timing: true,
+            profile_step: std::env::var(env::PROFILE_STEP)
+                .ok()
+                .and_then(|s| s.parse().ok()),
         }
     }
 
     /// Starts step `step` (0-based).
     pub fn start_step(&mut self, step: u64) {
+        if self.profile_step == Some(step) {
+            // The window holds this step's kernels and nothing queued before it.
+            if let Err(e) = self
+                .device
+                .synchronize()
+                .map_err(Error::from)
+                .and_then(|()| profiler(true))
+            {
+                eprintln!("warning: the profiler did not start: {e}");
+            }
+        }
         self.timing = step.is_multiple_of(self.every);
         self.step.iter_mut().for_each(|t| *t = 0.0);
         self.last = Instant::now();
@@ -381,8 +398,24 @@ impl Stopwatch {
         Ok(())
     }
 
-    /// Ends step `step`: a timed step past the warm-up joins the averages.
+    /// Ends step `step`: a timed step past the warm-up joins the averages. After the step the
+    /// profiler records, the process ends (exit 0, no report): what the profile is for is done.
     pub fn end_step(&mut self, step: u64) {
+        if self.profile_step == Some(step) {
+            if let Err(e) = self
+                .device
+                .synchronize()
+                .map_err(Error::from)
+                .and_then(|()| profiler(false))
+            {
+                eprintln!("warning: the profiler did not stop: {e}");
+            }
+            eprintln!(
+                "profiled step {step} ({}): the run ends here, before evaluation",
+                env::PROFILE_STEP
+            );
+            std::process::exit(0);
+        }
         if self.timing && step > crate::clock::WARMUP_STEPS {
             self.timed_steps += 1;
             for (sum, t) in self.sums.iter_mut().zip(&self.step) {
@@ -405,6 +438,42 @@ impl Stopwatch {
             phases.join(" | ")
         )
     }
+}
+
+/// Every kernel runs on the device's one stream, where cudarc never waits on its per-buffer
+/// events; it would still create and destroy two with each allocation (hundreds a pass).
+#[cfg(feature = "cuda")]
+fn skip_stream_events(device: &Device) {
+    if let Device::Cuda(cuda) = device {
+        // SAFETY: one stream (candle's, which `fused` launches on too), so no buffer is used on
+        // another stream, the case the events order. Called before any tensor exists.
+        unsafe { cuda.disable_event_tracking() }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn skip_stream_events(_: &Device) {}
+
+/// Starts (or stops) the CUDA profiler's recording; nothing on the CPU.
+#[cfg(feature = "cuda")]
+fn profiler(start: bool) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    // SAFETY: argument-free driver calls; candle has made the context current on this thread.
+    let result = unsafe {
+        if start {
+            sys::cuProfilerStart()
+        } else {
+            sys::cuProfilerStop()
+        }
+    };
+    result
+        .result()
+        .map_err(|e| Error::Invalid(format!("CUDA driver: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profiler(_: bool) -> Result<()> {
+    Ok(())
 }
 
 /// Keeps freed host memory in the process instead of handing it back to the kernel: candle

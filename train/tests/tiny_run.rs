@@ -150,3 +150,47 @@ fn a_device_batch_that_does_not_fit_is_halved_before_the_clock_with_the_same_tot
         "first loss {plain_loss} in one pass, {fitted_loss} in four"
     );
 }
+
+#[test]
+fn a_profiled_step_is_the_last_step_of_the_run() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut opts = PrepareOptions::new(
+        cache.path().to_path_buf(),
+        prepare::sources::Source::Builtin,
+        prepare::Preset::tiny(),
+    );
+    opts.builtin_mb = 1.0;
+    prepare(&opts).unwrap();
+    let report_path = cache.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AUTORESEARCH_CACHE", cache.path())
+        .env("AUTORESEARCH_PRESET", "tiny")
+        .env("AUTORESEARCH_DEVICE", "cpu")
+        .env("AUTORESEARCH_TIME_BUDGET", "60")
+        .env("AUTORESEARCH_REPORT", &report_path)
+        .env("AUTORESEARCH_PROFILE_STEP", "3")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("profiled step 3 (AUTORESEARCH_PROFILE_STEP): the run ends here"),
+        "{stderr}"
+    );
+    let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(
+        steps.len(),
+        3,
+        "steps 0, 1 and 2 print; 3 ends the run:\n{stdout}"
+    );
+    assert!(
+        Summary::parse(&stdout).is_none(),
+        "no evaluation:\n{stdout}"
+    );
+    assert!(!report_path.exists(), "no report");
+}
