@@ -7,18 +7,36 @@ use candle_core::{DType, Device, Tensor};
 use prepare::pipeline::{Outcome, PrepareOptions, prepare};
 use prepare::{RunReport, Summary};
 
-#[test]
-fn tiny_run_learns_and_reports() {
+/// The tiny preset's data from `mb` MB of the builtin corpus, in a fresh cache.
+fn prepared(mb: f64) -> (tempfile::TempDir, prepare::Dataset) {
     let cache = tempfile::tempdir().unwrap();
     let mut opts = PrepareOptions::new(
         cache.path().to_path_buf(),
         prepare::sources::Source::Builtin,
         prepare::Preset::tiny(),
     );
-    opts.builtin_mb = 2.0;
+    opts.builtin_mb = mb;
     let data = match prepare(&opts).unwrap() {
         Outcome::Prepared(d, _) | Outcome::UpToDate(d) => d,
     };
+    (cache, data)
+}
+
+/// The train binary on the CPU at the tiny preset, with nothing but these variables.
+fn train(cache: &std::path::Path, budget_s: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AUTORESEARCH_CACHE", cache)
+        .env("AUTORESEARCH_PRESET", "tiny")
+        .env("AUTORESEARCH_DEVICE", "cpu")
+        .env("AUTORESEARCH_TIME_BUDGET", budget_s);
+    cmd
+}
+
+#[test]
+fn tiny_run_learns_and_reports() {
+    let (cache, data) = prepared(2.0);
     // What an untrained model scores: its lm_head starts near zero, so it is uniform over the
     // vocabulary (a unit test checks the two agree within 1 %).
     let uniform = prepare::evaluate_bpb(&data, &Device::Cpu, 32, |x, y| {
@@ -32,13 +50,7 @@ fn tiny_run_learns_and_reports() {
     .unwrap();
 
     let report_path = cache.path().join("report.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_train"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AUTORESEARCH_CACHE", cache.path())
-        .env("AUTORESEARCH_PRESET", "tiny")
-        .env("AUTORESEARCH_DEVICE", "cpu")
-        .env("AUTORESEARCH_TIME_BUDGET", "15")
+    let out = train(cache.path(), "15")
         .env("AUTORESEARCH_SEED", "7")
         .env("AUTORESEARCH_REPORT", &report_path)
         .output()
@@ -87,14 +99,8 @@ fn tiny_run_learns_and_reports() {
 /// The first step's loss and the output of a short run, with the device memory limited to
 /// `fake_rows` rows per pass (injected: on the CPU a real allocation failure aborts).
 fn short_run(cache: &std::path::Path, fake_rows: Option<&str>) -> (f64, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AUTORESEARCH_CACHE", cache)
-        .env("AUTORESEARCH_PRESET", "tiny")
-        .env("AUTORESEARCH_DEVICE", "cpu")
-        .env("AUTORESEARCH_TIME_BUDGET", "1")
-        .env("AUTORESEARCH_SEED", "7");
+    let mut cmd = train(cache, "1");
+    cmd.env("AUTORESEARCH_SEED", "7");
     if let Some(rows) = fake_rows {
         cmd.env("AUTORESEARCH_FAKE_DEVICE_ROWS", rows);
     }
@@ -115,14 +121,7 @@ fn short_run(cache: &std::path::Path, fake_rows: Option<&str>) -> (f64, String) 
 
 #[test]
 fn a_device_batch_that_does_not_fit_is_halved_before_the_clock_with_the_same_total_batch() {
-    let cache = tempfile::tempdir().unwrap();
-    let mut opts = PrepareOptions::new(
-        cache.path().to_path_buf(),
-        prepare::sources::Source::Builtin,
-        prepare::Preset::tiny(),
-    );
-    opts.builtin_mb = 1.0;
-    prepare(&opts).unwrap();
+    let cache = prepared(1.0).0;
 
     let (plain_loss, plain) = short_run(cache.path(), None);
     assert!(!plain.contains("do not fit"), "{plain}");
@@ -153,22 +152,9 @@ fn a_device_batch_that_does_not_fit_is_halved_before_the_clock_with_the_same_tot
 
 #[test]
 fn a_profiled_step_is_the_last_step_of_the_run() {
-    let cache = tempfile::tempdir().unwrap();
-    let mut opts = PrepareOptions::new(
-        cache.path().to_path_buf(),
-        prepare::sources::Source::Builtin,
-        prepare::Preset::tiny(),
-    );
-    opts.builtin_mb = 1.0;
-    prepare(&opts).unwrap();
+    let cache = prepared(1.0).0;
     let report_path = cache.path().join("report.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_train"))
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AUTORESEARCH_CACHE", cache.path())
-        .env("AUTORESEARCH_PRESET", "tiny")
-        .env("AUTORESEARCH_DEVICE", "cpu")
-        .env("AUTORESEARCH_TIME_BUDGET", "60")
+    let out = train(cache.path(), "60")
         .env("AUTORESEARCH_REPORT", &report_path)
         .env("AUTORESEARCH_PROFILE_STEP", "3")
         .output()
