@@ -587,7 +587,7 @@ def main():
     while not clock.exhausted():
         if clock.steps == profile_step and device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.cudart().cudaProfilerStart()
+            torch.cuda.profiler.start()
         t0 = time.perf_counter()
         watch.restart(clock.steps % TIME_PHASES_EVERY == 0)
         progress = clock.progress()
@@ -615,7 +615,7 @@ def main():
         dt = time.perf_counter() - t0
         if clock.steps == profile_step:
             if device.type == "cuda":
-                torch.cuda.cudart().cudaProfilerStop()
+                torch.cuda.profiler.stop()
             print(f"profiled step {profile_step} (AUTORESEARCH_PROFILE_STEP): the run ends here, before evaluation",
                   file=sys.stderr)
             sys.exit(0)

@@ -3,8 +3,10 @@
 # CUDA backend with CUDA 13.0 from PyPI wheels) and stays under 60 MB; its run.sh refuses a
 # machine with no GPU clearly; and the CUDA binary loads with PyTorch's CUDA 13 libraries and the
 # bundle's cuRAND fallback (every symbol binds), failing only at the missing device (a stub
-# libcuda stands in for the driver, so nothing past cuInit runs). On success it records the hash
-# of its inputs in .ci/gpu-bundle.checked.
+# libcuda stands in for the driver, so nothing past cuInit runs); and `run.sh acceptance`, the
+# GPU window's one call, goes through every stage on the CPU (REHEARSAL=cpu: tiny data, a few
+# seconds a run, an `ncu` stand-in that runs its target as ncu would). On success it records the
+# hash of its inputs in .ci/gpu-bundle.checked.
 #
 #   bash scripts/check-gpu-bundle.sh              # the check (nvcc builds candle's kernels: ~12 min
 #                                                 # on two cores from clean), then the record
@@ -74,6 +76,51 @@ echo "$cuda_run" | head -4
 echo "$bench_run" | head -4
 if ! grep -q "CUDA_ERROR_NO_DEVICE" <<<"$cuda_run" || ! grep -q "CUDA_ERROR_NO_DEVICE" <<<"$bench_run"; then
   echo "the CUDA binaries did not start with PyTorch's CUDA libraries and the bundle's fallbacks" >&2
+  exit 1
+fi
+
+# The acceptance, rehearsed on the CPU with the bundle's own binaries, twin and scripts.
+rehearsal=$(dirname "$bundle")/rehearsal
+mkdir -p "$rehearsal/bin"
+if [ -n "${AUTORESEARCH_BIN:-}" ]; then harness=("$AUTORESEARCH_BIN"); else harness=(cargo run --locked -q -p autoresearch --); fi
+AUTORESEARCH_CACHE="$rehearsal/data" "${harness[@]}" prepare --source builtin --preset tiny --builtin-mb 1 >/dev/null
+# Nsight Compute needs a GPU: its stand-in takes run.sh's options, insists on the window being
+# the program's own (--profile-from-start off), runs the target, and reports one row.
+cat > "$rehearsal/bin/ncu" <<'NCU'
+#!/usr/bin/env bash
+set -eu
+while [ $# -gt 0 ]; do
+  case $1 in
+    --profile-from-start) [ "$2" = off ] || { echo "ncu stand-in: expected --profile-from-start off" >&2; exit 9; }; window=own; shift 2 ;;
+    --clock-control | --print-units | --metrics | --page) shift 2 ;;
+    --csv) shift ;;
+    -*) echo "ncu stand-in: unknown option $1" >&2; exit 9 ;;
+    *) break ;;
+  esac
+done
+[ "${window:-}" = own ] || { echo "ncu stand-in: no --profile-from-start off" >&2; exit 9; }
+"$@"
+echo '"ID","Kernel Name","Grid Size","Metric Name","gpu__time_duration.sum"'
+echo '"","","","","nsecond"'
+echo '"0","rehearsal (no GPU)","(1, 1, 1)","gpu__time_duration.sum","1000"'
+NCU
+chmod +x "$rehearsal/bin/ncu"
+set +e
+acceptance=$(REHEARSAL=cpu DATA="$rehearsal/data" OUT="$rehearsal/out" PATH="$rehearsal/bin:$PATH" \
+  PYTHON="$python" LD_LIBRARY_PATH="$run_libs" LIMIT=900 BUDGET=5 \
+  KERNEL_ARGS="--tokens 512 --vocab 512 --heads 2 --seq 128 --iters 1" \
+  bash "$bundle/run.sh" acceptance 2>&1)
+rc=$?
+set -e
+echo "$acceptance" | tail -12
+stages=$(grep -c '^acceptance: .* passed in' "$rehearsal/out/acceptance.txt" || true)
+profiled() {
+  grep -q 'profiled step 12' "$rehearsal/out/ncu-$1.err" && ! grep -q 'profiler did not' "$rehearsal/out/ncu-$1.err"
+}
+if [ "$rc" -ne 0 ] || [ "$stages" -ne 6 ] || ! grep -q '^ours/twin tokens/s' <<<"$acceptance" \
+  || ! profiled ours || ! profiled twin; then
+  echo "the acceptance rehearsal on the CPU: expected exit 0, six stages passed, the side-by-side" >&2
+  echo "table, and both profiled runs ending after step 12 (got exit $rc, $stages stages)" >&2
   exit 1
 fi
 

@@ -34,20 +34,23 @@ if [ "$mode" = run ]; then
   case " $* " in *" --side twin "* | *" --side=twin "*) ours=no ;; esac
 fi
 
-command -v nvidia-smi >/dev/null || fail "nvidia-smi not found: this bundle runs on a machine with an NVIDIA GPU and its driver"
-gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1) \
-  || fail "nvidia-smi finds no GPU: $gpu"
-echo "GPU: $gpu"
-
+# REHEARSAL=cpu (scripts/check-gpu-bundle.sh, on a machine with no GPU): the same stages on the
+# CPU, without the GPU's checks, on the data in DATA (a tiny preset), with the CUDA libraries the
+# caller puts on LD_LIBRARY_PATH and an `ncu` stand-in on PATH.
+device=cuda
+[ "${REHEARSAL:-}" = cpu ] && device=cpu
 py=${PYTHON:-python3}
-"$py" -c 'import torch, numpy; assert torch.cuda.is_available()' 2>/dev/null \
-  || fail "$py has no PyTorch that sees the GPU (torch, numpy, CUDA): set PYTHON=/path/to/python"
+if [ "$device" = cuda ]; then
+  command -v nvidia-smi >/dev/null || fail "nvidia-smi not found: this bundle runs on a machine with an NVIDIA GPU and its driver"
+  gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1) \
+    || fail "nvidia-smi finds no GPU: $gpu"
+  echo "GPU: $gpu"
+  "$py" -c 'import torch, numpy; assert torch.cuda.is_available()' 2>/dev/null \
+    || fail "$py has no PyTorch that sees the GPU (torch, numpy, CUDA): set PYTHON=/path/to/python"
+fi
 
 train=$here/train
 if [ "$ours" = yes ]; then
-  driver=$(echo "$gpu" | awk -F', ' '{print $2}')
-  [ "${driver%%.*}" -ge 580 ] 2>/dev/null \
-    || fail "driver $driver: ours is built with CUDA 13.0 and needs driver >= 580 (\`./run.sh run --side twin\` runs the twin alone)"
   for bin in train fused-bench; do
     if [ ! -x "$here/$bin" ]; then
       "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
@@ -55,6 +58,12 @@ if [ "$ours" = yes ]; then
       chmod +x "$here/$bin.tmp" && mv "$here/$bin.tmp" "$here/$bin"
     fi
   done
+fi
+libs=${LD_LIBRARY_PATH:-}
+if [ "$ours" = yes ] && [ "$device" = cuda ]; then
+  driver=$(echo "$gpu" | awk -F', ' '{print $2}')
+  [ "${driver%%.*}" -ge 580 ] 2>/dev/null \
+    || fail "driver $driver: ours is built with CUDA 13.0 and needs driver >= 580 (\`./run.sh run --side twin\` runs the twin alone)"
   # CUDA 13 runtime libraries: CUDA_LIB_DIR, else beside this PyTorch, else anywhere on the
   # machine. Only ours gets them (through train.sh): the twin keeps its PyTorch's own.
   site=$("$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
@@ -116,26 +125,27 @@ if [ "$mode" = acceptance ]; then
   exit 0
 fi
 
-export AUTORESEARCH_CACHE=$here/data
+export AUTORESEARCH_CACHE=${DATA:-$here/data}
 out=${OUT:-$here/results}
 mkdir -p "$out"
 sbs=("$py" "$here/side_by_side.py")
 if [ "$mode" = kernels ] || [ "$mode" = all ]; then
   # A failing kernel bench is a finding, not a reason to skip the runs below.
-  LD_LIBRARY_PATH=$libs "$here/fused-bench" --device cuda 2>&1 | tee "$out/kernels.txt" \
+  # shellcheck disable=SC2086 # KERNEL_ARGS: fused-bench's own flags (the rehearsal's small shapes)
+  LD_LIBRARY_PATH=$libs "$here/fused-bench" --device "$device" ${KERNEL_ARGS:-} 2>&1 | tee "$out/kernels.txt" \
     || echo "run.sh: fused-bench failed (above); going on" >&2
 fi
 if [ "$mode" = check ] || [ "$mode" = all ]; then
-  "${sbs[@]}" check --device cuda --train "$train" --out "$out/check" "$@"
+  "${sbs[@]}" check --device "$device" --train "$train" --out "$out/check" "$@"
 fi
 if [ "$mode" = run ] || [ "$mode" = all ]; then
-  "${sbs[@]}" run --device cuda --budget "${BUDGET:-300}" --train "$train" --out "$out/run" "$@"
+  "${sbs[@]}" run --device "$device" --budget "${BUDGET:-300}" --train "$train" --out "$out/run" "$@"
 fi
 if [ "$mode" = profile ]; then
   command -v ncu >/dev/null || fail "ncu (Nsight Compute) not found: profile needs it"
   side=ours target=("$train")
   case " $* " in *" --side twin "* | *" --side=twin "*) side=twin target=("$py" "$here/torch_twin.py") ;; esac
-  AUTORESEARCH_DEVICE=cuda AUTORESEARCH_TIME_BUDGET=60 AUTORESEARCH_PROFILE_STEP=${STEP:-12} \
+  AUTORESEARCH_DEVICE=$device AUTORESEARCH_TIME_BUDGET=60 AUTORESEARCH_PROFILE_STEP=${STEP:-12} \
     ncu --clock-control none --print-units base --metrics gpu__time_duration.sum \
     --profile-from-start off --csv --page raw \
     "${target[@]}" > "$out/ncu-$side.csv" 2> "$out/ncu-$side.err" \

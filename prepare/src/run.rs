@@ -371,7 +371,7 @@ impl Stopwatch {
                 .device
                 .synchronize()
                 .map_err(Error::from)
-                .and_then(|()| profiler(true))
+                .and_then(|()| profiler(&self.device, true))
             {
                 eprintln!("warning: the profiler did not start: {e}");
             }
@@ -406,7 +406,7 @@ impl Stopwatch {
                 .device
                 .synchronize()
                 .map_err(Error::from)
-                .and_then(|()| profiler(false))
+                .and_then(|()| profiler(&self.device, false))
             {
                 eprintln!("warning: the profiler did not stop: {e}");
             }
@@ -456,8 +456,11 @@ fn skip_stream_events(_: &Device) {}
 
 /// Starts (or stops) the CUDA profiler's recording; nothing on the CPU.
 #[cfg(feature = "cuda")]
-fn profiler(start: bool) -> Result<()> {
+fn profiler(device: &Device, start: bool) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
+    if !device.is_cuda() {
+        return Ok(());
+    }
     // SAFETY: argument-free driver calls; candle has made the context current on this thread.
     let result = unsafe {
         if start {
@@ -472,7 +475,7 @@ fn profiler(start: bool) -> Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn profiler(_: bool) -> Result<()> {
+fn profiler(_: &Device, _: bool) -> Result<()> {
     Ok(())
 }
 
