@@ -224,7 +224,7 @@ impl Gpt {
         for (i, block) in self.blocks.iter().enumerate() {
             let resid = self.resid_lambdas.as_tensor().narrow(1, i, 1)?;
             let x0_l = self.x0_lambdas.as_tensor().narrow(1, i, 1)?;
-            x = (fused::scale(&x, &resid)? + fused::scale(&x0, &x0_l)?)?;
+            x = fused::mix(&x, &resid, &x0, &x0_l)?;
             let ve = block.value_embed.as_ref().map(embed).transpose()?;
             x = (&x + self.attention(block, &norm(&x)?, ve.as_ref(), i)?)?;
             x = (&x + self.mlp(block, &norm(&x)?)?)?;
@@ -261,14 +261,9 @@ impl Gpt {
         let v_plus = match (ve, &block.ve_gate) {
             (Some(ve), Some(gate_w)) => {
                 // Value residual: the value embedding through an input-dependent gate per head,
-                // added to v.
+                // added to v ([B, H, T, hd], as the heads).
                 let gate = sigmoid(&self.linear(&x.narrow(2, 0, VE_GATE_CHANNELS)?, gate_w)?)?;
-                let gate = (gate * 2.0)?.unsqueeze(3)?;
-                Some(
-                    ve.reshape((b, t, h, hd))?
-                        .broadcast_mul(&gate)?
-                        .transpose(1, 2)?,
-                )
+                Some(fused::gate_heads(ve, &(gate * 2.0)?)?)
             }
             _ => None,
         };

@@ -27,7 +27,7 @@ const THREADS: u32 = 256;
 
 /// Whether `kernel` passed its self-check on this process's GPU (checked at the first call).
 pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
-    static VERDICTS: [Mutex<Option<bool>>; 8] = [const { Mutex::new(None) }; 8];
+    static VERDICTS: [Mutex<Option<bool>>; 10] = [const { Mutex::new(None) }; 10];
     let (name, check): (&str, fn(&CudaDevice) -> Result<()>) = match kernel {
         Kernel::CrossEntropy => ("cross-entropy", check_cross_entropy),
         Kernel::CausalSoftmax => ("causal softmax", check_softmax),
@@ -37,6 +37,8 @@ pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
         Kernel::ReluSquared => ("ReLU²", check_relu_squared),
         Kernel::Heads => ("heads", check_heads),
         Kernel::Attention => ("flash attention", check_attention),
+        Kernel::Mix => ("mix", check_mix),
+        Kernel::GateHeads => ("gate heads", check_gate_heads),
     };
     verdict(&VERDICTS[kernel as usize], name, || check(dev))
 }
@@ -298,6 +300,79 @@ fn check_attention(dev: &CudaDevice) -> Result<()> {
         .map_err(|e| candle_core::Error::Msg(format!("head size {hd}, v_plus's gradient: {e}")))?;
     }
     Ok(())
+}
+
+/// A length past one block that is not a multiple of it; each input's gradient in turn.
+fn check_mix(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let shape = [7, 151];
+    let n = 7 * 151;
+    let x = Tensor::from_vec(host_random(n, 15, 2.0), &shape, &device)?;
+    let z = Tensor::from_vec(host_random(n, 16, 2.0), &shape, &device)?;
+    let (a, b) = (
+        Tensor::new(&[[0.93f32]], &device)?,
+        Tensor::new(&[[0.1f32]], &device)?,
+    );
+    let at = |t: &Tensor, like: &Tensor| t.to_dtype(like.dtype());
+    compare(
+        BOTH,
+        &host_random(n, 17, 2.0),
+        &shape,
+        &device,
+        &|x| crate::mix::mix(x, &a, &at(&z, x)?, &b),
+        &|x| crate::mix::plain::mix(x, &a, &at(&z, x)?, &b),
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("x: {e}")))?;
+    compare(
+        BOTH,
+        &host_random(n, 18, 2.0),
+        &shape,
+        &device,
+        &|z| crate::mix::mix(&at(&x, z)?, &a, z, &b),
+        &|z| crate::mix::plain::mix(&at(&x, z)?, &a, z, &b),
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("z: {e}")))?;
+    // The scalars' gradients: sums over all of x and z.
+    compare(
+        &[(DType::F32, 1e-4)],
+        &[0.7, -0.3],
+        &[2],
+        &device,
+        &|ab| crate::mix::mix(&x, &ab.get(0)?, &z, &ab.get(1)?),
+        &|ab| crate::mix::plain::mix(&x, &ab.get(0)?, &z, &ab.get(1)?),
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("a and b: {e}")))
+}
+
+/// Heads of a size that is not a multiple of a warp, rows that do not fill a block; x's and
+/// the gates' gradients in turn.
+fn check_gate_heads(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let (b, t, h, hd) = (2, 37, 3, 40);
+    let x = Tensor::from_vec(
+        host_random(b * t * h * hd, 19, 2.0),
+        (b, t, h * hd),
+        &device,
+    )?;
+    let gate = Tensor::from_vec(host_random(b * t * h, 20, 2.0), (b, t, h), &device)?;
+    compare(
+        BOTH,
+        &host_random(b * t * h * hd, 21, 2.0),
+        &[b, t, h * hd],
+        &device,
+        &|x| crate::gate_heads::gate_heads(x, &gate.to_dtype(x.dtype())?),
+        &|x| crate::gate_heads::plain::gate_heads(x, &gate.to_dtype(x.dtype())?),
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("x: {e}")))?;
+    compare(
+        BOTH,
+        &host_random(b * t * h, 22, 2.0),
+        &[b, t, h],
+        &device,
+        &|g| crate::gate_heads::gate_heads(&x.to_dtype(g.dtype())?, g),
+        &|g| crate::gate_heads::plain::gate_heads(&x.to_dtype(g.dtype())?, g),
+    )
+    .map_err(|e| candle_core::Error::Msg(format!("gate: {e}")))
 }
 
 fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
@@ -1206,4 +1281,244 @@ pub(crate) fn flash_backward(
         candle_core::op::BackpropOp::none(),
         false,
     ))
+}
+
+/// The element types the kernels come in, by their names' suffix.
+trait Elem: CudaDType + DeviceRepr {
+    const SUFFIX: &'static str;
+}
+
+impl Elem for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+/// The `n` contiguous elements of a `T` storage that `layout` names.
+fn elems<'a, T: Elem>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    n: usize,
+) -> Result<CudaView<'a, T>> {
+    let (start, len) = span(layout)?;
+    if len != n {
+        candle_core::bail!("a fused kernel expected {n} elements, not {len}")
+    }
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..start + n))
+}
+
+/// A tensor outside the graph from a kernel's output.
+fn tensor<T: Elem>(out: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
+}
+
+/// The CUDA storages of locked tensors (`Tensor::storage_and_layout`), with their layouts.
+fn cuda_parts<'a, G: std::ops::Deref<Target = Storage>, const N: usize>(
+    locked: &'a [(G, &'a Layout); N],
+) -> Result<[(&'a CudaStorage, &'a Layout); N]> {
+    let mut parts = Vec::with_capacity(N);
+    for (storage, layout) in locked {
+        match &**storage {
+            Storage::Cuda(s) => parts.push((s, *layout)),
+            _ => candle_core::bail!("a fused CUDA kernel was given a tensor off the GPU"),
+        }
+    }
+    Ok(parts.try_into().unwrap_or_else(|_| unreachable!("N parts")))
+}
+
+/// bf16 or f32, the kernels' element types, by a storage's elements.
+fn elem_dtype(storage: &CudaStorage) -> Option<DType> {
+    match storage.slice {
+        CudaStorageSlice::BF16(_) => Some(DType::BF16),
+        CudaStorageSlice::F32(_) => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// Blocks of the mix's backward at most (`BLOCKS` in kernels/mix.cu): its partial sums.
+const MIX_BLOCKS: usize = 1024;
+
+/// The mix backward's grid for `n` elements: a function of n alone, so the sums' order is too.
+fn mix_grid(n: usize) -> usize {
+    n.div_ceil(THREADS as usize).clamp(1, MIX_BLOCKS)
+}
+
+/// `a·x + b·z`, for `ab = [a, b]` in f32 (kernels/mix.cu).
+pub(crate) fn mix(
+    (xs, xl): (&CudaStorage, &Layout),
+    (zs, zl): (&CudaStorage, &Layout),
+    (abs, abl): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: Elem>(
+        (xs, xl): (&CudaStorage, &Layout),
+        (zs, zl): (&CudaStorage, &Layout),
+        (abs, abl): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let n = xl.shape().elem_count();
+        let (x, z) = (elems::<T>(xs, xl, n)?, elems::<T>(zs, zl, n)?);
+        let ab = elems::<f32>(abs, abl, 2)?;
+        let dev = &xs.device;
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let name = format!("mix_forward_{}", T::SUFFIX);
+        let func = dev.get_or_load_custom_func(&name, "fused-mix", ptx::MIX)?;
+        let mut b = func.builder();
+        b.arg(&x).arg(&z).arg(&ab).arg(&y).arg(&n);
+        // SAFETY: reads n elements of x and z and 2 of ab; writes n.
+        unsafe { b.launch(blocks((n.div_ceil(THREADS as usize) as u32, 1, 1))) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let y = match elem_dtype(xs) {
+        Some(DType::BF16) => launch::<half::bf16>((xs, xl), (zs, zl), (abs, abl))?,
+        Some(DType::F32) => launch::<f32>((xs, xl), (zs, zl), (abs, abl))?,
+        _ => candle_core::bail!("the fused mix takes bf16 or f32"),
+    };
+    Ok((y, xl.shape().clone()))
+}
+
+/// The mix's gradient from `g`: dx = a·g, dz = b·g, and the blocks' sums of g·x and g·z,
+/// `[blocks, 2]` (added in block order by the caller).
+pub(crate) fn mix_backward(
+    x: &Tensor,
+    z: &Tensor,
+    ab: &Tensor,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    fn launch<T: Elem>(
+        [(xs, xl), (zs, zl), (abs, abl), (gs, gl)]: [(&CudaStorage, &Layout); 4],
+    ) -> Result<([CudaSlice<T>; 2], CudaSlice<f32>)> {
+        let n = xl.shape().elem_count();
+        let (x, z, g) = (
+            elems::<T>(xs, xl, n)?,
+            elems::<T>(zs, zl, n)?,
+            elems::<T>(gs, gl, n)?,
+        );
+        let ab = elems::<f32>(abs, abl, 2)?;
+        let dev = &xs.device;
+        let grid = mix_grid(n);
+        let (dx, dz) = unsafe { (dev.alloc::<T>(n)?, dev.alloc::<T>(n)?) };
+        let partial = unsafe { dev.alloc::<f32>(2 * grid)? };
+        let name = format!("mix_backward_{}", T::SUFFIX);
+        let func = dev.get_or_load_custom_func(&name, "fused-mix", ptx::MIX)?;
+        let mut b = func.builder();
+        b.arg(&x).arg(&z).arg(&g).arg(&ab);
+        b.arg(&dx).arg(&dz).arg(&partial).arg(&n);
+        let config = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: launch::MIX_BACKWARD as u32,
+        };
+        // SAFETY: reads n elements of x, z and g and 2 of ab; writes n of dx and dz and two
+        // sums a block.
+        unsafe { b.launch(config) }.w()?;
+        Ok(([dx, dz], partial))
+    }
+    let g = g.contiguous()?;
+    let locked = [x, z, ab, &g].map(|t| t.storage_and_layout());
+    let parts = cuda_parts(&locked)?;
+    let dev = &parts[0].0.device;
+    let (shape, sums) = (x.shape(), (mix_grid(x.elem_count()), 2));
+    Ok(match x.dtype() {
+        DType::BF16 => {
+            let ([dx, dz], partial) = launch::<half::bf16>(parts)?;
+            let sums = tensor(partial, dev, sums);
+            (tensor(dx, dev, shape), tensor(dz, dev, shape), sums)
+        }
+        DType::F32 => {
+            let ([dx, dz], partial) = launch::<f32>(parts)?;
+            let sums = tensor(partial, dev, sums);
+            (tensor(dx, dev, shape), tensor(dz, dev, shape), sums)
+        }
+        other => candle_core::bail!("the fused mix takes bf16 or f32, not {other:?}"),
+    })
+}
+
+/// `x [B, T, H·hd]` times `gate [B, T, H]`, head-major `[B, H, T, hd]` (kernels/gate_heads.cu).
+pub(crate) fn gate_heads(
+    (xs, xl): (&CudaStorage, &Layout),
+    (gs, gl): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: Elem>(
+        (xs, xl): (&CudaStorage, &Layout),
+        (gs, gl): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        let (b, t, h) = gl.shape().dims3()?;
+        let n = xl.shape().elem_count();
+        let rows = b * t * h;
+        let (x, gate) = (elems::<T>(xs, xl, n)?, elems::<T>(gs, gl, rows)?);
+        let dev = &xs.device;
+        let y = unsafe { dev.alloc::<T>(n)? };
+        let name = format!("gate_heads_forward_{}", T::SUFFIX);
+        let func = dev.get_or_load_custom_func(&name, "fused-gate-heads", ptx::GATE_HEADS)?;
+        let (t32, h32, hd32) = (t as i32, h as i32, (n / rows.max(1)) as i32);
+        let mut bld = func.builder();
+        bld.arg(&x).arg(&gate).arg(&y).arg(&rows);
+        bld.arg(&t32).arg(&h32).arg(&hd32);
+        let grid = (rows.div_ceil(THREADS as usize / 32) as u32, 1, 1);
+        // SAFETY: reads n elements of x and rows of gate; writes n, each once.
+        unsafe { bld.launch(blocks(grid)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let (b, t, h) = gl.shape().dims3()?;
+    let hd = xl.shape().elem_count() / (b * t * h).max(1);
+    let y = match elem_dtype(xs) {
+        Some(DType::BF16) => launch::<half::bf16>((xs, xl), (gs, gl))?,
+        Some(DType::F32) => launch::<f32>((xs, xl), (gs, gl))?,
+        _ => candle_core::bail!("the fused gate takes bf16 or f32"),
+    };
+    Ok((y, Shape::from((b, h, t, hd))))
+}
+
+/// Its gradient from `gy [B, H, T, hd]`: dx in x's layout and dgate `[B, T, H]`.
+pub(crate) fn gate_heads_backward(
+    x: &Tensor,
+    gate: &Tensor,
+    gy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    fn launch<T: Elem>(
+        [(xs, xl), (gs, gl), (ys, yl)]: [(&CudaStorage, &Layout); 3],
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+        let (b, t, h) = gl.shape().dims3()?;
+        let n = xl.shape().elem_count();
+        let rows = b * t * h;
+        let (x, gate, gy) = (
+            elems::<T>(xs, xl, n)?,
+            elems::<T>(gs, gl, rows)?,
+            elems::<T>(ys, yl, n)?,
+        );
+        let dev = &xs.device;
+        let (dx, dgate) = unsafe { (dev.alloc::<T>(n)?, dev.alloc::<T>(rows)?) };
+        let name = format!("gate_heads_backward_{}", T::SUFFIX);
+        let func = dev.get_or_load_custom_func(&name, "fused-gate-heads", ptx::GATE_HEADS)?;
+        let (t32, h32, hd32) = (t as i32, h as i32, (n / rows.max(1)) as i32);
+        let mut bld = func.builder();
+        bld.arg(&x)
+            .arg(&gate)
+            .arg(&gy)
+            .arg(&dx)
+            .arg(&dgate)
+            .arg(&rows);
+        bld.arg(&t32).arg(&h32).arg(&hd32);
+        let grid = (rows.div_ceil(THREADS as usize / 32) as u32, 1, 1);
+        // SAFETY: reads n elements of x and gy and rows of gate; writes n of dx, rows of dgate.
+        unsafe { bld.launch(blocks(grid)) }.w()?;
+        Ok((dx, dgate))
+    }
+    let gy = gy.contiguous()?;
+    let locked = [x, gate, &gy].map(|t| t.storage_and_layout());
+    let parts = cuda_parts(&locked)?;
+    let dev = &parts[0].0.device;
+    Ok(match x.dtype() {
+        DType::BF16 => {
+            let (dx, dgate) = launch::<half::bf16>(parts)?;
+            (tensor(dx, dev, x.shape()), tensor(dgate, dev, gate.shape()))
+        }
+        DType::F32 => {
+            let (dx, dgate) = launch::<f32>(parts)?;
+            (tensor(dx, dev, x.shape()), tensor(dgate, dev, gate.shape()))
+        }
+        other => candle_core::bail!("the fused gate takes bf16 or f32, not {other:?}"),
+    })
 }

@@ -35,3 +35,6 @@ pub fn flash_backward_q(hd: usize) -> usize {
 /// positions and rows, and the warps' counts.
 pub const EMBEDDING_GRAD_CHUNK: usize =
     EMBEDDING_ROWS * 2 * EMBEDDING_THREADS * 4 + 2 * EMBEDDING_THREADS * 4 + 32;
+
+/// `mix_backward_*`: the warps' two sums (256 threads a block).
+pub const MIX_BACKWARD: usize = 2 * (256 / 32) * 4;

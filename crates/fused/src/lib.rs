@@ -19,15 +19,19 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod embedding;
+pub mod gate_heads;
 pub mod heads;
 #[doc(hidden)]
 pub mod launch;
+pub mod mix;
 pub mod rotary;
 
 pub use attention::{attention, causal_softmax};
 pub use cross_entropy::softcap_cross_entropy;
 pub use embedding::embedding;
+pub use gate_heads::gate_heads;
 pub use heads::heads;
+pub use mix::mix;
 pub use rotary::rotary;
 
 /// Softmax over the last axis. Rows may hold `-inf` (masked keys), not only `-inf`.
@@ -57,6 +61,8 @@ pub enum Kernel {
     ReluSquared,
     Heads,
     Attention,
+    Mix,
+    GateHeads,
 }
 
 /// Whether `kernel` takes the fused path for `dtype` on `device`: f32 on the CPU; bf16 and f32
@@ -84,25 +90,6 @@ pub fn relu_squared(x: &Tensor) -> Result<Tensor> {
     plain::relu_squared(x)
 }
 
-/// `x · a` for a one-element `a` (a learned scalar), in x's dtype. The gradient for `a` is a
-/// sum over all of x, and candle's CUDA backend sums a whole tensor into one value with a
-/// single block: 0.86 ms for the 16.7 M elements of an h100-preset residual on an H200, twice a
-/// layer. Viewed as 1,024 rows, each row is summed by its own block, then the 1,024 sums.
-pub fn scale(x: &Tensor, a: &Tensor) -> Result<Tensor> {
-    if a.elem_count() != 1 {
-        candle_core::bail!("scale: a must hold one value, not {:?}", a.dims())
-    }
-    let n = x.elem_count();
-    let rows = if n.is_multiple_of(1024) { 1024 } else { 1 };
-    let a = a
-        .reshape((1, 1))?
-        .to_dtype(x.dtype())?
-        .broadcast_as((rows, 1))?;
-    x.reshape((rows, n / rows))?
-        .broadcast_mul(&a)?
-        .reshape(x.shape())
-}
-
 fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0 && x.elem_count() > 0
 }
@@ -114,7 +101,9 @@ pub mod plain {
 
     pub use crate::attention::plain::{attention, causal_softmax};
     pub use crate::cross_entropy::plain::softcap_cross_entropy;
+    pub use crate::gate_heads::plain::gate_heads;
     pub use crate::heads::plain::heads;
+    pub use crate::mix::plain::mix;
     pub use crate::rotary::plain::rotary;
 
     pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -376,7 +365,7 @@ impl CustomOp2 for RmsNormBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, IndexOp, Var};
 
     /// Deterministic values in [-scale, scale), never all equal.
     fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
@@ -664,28 +653,92 @@ mod tests {
         assert!(err.contains("[5, 4]"), "{err}");
     }
 
+    /// Values and every input's gradient (of a random weighting of the output) of `fused`
+    /// against `plain`.
+    fn compare_all(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+        plain: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> (f32, Vec<f32>) {
+        let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|x| Var::from_tensor(x).unwrap())
+                .collect();
+            let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&xs).unwrap();
+            let w = random(y.dims(), 97, 1.0);
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<Tensor> = xs.iter().map(|x| grads.get(x).unwrap().clone()).collect();
+            (y, g)
+        };
+        let (y_fused, g_fused) = run(&fused);
+        let (y_plain, g_plain) = run(&plain);
+        assert_eq!(y_fused.dims(), y_plain.dims());
+        let grads = g_fused
+            .iter()
+            .zip(&g_plain)
+            .map(|(f, p)| {
+                assert_eq!(f.dims(), p.dims());
+                max_rel_err(f, p)
+            })
+            .collect();
+        (max_rel_err(&y_fused, &y_plain), grads)
+    }
+
     #[test]
-    fn scale_matches_a_broadcast_product_values_and_gradients() {
+    fn mix_matches_the_plain_path_values_and_all_four_gradients() {
         for shape in [vec![2, 8, 64], vec![3, 5]] {
-            let x = random(&shape, 40, 2.0);
-            let a = Var::from_tensor(&Tensor::new(&[[0.7f32]], &Device::Cpu).unwrap()).unwrap();
-            let w = random(&shape, 41, 1.0);
-            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
-                let xv = Var::from_tensor(&x).unwrap();
-                let y = f(xv.as_tensor(), a.as_tensor()).unwrap();
-                let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                let (gx, ga) = (grads.get(xv.as_tensor()), grads.get(a.as_tensor()));
-                (y, gx.unwrap().clone(), ga.unwrap().clone())
-            };
-            let (y, gx, ga) = run(&|x, a| scale(x, a));
-            let (want_y, want_gx, want_ga) = run(&|x, a| x.broadcast_mul(a));
-            assert_eq!(y.dims(), &shape[..]);
-            assert_eq!(ga.dims(), [1, 1]);
-            assert!(max_rel_err(&y, &want_y) < 1e-6);
-            assert!(max_rel_err(&gx, &want_gx) < 1e-6);
-            assert!(max_rel_err(&ga, &want_ga) < 1e-5, "{ga} {want_ga}");
+            let scalar = |v: f32| Tensor::new(&[[v]], &Device::Cpu).unwrap();
+            let inputs = [
+                random(&shape, 40, 2.0),
+                scalar(0.93),
+                random(&shape, 41, 2.0),
+                scalar(0.1),
+            ];
+            let (value, grads) = compare_all(
+                &inputs,
+                |i| mix(&i[0], &i[1], &i[2], &i[3]),
+                |i| plain::mix(&i[0], &i[1], &i[2], &i[3]),
+            );
+            assert!(value < 1e-6, "{value}");
+            assert!(grads.iter().all(|&g| g < 1e-5), "{grads:?}");
         }
-        assert!(scale(&random(&[4], 42, 1.0), &random(&[2], 43, 1.0)).is_err());
+        let x = random(&[4], 42, 1.0);
+        let err = mix(&x, &random(&[2], 43, 1.0), &x, &x.get(0).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("one value each"), "{err}");
+    }
+
+    #[test]
+    fn gate_heads_matches_the_plain_path_and_puts_each_head_first() {
+        let (b, t, h, hd) = (2, 5, 3, 4);
+        let inputs = [
+            random(&[b, t, h * hd], 44, 2.0),
+            random(&[b, t, h], 45, 2.0),
+        ];
+        let (value, grads) = compare_all(
+            &inputs,
+            |i| gate_heads(&i[0], &i[1]),
+            |i| plain::gate_heads(&i[0], &i[1]),
+        );
+        assert!(value < 1e-6, "{value}");
+        assert!(grads.iter().all(|&g| g < 1e-6), "{grads:?}");
+        // Head-major and contiguous: y[b, h, t, d] = x[b, t, h·hd + d] · gate[b, t, h].
+        let y = gate_heads(&inputs[0], &inputs[1]).unwrap();
+        assert_eq!(y.dims(), [b, h, t, hd]);
+        assert!(y.is_contiguous());
+        let (x, gate) = (
+            inputs[0].to_vec3::<f32>().unwrap(),
+            inputs[1].to_vec3::<f32>().unwrap(),
+        );
+        let got = y.i((1, 2, 3, 1)).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(got, x[1][3][2 * hd + 1] * gate[1][3][2]);
+        let err = gate_heads(&inputs[0], &random(&[b, t, 5], 46, 1.0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("heads dividing 12"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The CUDA kernels run on the CPU: `emulator/cuda_emulator.h` runs a kernel file compiled as
 //! C++ with a thread per GPU thread (shuffles, barriers, and mma.sync in the PTX ISA's fragment
 //! layouts), and each driver checks its kernels against a reference in double precision. This
-//! is how CI tests kernels that no GPU has run yet: the flash attention kernels, the heads, and
-//! the embedding's chunked backward.
+//! is how CI tests kernels that no GPU has run yet: the flash attention kernels, the heads, the
+//! embedding's chunked backward, the residual mix and the gated value heads.
 //! Each launch gets the shared memory its launcher gives (`fused::launch`); the drivers are built
 //! with AddressSanitizer, so a kernel that reads or writes past that, or past a tensor, stops the
 //! test where the card would fault.
@@ -103,5 +103,18 @@ fn embedding_backward_matches_the_sum_of_its_rows_on_an_emulated_gpu() {
         launch::EMBEDDING_GRAD_CHUNK,
     )];
     let report = run_driver("embedding", &shared);
+    assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
+}
+
+#[test]
+fn mix_kernels_match_the_residual_mix_and_its_sums_on_an_emulated_gpu() {
+    let shared = [("mix_backward".to_string(), launch::MIX_BACKWARD)];
+    let report = run_driver("mix", &shared);
+    assert_eq!(report.lines().count(), 3, "one line per case:\n{report}");
+}
+
+#[test]
+fn gate_heads_kernels_match_the_gated_value_term_on_an_emulated_gpu() {
+    let report = run_driver("gate_heads", &[]);
     assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
 }

@@ -123,7 +123,57 @@ fn main() -> Result<()> {
         iters,
     )?;
 
+    // The residual mix, as the train file calls it (x and x0, each layer's two scalars); only
+    // x's gradient is asked for, so the plain path skips the scalars' sums and the fused one
+    // does not.
+    let x0 =
+        Tensor::from_vec(random(tokens * dim, 3.0), (tokens, dim), &device)?.to_dtype(dtype)?;
+    let (a, b) = (
+        Tensor::new(&[[0.93f32]], &device)?,
+        Tensor::new(&[[0.1f32]], &device)?,
+    );
+    println!(
+        "mix: a·x + b·x0 over {tokens} rows of {dim}, {dtype:?}; fused path: {}",
+        is_fused(Kernel::Mix, &device, dtype)
+    );
+    bench(
+        &x,
+        &|x| fused::plain::mix(x, &a, &x0, &b),
+        &|x| fused::mix(x, &a, &x0, &b),
+        &device,
+        iters,
+    )?;
+    drop(x0);
+
     let (heads, head_dim) = (4, 128);
+    // The value residual as attention takes it: v plus the gated value embedding, head-major.
+    let gate = Tensor::from_vec(
+        random(tokens * heads, 2.0),
+        (tokens / seq, seq, heads),
+        &device,
+    )?
+    .to_dtype(dtype)?;
+    let v = Tensor::from_vec(
+        random(tokens * dim, 2.0),
+        (tokens / seq, heads, seq, head_dim),
+        &device,
+    )?
+    .to_dtype(dtype)?;
+    let ve = x.reshape((tokens / seq, seq, dim))?;
+    println!(
+        "gate heads: v + ve {:?} gated per head, {dtype:?}; fused path: {}",
+        ve.dims(),
+        is_fused(Kernel::GateHeads, &device, dtype)
+    );
+    bench(
+        &ve,
+        &|x| &v + fused::plain::gate_heads(x, &gate)?,
+        &|x| &v + fused::gate_heads(x, &gate)?,
+        &device,
+        iters,
+    )?;
+    drop((gate, v));
+
     let x = x.reshape((tokens / seq, seq, heads, head_dim))?;
     let angles: Vec<f32> = (0..seq * head_dim / 2).map(|i| i as f32 * 0.01).collect();
     let angles = Tensor::from_vec(angles, (seq, head_dim / 2), &device)?;

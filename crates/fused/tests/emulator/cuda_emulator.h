@@ -196,6 +196,13 @@ void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::functio
   }
 }
 
+// The drivers' f32 and bf16 values, to and from f32.
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) { return __bfloat162float(x); }
+template <typename T> T narrow_to(float x);
+template <> inline float narrow_to<float>(float x) { return x; }
+template <> inline bf16 narrow_to<bf16>(float x) { return __float2bfloat16_rn(x); }
+
 // max |got - want| / max |want|, where a value that is 0 in exact arithmetic (a window of 0)
 // is measured against 1e-3 (its rounding is ~1e-7). NaN where a value is NaN (unwritten).
 inline double relative_error(const std::vector<double> &got, const std::vector<double> &want) {

@@ -8,12 +8,6 @@
 
 #include "../../kernels/embedding.cu"
 
-float widen(float x) { return x; }
-float widen(bf16 x) { return __bfloat162float(x); }
-template <typename T> T narrow_to(float x);
-template <> float narrow_to<float>(float x) { return x; }
-template <> bf16 narrow_to<bf16>(float x) { return __float2bfloat16_rn(x); }
-
 template <typename T>
 bool check(int vocab, int d, int n, int chunk, bool past_table, unsigned seed, double tolerance,
            const char *dtype) {

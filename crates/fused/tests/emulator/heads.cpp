@@ -6,12 +6,6 @@
 
 #include "../../kernels/heads.cu"
 
-float widen(float x) { return x; }
-float widen(bf16 x) { return __bfloat162float(x); }
-template <typename T> T narrow_to(float x);
-template <> float narrow_to<float>(float x) { return x; }
-template <> bf16 narrow_to<bf16>(float x) { return __float2bfloat16_rn(x); }
-
 // One output row from its input row `x` (hd values): turned and normed (q, k), or as it is (v).
 std::vector<double> row_forward(const std::vector<double> &x, const double *cos,
                                 const double *sin, bool turned, double eps) {

@@ -1,0 +1,73 @@
+// The residual stream's mix y = a·x + b·z, for one-element a and b (a layer's learned scalars, in
+// f32, taken at the tensors' precision as the plain path casts them), and its gradient: dx = a·g,
+// dz = b·g, and each block's part of Σ g·x and Σ g·z (the scalars' gradients), which the caller
+// adds in block order. Forward: a thread per element. Backward: a grid of at most 1,024 blocks
+// (cuda.rs) strides over the elements, so the sums' order depends on n alone (the same from run
+// to run).
+// Built to PTX by build.rs under `cuda`.
+#include "loads.cuh"
+
+#define THREADS 256
+
+__device__ __forceinline__ float at_precision(const float *, float v) { return v; }
+__device__ __forceinline__ float at_precision(const __nv_bfloat16 *, float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+template <typename T>
+__device__ void forward(const T *x, const T *z, const float *ab, T *y, size_t n) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float a = at_precision(x, ab[0]), b = at_precision(x, ab[1]);
+  store(y, i, a * load(x, i) + b * load(z, i));
+}
+
+// Shared memory: the warps' two sums, 2 × THREADS / 32 floats.
+template <typename T>
+__device__ void backward(const T *x, const T *z, const T *g, const float *ab, T *dx, T *dz,
+                         float *partial, size_t n) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  float *sums = reinterpret_cast<float *>(shared);
+  const float a = at_precision(x, ab[0]), b = at_precision(x, ab[1]);
+  float sx = 0.0f, sz = 0.0f;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    const float gi = load(g, i);
+    store(dx, i, a * gi);
+    store(dz, i, b * gi);
+    sx += gi * load(x, i);
+    sz += gi * load(z, i);
+  }
+  for (int o = 16; o > 0; o /= 2) {
+    sx += __shfl_xor_sync(0xffffffffu, sx, o);
+    sz += __shfl_xor_sync(0xffffffffu, sz, o);
+  }
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    sums[warp] = sx;
+    sums[THREADS / 32 + warp] = sz;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float tx = 0.0f, tz = 0.0f;
+    for (int w = 0; w < THREADS / 32; w++) {
+      tx += sums[w];
+      tz += sums[THREADS / 32 + w];
+    }
+    partial[2 * blockIdx.x] = tx;
+    partial[2 * blockIdx.x + 1] = tz;
+  }
+}
+
+#define MIX(SUFFIX, T)                                                                             \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                            \
+      mix_forward_##SUFFIX(const T *x, const T *z, const float *ab, T *y, size_t n) {              \
+    forward(x, z, ab, y, n);                                                                       \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS) mix_backward_##SUFFIX(                     \
+      const T *x, const T *z, const T *g, const float *ab, T *dx, T *dz, float *partial,           \
+      size_t n) {                                                                                  \
+    backward(x, z, g, ab, dx, dz, partial, n);                                                     \
+  }
+MIX(bf16, __nv_bfloat16)
+MIX(f32, float)
