@@ -206,7 +206,7 @@ def kernels(path):
     """Per-kernel GPU time from Nsight Compute's raw CSV (gpu__time_duration.sum, in ns)."""
     rows = list(csv.reader(line for line in open(path) if line.startswith('"')))
     if len(rows) < 3:
-        sys.exit(f"{path}: no kernels profiled (see ncu.err beside it)")
+        sys.exit(f"{path}: no kernels profiled (see the ncu-*.err beside it)")
     head = rows[0]
     name, took, grid = (head.index(k) for k in ("Kernel Name", "gpu__time_duration.sum", "Grid Size"))
     total, calls = collections.Counter(), collections.Counter()

@@ -30,7 +30,7 @@ case $mode in
   *) fail "usage: ./run.sh [kernels|check|run|all|profile|acceptance] [side_by_side.py options...], not \`$mode\`" ;;
 esac
 ours=yes
-if [ "$mode" = run ]; then
+if [ "$mode" = run ] || [ "$mode" = profile ]; then
   case " $* " in *" --side twin "* | *" --side=twin "*) ours=no ;; esac
 fi
 

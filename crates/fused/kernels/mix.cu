@@ -1,7 +1,7 @@
 // The residual stream's mix y = a·x + b·z, for one-element a and b (a layer's learned scalars, in
 // f32, taken at the tensors' precision as the plain path casts them), and its gradient: dx = a·g,
 // dz = b·g, and each block's part of Σ g·x and Σ g·z (the scalars' gradients), which the caller
-// adds in block order. Forward: a thread per element. Backward: a grid of at most 1,024 blocks
+// sums over the blocks. Forward: a thread per element. Backward: a grid of at most 1,024 blocks
 // (cuda.rs) strides over the elements, so the sums' order depends on n alone (the same from run
 // to run).
 // Built to PTX by build.rs under `cuda`.

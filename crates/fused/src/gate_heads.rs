@@ -25,9 +25,14 @@ pub fn gate_heads(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
         && gate.dtype() == x.dtype()
         && is_fused(Kernel::GateHeads, x.device(), x.dtype())
     {
-        return x.contiguous()?.apply_op2(&gate.contiguous()?, GateHeads);
+        return fused(x, gate);
     }
     plain::gate_heads(x, gate)
+}
+
+/// The fused op itself, whatever `is_fused` says (the CUDA self-check runs it).
+pub(crate) fn fused(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&gate.contiguous()?, GateHeads)
 }
 
 pub(crate) mod plain {

@@ -2,7 +2,7 @@
 //! scalars). The plain path, a broadcast product for each and an add, runs candle's strided
 //! kernels on CUDA (a broadcast scalar is not contiguous: index arithmetic in 64 bits for every
 //! element), twice each way; the fused op is one pass each way, the scalars' gradients summed by
-//! block and the blocks' sums added in order.
+//! block over a grid fixed by the size, then over the blocks (the same order every run).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -22,10 +22,15 @@ pub fn mix(x: &Tensor, a: &Tensor, z: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
     if x.elem_count() > 0 && x.dtype() == z.dtype() && is_fused(Kernel::Mix, x.device(), x.dtype())
     {
-        let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?.to_dtype(DType::F32)?;
-        return x.contiguous()?.apply_op3(&z.contiguous()?, &ab, Mix);
+        return fused(x, a, z, b);
     }
     plain::mix(x, a, z, b)
+}
+
+/// The fused op itself, whatever `is_fused` says (the CUDA self-check runs it).
+pub(crate) fn fused(x: &Tensor, a: &Tensor, z: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?.to_dtype(DType::F32)?;
+    x.contiguous()?.apply_op3(&z.contiguous()?, &ab, Mix)
 }
 
 pub(crate) mod plain {
@@ -38,7 +43,10 @@ pub(crate) mod plain {
         let n = x.elem_count();
         let rows = if n.is_multiple_of(1024) { 1024 } else { 1 };
         let scaled = |t: &Tensor, s: &Tensor| -> Result<Tensor> {
-            let s = s.reshape((1, 1))?.to_dtype(t.dtype())?.broadcast_as((rows, 1))?;
+            let s = s
+                .reshape((1, 1))?
+                .to_dtype(t.dtype())?
+                .broadcast_as((rows, 1))?;
             t.reshape((rows, n / rows))?.broadcast_mul(&s)
         };
         (scaled(x, a)? + scaled(z, b)?)?.reshape(x.shape())

@@ -1,7 +1,7 @@
 // kernels/mix.cu run on the CPU (cuda_emulator.h), in f32 and bf16: y = a·x + b·z and its
 // gradient, against double precision from the same values. The backward's grid is cut to a few
-// blocks so that each thread strides over several elements, as on the card once n passes
-// BLOCKS × THREADS; the blocks' sums are added in block order, as the host does. Built and run by
+// blocks so that each thread strides over several elements, as on the card once n passes the
+// host's 1,024 blocks × THREADS; the blocks' sums are then added up, as the host does. Built and run by
 // tests/emulated.rs; exits 1 on a mismatch.
 #include "cuda_emulator.h"
 
