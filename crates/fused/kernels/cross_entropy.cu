@@ -14,20 +14,45 @@ __device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
   m = top;
 }
 
+// Each thread takes eight logits at a time (loads.cuh), GROUP such runs loaded before it computes
+// on them, so that a row's loads are in flight together rather than one after another.
+#define GROUP 4
+
+// The GROUP runs of eight a thread takes from `base`, `stride` apart (0 past the row).
+template <typename T>
+__device__ __forceinline__ void load_group(const T *xr, int base, int stride, int vocab,
+                                           float v[GROUP][8]) {
+#pragma unroll
+  for (int c = 0; c < GROUP; c++) load8(xr, base + c * stride, vocab, v[c]);
+}
+
+// Shared memory: the warps' running maxima and sums, 2 × THREADS / 32 floats.
 template <typename T>
 __device__ void forward(const T *x, const uint32_t *targets, float *loss, int vocab, float cap) {
-  __shared__ float ms[THREADS / 32], ss[THREADS / 32];
+  extern __shared__ __align__(16) unsigned char shared[];
+  float *ms = reinterpret_cast<float *>(shared), *ss = ms + THREADS / 32;
   const size_t row = blockIdx.x;
   const T *xr = x + row * (size_t)vocab;
   const float inv = 1.0f / cap;
+  const int stride = 8 * blockDim.x;
   float m = -INFINITY, s = 0.0f;
-  for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-    const float z = cap * tanhf(load(xr, v) * inv);
-    if (z > m) {
-      s = s * expf(m - z) + 1.0f;
-      m = z;
-    } else {
-      s += expf(z - m);
+  for (int base = 8 * threadIdx.x; base < vocab; base += GROUP * stride) {
+    float v[GROUP][8];
+    load_group(xr, base, stride, vocab, v);
+#pragma unroll
+    for (int c = 0; c < GROUP; c++) {
+      const int at = base + c * stride;
+      float top = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < 8; k++) {
+        v[c][k] = at + k < vocab ? cap * tanhf(v[c][k] * inv) : -INFINITY;
+        top = fmaxf(top, v[c][k]);
+      }
+      if (top == -INFINITY) continue;  // a run wholly past the row
+      float sum = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 8; k++) sum += __expf(v[c][k] - top);
+      merge(m, s, top, sum);
     }
   }
   for (int o = 16; o > 0; o >>= 1) {
@@ -60,10 +85,22 @@ __device__ void backward(const T *x, const uint32_t *targets, const float *loss_
   const float zt = t < (uint32_t)vocab ? cap * tanhf(load(xr, t) * inv) : NAN;
   const float lse = loss_grad[2 * row] + zt;
   const float g = loss_grad[2 * row + 1];
-  for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-    const float th = tanhf(load(xr, v) * inv);
-    const float p = expf(cap * th - lse);
-    store(dr, v, g * (p - ((uint32_t)v == t ? 1.0f : 0.0f)) * (1.0f - th * th));
+  const int stride = 8 * blockDim.x;
+  for (int base = 8 * threadIdx.x; base < vocab; base += GROUP * stride) {
+    float v[GROUP][8];
+    load_group(xr, base, stride, vocab, v);
+#pragma unroll
+    for (int c = 0; c < GROUP; c++) {
+      const int at = base + c * stride;
+      if (at >= vocab) break;
+#pragma unroll
+      for (int k = 0; k < 8; k++) {
+        const float th = tanhf(v[c][k] * inv);
+        const float p = __expf(cap * th - lse);
+        v[c][k] = g * (p - ((uint32_t)(at + k) == t ? 1.0f : 0.0f)) * (1.0f - th * th);
+      }
+      store8(dr, at, vocab, v[c]);
+    }
   }
 }
 

@@ -1,22 +1,34 @@
-// ReLU squared, y = max(x, 0)^2, and its gradient dx = 2 max(x, 0) g: one thread per element.
+// ReLU squared, y = max(x, 0)^2, and its gradient dx = 2 max(x, 0) g: eight elements a thread.
 // Built to PTX by build.rs under `cuda`.
 #include "loads.cuh"
 
 #define THREADS 256
 
+// Eight elements a thread (loads.cuh).
 template <typename T>
 __device__ void forward(const T *x, T *y, size_t n) {
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t i = 8 * ((size_t)blockIdx.x * blockDim.x + threadIdx.x);
   if (i >= n) return;
-  const float r = fmaxf(load(x, i), 0.0f);
-  store(y, i, r * r);
+  float v[8];
+  load8(x, i, n, v);
+#pragma unroll
+  for (int k = 0; k < 8; k++) {
+    const float r = fmaxf(v[k], 0.0f);
+    v[k] = r * r;
+  }
+  store8(y, i, n, v);
 }
 
 template <typename T>
 __device__ void backward(const T *x, const T *g, T *dx, size_t n) {
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t i = 8 * ((size_t)blockIdx.x * blockDim.x + threadIdx.x);
   if (i >= n) return;
-  store(dx, i, 2.0f * fmaxf(load(x, i), 0.0f) * load(g, i));
+  float v[8], w[8];
+  load8(x, i, n, v);
+  load8(g, i, n, w);
+#pragma unroll
+  for (int k = 0; k < 8; k++) v[k] = 2.0f * fmaxf(v[k], 0.0f) * w[k];
+  store8(dx, i, n, v);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)

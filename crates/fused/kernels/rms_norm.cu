@@ -11,19 +11,26 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Each lane takes runs of eight (loads.cuh); the second pass reads the row again (from cache).
 template <typename T>
 __device__ void forward(const T *x, T *y, int rows, int n, float eps) {
   const int row = blockIdx.x * (THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= rows) return;
   const T *xr = x + (size_t)row * n;
   T *yr = y + (size_t)row * n;
-  float sq = 0.0f;
-  for (int j = lane; j < n; j += 32) {
-    const float v = load(xr, j);
-    sq += v * v;
+  float sq = 0.0f, v[8];
+  for (int j = 8 * lane; j < n; j += 256) {
+    load8(xr, j, n, v);  // 0 past n
+#pragma unroll
+    for (int k = 0; k < 8; k++) sq += v[k] * v[k];
   }
   const float r = rsqrtf(warp_sum(sq) / n + eps);
-  for (int j = lane; j < n; j += 32) store(yr, j, load(xr, j) * r);
+  for (int j = 8 * lane; j < n; j += 256) {
+    load8(xr, j, n, v);
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] *= r;
+    store8(yr, j, n, v);
+  }
 }
 
 template <typename T>
@@ -33,16 +40,26 @@ __device__ void backward(const T *x, const T *g, T *dx, int rows, int n, float e
   const T *xr = x + (size_t)row * n;
   const T *gr = g + (size_t)row * n;
   T *dr = dx + (size_t)row * n;
-  float sq = 0.0f, gx = 0.0f;
-  for (int j = lane; j < n; j += 32) {
-    const float v = load(xr, j);
-    sq += v * v;
-    gx += load(gr, j) * v;
+  float sq = 0.0f, gx = 0.0f, v[8], w[8];
+  for (int j = 8 * lane; j < n; j += 256) {
+    load8(xr, j, n, v);
+    load8(gr, j, n, w);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      sq += v[k] * v[k];
+      gx += w[k] * v[k];
+    }
   }
   const float r = rsqrtf(warp_sum(sq) / n + eps);
   // mean(g * y) = r * mean(g * x)
   const float dot = r * warp_sum(gx) / n;
-  for (int j = lane; j < n; j += 32) store(dr, j, r * (load(gr, j) - load(xr, j) * r * dot));
+  for (int j = 8 * lane; j < n; j += 256) {
+    load8(xr, j, n, v);
+    load8(gr, j, n, w);
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] = r * (w[k] - v[k] * r * dot);
+    store8(dr, j, n, v);
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)

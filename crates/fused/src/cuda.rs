@@ -444,8 +444,12 @@ pub(crate) fn forward(
         let vocab = vocab as i32;
         let mut b = func.builder();
         b.arg(&x).arg(&t).arg(&loss).arg(&vocab).arg(&cap);
+        let config = LaunchConfig {
+            shared_mem_bytes: launch::CROSS_ENTROPY_FORWARD as u32,
+            ..grid(rows)
+        };
         // SAFETY: the kernel reads rows × vocab inputs and rows targets, writes rows losses.
-        unsafe { b.launch(grid(rows)) }.w()?;
+        unsafe { b.launch(config) }.w()?;
         Ok(loss)
     }
     let dev = &xs.device;
@@ -917,7 +921,7 @@ pub(crate) fn relu_squared(
             b.arg(&g);
         }
         b.arg(&out).arg(&n);
-        let grid = (n.div_ceil(THREADS as usize) as u32, 1, 1);
+        let grid = (n.div_ceil(8 * THREADS as usize) as u32, 1, 1);
         // SAFETY: reads n elements (twice that with the gradient), writes n.
         unsafe { b.launch(blocks(grid)) }.w()?;
         Ok(out)
@@ -1351,7 +1355,7 @@ const MIX_BLOCKS: usize = 1024;
 
 /// The mix backward's grid for `n` elements: a function of n alone, so the sums' order is too.
 fn mix_grid(n: usize) -> usize {
-    n.div_ceil(THREADS as usize).clamp(1, MIX_BLOCKS)
+    n.div_ceil(8 * THREADS as usize).clamp(1, MIX_BLOCKS)
 }
 
 /// `a·x + b·z`, for `ab = [a, b]` in f32 (kernels/mix.cu).
@@ -1374,8 +1378,9 @@ pub(crate) fn mix(
         let func = dev.get_or_load_custom_func(&name, "fused-mix", ptx::MIX)?;
         let mut b = func.builder();
         b.arg(&x).arg(&z).arg(&ab).arg(&y).arg(&n);
+        let grid = (n.div_ceil(8 * THREADS as usize) as u32, 1, 1);
         // SAFETY: reads n elements of x and z and 2 of ab; writes n.
-        unsafe { b.launch(blocks((n.div_ceil(THREADS as usize) as u32, 1, 1))) }.w()?;
+        unsafe { b.launch(blocks(grid)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
     let y = match elem_dtype(xs) {

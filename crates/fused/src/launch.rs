@@ -38,3 +38,6 @@ pub const EMBEDDING_GRAD_CHUNK: usize =
 
 /// `mix_backward_*`: the warps' two sums (256 threads a block).
 pub const MIX_BACKWARD: usize = 2 * (256 / 32) * 4;
+
+/// `softcap_ce_forward_*`: the warps' running maxima and sums (256 threads a block).
+pub const CROSS_ENTROPY_FORWARD: usize = 2 * (256 / 32) * 4;

@@ -110,11 +110,27 @@ fn embedding_backward_matches_the_sum_of_its_rows_on_an_emulated_gpu() {
 fn mix_kernels_match_the_residual_mix_and_its_sums_on_an_emulated_gpu() {
     let shared = [("mix_backward".to_string(), launch::MIX_BACKWARD)];
     let report = run_driver("mix", &shared);
-    assert_eq!(report.lines().count(), 3, "one line per case:\n{report}");
+    assert_eq!(report.lines().count(), 5, "one line per case:\n{report}");
 }
 
 #[test]
 fn gate_heads_kernels_match_the_gated_value_term_on_an_emulated_gpu() {
     let report = run_driver("gate_heads", &[]);
+    assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
+}
+
+#[test]
+fn cross_entropy_kernels_match_the_soft_capped_loss_on_an_emulated_gpu() {
+    let shared = [(
+        "softcap_ce_forward".to_string(),
+        launch::CROSS_ENTROPY_FORWARD,
+    )];
+    let report = run_driver("cross_entropy", &shared);
+    assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
+}
+
+#[test]
+fn rms_norm_kernels_match_the_norm_and_its_gradient_on_an_emulated_gpu() {
+    let report = run_driver("rms_norm", &[]);
     assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
 }

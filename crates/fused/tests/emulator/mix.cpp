@@ -8,21 +8,26 @@
 #include "../../kernels/mix.cu"
 
 template <typename T>
-bool check(size_t n, unsigned blocks, unsigned seed, double tolerance, const char *dtype) {
+bool check(size_t n, unsigned blocks, size_t offset, unsigned seed, double tolerance,
+           const char *dtype) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> u(-2.0f, 2.0f);
-  std::vector<T> x(n), z(n), g(n);
-  for (auto *v : {&x, &z, &g}) {
+  // Each tensor starts `offset` elements into its buffer: 1 puts it off the 16-byte boundary,
+  // where the kernels read and write one element at a time.
+  std::vector<T> xb(n + offset), zb(n + offset), gb(n + offset);
+  for (auto *v : {&xb, &zb, &gb}) {
     for (auto &e : *v) e = narrow_to<T>(u(rng));
   }
   const std::vector<float> ab = {0.93f, 0.1f};
-  std::vector<T> y(n, narrow_to<T>(NAN)), dx(n, narrow_to<T>(NAN)), dz(n, narrow_to<T>(NAN));
+  std::vector<T> yb(n + offset, narrow_to<T>(NAN)), dxb(n + offset, narrow_to<T>(NAN)),
+      dzb(n + offset, narrow_to<T>(NAN));
+  const T *x = xb.data() + offset, *z = zb.data() + offset, *g = gb.data() + offset;
+  T *y = yb.data() + offset, *dx = dxb.data() + offset, *dz = dzb.data() + offset;
   std::vector<float> partial(2 * blocks, NAN);
-  launch({unsigned((n + THREADS - 1) / THREADS), 1, 1}, THREADS, 0,
-         [&] { forward(x.data(), z.data(), ab.data(), y.data(), n); });
-  launch({blocks, 1, 1}, THREADS, launch_shared("mix_backward"), [&] {
-    backward(x.data(), z.data(), g.data(), ab.data(), dx.data(), dz.data(), partial.data(), n);
-  });
+  launch({unsigned((n + 8 * THREADS - 1) / (8 * THREADS)), 1, 1}, THREADS, 0,
+         [&] { forward(x, z, ab.data(), y, n); });
+  launch({blocks, 1, 1}, THREADS, launch_shared("mix_backward"),
+         [&] { backward(x, z, g, ab.data(), dx, dz, partial.data(), n); });
 
   // The scalars at the tensors' precision, as the kernel and the plain path take them.
   const double a = widen(narrow_to<T>(ab[0])), b = widen(narrow_to<T>(ab[1]));
@@ -48,15 +53,18 @@ bool check(size_t n, unsigned blocks, unsigned seed, double tolerance, const cha
                         relative_error(got_dz, want_dz), sums};
   bool pass = true;
   for (double e : err) pass &= e <= tolerance;  // NaN (an unwritten element) fails
-  std::printf("%s, %zu elements, backward in %u blocks: y %.1e dx %.1e dz %.1e sums %.1e%s\n",
-              dtype, n, blocks, err[0], err[1], err[2], err[3], pass ? "" : " (FAILED)");
+  std::printf("%s, %zu elements from %zu, backward in %u blocks: y %.1e dx %.1e dz %.1e sums %.1e%s\n",
+              dtype, n, offset, blocks, err[0], err[1], err[2], err[3], pass ? "" : " (FAILED)");
   return pass;
 }
 
 int main() {
   bool ok = true;
-  ok &= check<float>(1000, 4, 1, 1e-5, "f32");        // a partial last block; 4 blocks of 256
-  ok &= check<float>(3 * 256 * 5 + 17, 3, 2, 1e-5, "f32");  // each thread strides 5-6 times
-  ok &= check<bf16>(3 * 256 * 5 + 17, 3, 3, 1e-2, "bf16");  // the same in bf16
+  ok &= check<float>(1000, 1, 0, 1, 1e-5, "f32");  // one block, its last threads idle
+  // Each thread strides 2-3 times over eight elements; n is not a multiple of 8.
+  ok &= check<float>(3 * 2048 * 2 + 17, 3, 0, 2, 1e-5, "f32");
+  ok &= check<bf16>(3 * 2048 * 2 + 17, 3, 0, 3, 1e-2, "bf16");
+  ok &= check<bf16>(3 * 2048 + 5, 2, 1, 4, 1e-2, "bf16");  // off the 16-byte boundary
+  ok &= check<float>(3 * 2048 + 5, 2, 1, 5, 1e-5, "f32");
   return ok ? 0 : 1;
 }
