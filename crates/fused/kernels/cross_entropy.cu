@@ -6,10 +6,14 @@
 
 #define THREADS 256
 
-// Merges a running (max, sum of exp(z - max)) with another.
+// Merges a running (max, sum of exp(z - max)) with another. Both maxima -inf: nothing but NaN
+// can be in the sums (fmaxf passes over NaN logits), and a NaN must reach the loss.
 __device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
   float top = fmaxf(m, m2);
-  if (top == -INFINITY) return;  // both empty
+  if (top == -INFINITY) {
+    s += s2;
+    return;
+  }
   s = s * expf(m - top) + s2 * expf(m2 - top);
   m = top;
 }
@@ -42,14 +46,14 @@ __device__ void forward(const T *x, const uint32_t *targets, float *loss, int vo
 #pragma unroll
     for (int c = 0; c < GROUP; c++) {
       const int at = base + c * stride;
+      if (at >= vocab) break;  // this run and the next ones lie past the row
       float top = -INFINITY;
 #pragma unroll
       for (int k = 0; k < 8; k++) {
         v[c][k] = at + k < vocab ? cap * tanhf(v[c][k] * inv) : -INFINITY;
         top = fmaxf(top, v[c][k]);
       }
-      if (top == -INFINITY) continue;  // a run wholly past the row
-      float sum = 0.0f;
+      float sum = 0.0f;  // NaN when a logit is: exp(NaN - top)
 #pragma unroll
       for (int k = 0; k < 8; k++) sum += __expf(v[c][k] - top);
       merge(m, s, top, sum);

@@ -437,6 +437,9 @@ pub(crate) fn forward(
     ) -> Result<CudaSlice<f32>> {
         let (x_start, rows, vocab) = row_major(xl)?;
         let (t_start, _, _) = row_major(tl)?;
+        if vocab > (i32::MAX / 2) as usize {
+            candle_core::bail!("the fused cross-entropy takes a vocabulary under 2^30, not {vocab}")
+        }
         let x = x.slice(x_start..x_start + rows * vocab);
         let t = t.slice(t_start..t_start + rows);
         let loss = unsafe { dev.alloc::<f32>(rows)? };

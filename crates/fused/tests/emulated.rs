@@ -132,5 +132,11 @@ fn cross_entropy_kernels_match_the_soft_capped_loss_on_an_emulated_gpu() {
 #[test]
 fn rms_norm_kernels_match_the_norm_and_its_gradient_on_an_emulated_gpu() {
     let report = run_driver("rms_norm", &[]);
+    assert_eq!(report.lines().count(), 5, "one line per case:\n{report}");
+}
+
+#[test]
+fn relu_squared_kernels_match_on_an_emulated_gpu() {
+    let report = run_driver("relu_squared", &[]);
     assert_eq!(report.lines().count(), 4, "one line per case:\n{report}");
 }

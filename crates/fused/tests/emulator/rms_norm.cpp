@@ -1,8 +1,8 @@
 // kernels/rms_norm.cu run on the CPU (cuda_emulator.h), in f32 and bf16: RMSNorm of each row and
 // its gradient, against double precision from the same values. Rows of 512 (16-byte aligned: the
-// vector path), of 300 (rows off the boundary, one element at a time, a lane's run cut by the
-// row's end) and of 40 (most lanes idle); rows that do not fill a block. Built and run by
-// tests/emulated.rs; exits 1 on a mismatch.
+// vector path), of 300 (a lane's run cut by the row's end; in bf16, 600-byte rows: every other
+// row off the boundary, one element at a time) and of 40 (most lanes idle); rows that do not
+// fill a block. Built and run by tests/emulated.rs; exits 1 on a mismatch.
 #include "cuda_emulator.h"
 
 #include "../../kernels/rms_norm.cu"
@@ -47,7 +47,8 @@ int main() {
   bool ok = true;
   ok &= check<float>(11, 512, 1, 1e-5, "f32");  // 2 blocks, the last partial
   ok &= check<bf16>(11, 512, 2, 1e-2, "bf16");
-  ok &= check<float>(9, 300, 3, 1e-5, "f32");   // rows off the 16-byte boundary
+  ok &= check<float>(9, 300, 3, 1e-5, "f32");   // runs cut by the row's end
+  ok &= check<bf16>(9, 300, 5, 1e-2, "bf16");   // and every other row off the boundary
   ok &= check<bf16>(5, 40, 4, 1e-2, "bf16");    // five lanes' runs a row
   return ok ? 0 : 1;
 }
