@@ -144,7 +144,7 @@ fi
 if [ "$mode" = profile ]; then
   command -v ncu >/dev/null || fail "ncu (Nsight Compute) not found: profile needs it"
   side=ours target=("$train")
-  case " $* " in *" --side twin "* | *" --side=twin "*) side=twin target=("$py" "$here/torch_twin.py") ;; esac
+  [ "$ours" = no ] && side=twin target=("$py" "$here/torch_twin.py")
   AUTORESEARCH_DEVICE=$device AUTORESEARCH_TIME_BUDGET=60 AUTORESEARCH_PROFILE_STEP=${STEP:-12} \
     ncu --clock-control none --print-units base --metrics gpu__time_duration.sum \
     --profile-from-start off --csv --page raw \

@@ -366,15 +366,7 @@ impl Stopwatch {
     /// Starts step `step` (0-based).
     pub fn start_step(&mut self, step: u64) {
         if self.profile_step == Some(step) {
-            // The window holds this step's kernels and nothing queued before it.
-            if let Err(e) = self
-                .device
-                .synchronize()
-                .map_err(Error::from)
-                .and_then(|()| profiler(&self.device, true))
-            {
-                eprintln!("warning: the profiler did not start: {e}");
-            }
+            self.profiler(true);
         }
         self.timing = step.is_multiple_of(self.every);
         self.step.iter_mut().for_each(|t| *t = 0.0);
@@ -402,14 +394,7 @@ impl Stopwatch {
     /// profiler records, the process ends (exit 0, no report): what the profile is for is done.
     pub fn end_step(&mut self, step: u64) {
         if self.profile_step == Some(step) {
-            if let Err(e) = self
-                .device
-                .synchronize()
-                .map_err(Error::from)
-                .and_then(|()| profiler(&self.device, false))
-            {
-                eprintln!("warning: the profiler did not stop: {e}");
-            }
+            self.profiler(false);
             eprintln!(
                 "profiled step {step} ({}): the run ends here, before evaluation",
                 env::PROFILE_STEP
@@ -421,6 +406,16 @@ impl Stopwatch {
             for (sum, t) in self.sums.iter_mut().zip(&self.step) {
                 *sum += t;
             }
+        }
+    }
+
+    /// Starts (or stops) the profiler's recording once the device has done what was queued
+    /// before: the window holds the step's kernels and nothing else.
+    fn profiler(&self, start: bool) {
+        let done = self.device.synchronize().map_err(Error::from);
+        if let Err(e) = done.and_then(|()| profiler(&self.device, start)) {
+            let what = if start { "start" } else { "stop" };
+            eprintln!("warning: the profiler did not {what}: {e}");
         }
     }
 

@@ -1404,7 +1404,7 @@ pub(crate) fn mix_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     fn launch<T: Elem>(
         [(xs, xl), (zs, zl), (abs, abl), (gs, gl)]: [(&CudaStorage, &Layout); 4],
-    ) -> Result<([CudaSlice<T>; 2], CudaSlice<f32>)> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let n = xl.shape().elem_count();
         let (x, z, g) = (
             elems::<T>(xs, xl, n)?,
@@ -1429,26 +1429,21 @@ pub(crate) fn mix_backward(
         // SAFETY: reads n elements of x, z and g and 2 of ab; writes n of dx and dz and two
         // sums a block.
         unsafe { b.launch(config) }.w()?;
-        Ok(([dx, dz], partial))
+        let shape = xl.shape();
+        Ok((
+            tensor(dx, dev, shape),
+            tensor(dz, dev, shape),
+            tensor(partial, dev, (grid, 2)),
+        ))
     }
     let g = g.contiguous()?;
     let locked = [x, z, ab, &g].map(|t| t.storage_and_layout());
     let parts = cuda_parts(&locked)?;
-    let dev = &parts[0].0.device;
-    let (shape, sums) = (x.shape(), (mix_grid(x.elem_count()), 2));
-    Ok(match x.dtype() {
-        DType::BF16 => {
-            let ([dx, dz], partial) = launch::<half::bf16>(parts)?;
-            let sums = tensor(partial, dev, sums);
-            (tensor(dx, dev, shape), tensor(dz, dev, shape), sums)
-        }
-        DType::F32 => {
-            let ([dx, dz], partial) = launch::<f32>(parts)?;
-            let sums = tensor(partial, dev, sums);
-            (tensor(dx, dev, shape), tensor(dz, dev, shape), sums)
-        }
+    match x.dtype() {
+        DType::BF16 => launch::<half::bf16>(parts),
+        DType::F32 => launch::<f32>(parts),
         other => candle_core::bail!("the fused mix takes bf16 or f32, not {other:?}"),
-    })
+    }
 }
 
 /// `x [B, T, H·hd]` times `gate [B, T, H]`, head-major `[B, H, T, hd]` (kernels/gate_heads.cu).
@@ -1495,7 +1490,7 @@ pub(crate) fn gate_heads_backward(
 ) -> Result<(Tensor, Tensor)> {
     fn launch<T: Elem>(
         [(xs, xl), (gs, gl), (ys, yl)]: [(&CudaStorage, &Layout); 3],
-    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+    ) -> Result<(Tensor, Tensor)> {
         let (b, t, h) = gl.shape().dims3()?;
         let n = xl.shape().elem_count();
         let rows = b * t * h;
@@ -1520,21 +1515,14 @@ pub(crate) fn gate_heads_backward(
         let grid = (rows.div_ceil(THREADS as usize / 32) as u32, 1, 1);
         // SAFETY: reads n elements of x and gy and rows of gate; writes n of dx, rows of dgate.
         unsafe { bld.launch(blocks(grid)) }.w()?;
-        Ok((dx, dgate))
+        Ok((tensor(dx, dev, xl.shape()), tensor(dgate, dev, gl.shape())))
     }
     let gy = gy.contiguous()?;
     let locked = [x, gate, &gy].map(|t| t.storage_and_layout());
     let parts = cuda_parts(&locked)?;
-    let dev = &parts[0].0.device;
-    Ok(match x.dtype() {
-        DType::BF16 => {
-            let (dx, dgate) = launch::<half::bf16>(parts)?;
-            (tensor(dx, dev, x.shape()), tensor(dgate, dev, gate.shape()))
-        }
-        DType::F32 => {
-            let (dx, dgate) = launch::<f32>(parts)?;
-            (tensor(dx, dev, x.shape()), tensor(dgate, dev, gate.shape()))
-        }
+    match x.dtype() {
+        DType::BF16 => launch::<half::bf16>(parts),
+        DType::F32 => launch::<f32>(parts),
         other => candle_core::bail!("the fused gate takes bf16 or f32, not {other:?}"),
-    })
+    }
 }
