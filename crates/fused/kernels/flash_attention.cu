@@ -93,15 +93,30 @@ __device__ __forceinline__ void wait_copies() {
 #endif
 }
 
-// Starts copying `rows` rows of HD bf16 from global memory (row r at src + r * stride) into
-// shared memory (row r at dst + r * (HD + PAD)), 16 bytes a thread at a time.
-template <int HD>
-__device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, size_t stride, int rows) {
-  constexpr int CHUNKS = HD / 8;
-  for (int i = threadIdx.x; i < rows * CHUNKS; i += THREADS) {
-    const int r = i / CHUNKS, c = i % CHUNKS;
-    copy16(dst + r * (HD + PAD) + c * 8, src + r * stride + c * 8);
-  }
+// Starts copying ROWS rows of HD bf16 from global memory (row r at src + r * stride) into
+// shared memory (row r at dst + r * (HD + PAD)), 16 bytes a thread at a time. Every thread makes
+// the same number of copies, so the loop unrolls and each copy's address is a constant step.
+template <int HD, int ROWS>
+__device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, size_t stride) {
+  constexpr int CHUNKS = HD / 8, STEP = THREADS / CHUNKS;  // rows the block copies at once
+  static_assert(THREADS % CHUNKS == 0 && ROWS % STEP == 0, "whole rows a pass of the block");
+  const int r = threadIdx.x / CHUNKS, c = threadIdx.x % CHUNKS;
+  dst += r * (HD + PAD) + c * 8;
+  src += r * stride + c * 8;
+#pragma unroll
+  for (int i = 0; i < ROWS; i += STEP) copy16(dst + i * (HD + PAD), src + i * stride);
+}
+
+// 2^x, flushing results under 2^-126 to zero: one MUFU instruction, where exp2f adds a range
+// test and two multiplies for subnormal results (a probability that small adds nothing).
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(FLASH_EMULATED) || !defined(__CUDA_ARCH__)
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
 }
 
 // Starts copying the k and v rows of the key tile from k0 (BK rows each, of one head) into
@@ -110,8 +125,8 @@ template <int HD, int BK>
 __device__ __forceinline__ void load_kv(bf16 *tiles, const bf16 *k, const bf16 *v, int k0,
                                         int buf) {
   bf16 *dst = tiles + buf * 2 * BK * (HD + PAD);
-  load_rows<HD>(dst, k + (size_t)k0 * HD, HD, BK);
-  load_rows<HD>(dst + BK * (HD + PAD), v + (size_t)k0 * HD, HD, BK);
+  load_rows<HD, BK>(dst, k + (size_t)k0 * HD, HD);
+  load_rows<HD, BK>(dst + BK * (HD + PAD), v + (size_t)k0 * HD, HD);
 }
 
 // The key tile from k0, in buffer `buf`, once its copies are in; then starts copying the next
@@ -213,6 +228,18 @@ __device__ __forceinline__ void product_over_tile(float acc[HD / 8][4], const fl
 // Whether query i sees key j.
 __device__ __forceinline__ bool sees(int i, int j, int window) { return j <= i && i - j <= window; }
 
+// Of queries i0 .. i0 + QN - 1 and keys j0 .. j0 + KN - 1: whether every query sees every key
+// (no mask needed), and whether none sees any (no work). The same for a whole warp: its branch
+// does not diverge.
+template <int QN, int KN>
+__device__ __forceinline__ bool sees_all(int i0, int j0, int window) {
+  return j0 + KN - 1 <= i0 && i0 + QN - 1 - j0 <= window;
+}
+template <int QN, int KN>
+__device__ __forceinline__ bool sees_none(int i0, int j0, int window) {
+  return j0 > i0 + QN - 1 || i0 - (j0 + KN - 1) > window;
+}
+
 // Forward: a block is 64 queries of one head (16 per warp), over tiles of 64 keys, two tiles
 // in shared memory: the next one is copied in while the block computes on this one.
 template <int HD>
@@ -238,34 +265,37 @@ __device__ void forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, fl
   load_kv<HD, BK>(tiles, k + head, v + head, from, 0);
   for (int k0 = from, buf = 0; k0 < end; k0 += BK, buf ^= 1) {
     const bf16 *ks = kv_tile<HD, BK>(tiles, k + head, v + head, k0, end, buf), *vs = ks + BK * LD;
+    if (sees_none<16, BK>(q0, k0, window)) continue;  // this warp's rows see none of the tile
     float s[BK / 8][4];
     product_over_hd<HD, BK / 8>(s, qf, ks);
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const int i = q0 + g + 8 * r;
-      float top = m[r];
+    if (!sees_all<16, BK>(q0, k0, window)) {
 #pragma unroll
       for (int n = 0; n < BK / 8; n++) {
 #pragma unroll
-        for (int e = 0; e < 2; e++) {
-          const float x = sees(i, k0 + n * 8 + 2 * c + e, window) ? s[n][2 * r + e] * scale_log2
-                                                                  : -INFINITY;
-          s[n][2 * r + e] = x;
-          top = fmaxf(top, x);
+        for (int x = 0; x < 4; x++) {
+          if (!sees(q0 + g + 8 * (x / 2), k0 + n * 8 + 2 * c + x % 2, window)) s[n][x] = -INFINITY;
         }
       }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      // The max of the raw scores, then the exponents as one multiply-add from the scores.
+      float top = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < BK / 8; n++) top = fmaxf(top, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      top = fmaxf(m[r], top * scale_log2);
       top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, 1));
       top = fmaxf(top, __shfl_xor_sync(0xffffffff, top, 2));
       // A row that has seen no key yet keeps a max of -inf: shift by 0 so that no inf - inf.
       const float shift = top == -INFINITY ? 0.0f : top;
-      const float rescale = exp2f(m[r] - shift);
+      const float rescale = exp2_ftz(m[r] - shift);
       m[r] = top;
       float sum = 0.0f;
 #pragma unroll
       for (int n = 0; n < BK / 8; n++) {
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-          const float p = exp2f(s[n][2 * r + e] - shift);
+          const float p = exp2_ftz(fmaf(s[n][2 * r + e], scale_log2, -shift));
           s[n][2 * r + e] = p;
           sum += p;
         }
@@ -331,8 +361,8 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
   const size_t head = (size_t)bh * T * HD;
   bf16 *dk = grads + (size_t)gridDim.y * T * HD, *dv = dk + (size_t)gridDim.y * T * HD;
 
-  load_rows<HD>(ks, k + head + (size_t)first * HD, HD, BK);
-  load_rows<HD>(vs, v + head + (size_t)first * HD, HD, BK);
+  load_rows<HD, BK>(ks, k + head + (size_t)first * HD, HD);
+  load_rows<HD, BK>(vs, v + head + (size_t)first * HD, HD);
   float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
 #pragma unroll
   for (int j = 0; j < HD / 8; j++) {
@@ -345,8 +375,8 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
   auto load_tile = [&](int q0, int buf) {
     unsigned char *tile = tiles + buf * TILE;
     bf16 *qs = reinterpret_cast<bf16 *>(tile), *dos = qs + BQ * LD;
-    load_rows<HD>(qs, q + head + (size_t)q0 * HD, HD, BQ);
-    load_rows<HD>(dos, d_o + (((size_t)b * T + q0) * H + h) * HD, (size_t)H * HD, BQ);
+    load_rows<HD, BQ>(qs, q + head + (size_t)q0 * HD, HD);
+    load_rows<HD, BQ>(dos, d_o + (((size_t)b * T + q0) * H + h) * HD, (size_t)H * HD);
     float *rows = reinterpret_cast<float *>(dos + BQ * LD);
     if (threadIdx.x < 2 * BQ / 4) {
       const int half = threadIdx.x / (BQ / 4), at = threadIdx.x % (BQ / 4) * 4;
@@ -361,6 +391,7 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
     if (q0 + BQ <= last) load_tile(q0 + BQ, buf ^ 1);
     const bf16 *qs = reinterpret_cast<const bf16 *>(tiles + buf * TILE), *dos = qs + BQ * LD;
     const float *lse_s = reinterpret_cast<const float *>(dos + BQ * LD), *dlt_s = lse_s + BQ;
+    if (sees_none<BQ, 16>(q0, k0, window)) continue;  // no query of the tile sees these keys
     float s[BQ / 8][4];
     product_over_hd<HD, BQ / 8>(s, ks + warp * 16 * LD, qs);
     // Pᵀ: row r is key k0 + g + 8r, column the query q0 + n·8 + 2c + e.
@@ -368,8 +399,16 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
     for (int n = 0; n < BQ / 8; n++) {
 #pragma unroll
       for (int x = 0; x < 4; x++) {
-        const int j = k0 + g + 8 * (x / 2), iq = n * 8 + 2 * c + x % 2;
-        s[n][x] = sees(q0 + iq, j, window) ? exp2f(s[n][x] * scale_log2 - lse_s[iq]) : 0.0f;
+        s[n][x] = exp2_ftz(fmaf(s[n][x], scale_log2, -lse_s[n * 8 + 2 * c + x % 2]));
+      }
+    }
+    if (!sees_all<BQ, 16>(q0, k0, window)) {
+#pragma unroll
+      for (int n = 0; n < BQ / 8; n++) {
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+          if (!sees(q0 + n * 8 + 2 * c + x % 2, k0 + g + 8 * (x / 2), window)) s[n][x] = 0.0f;
+        }
       }
     }
     product_over_tile<HD, BQ / 16>(dv_acc, s, dos);
@@ -430,15 +469,18 @@ __device__ void backward_q(const bf16 *q, const bf16 *k, const bf16 *v, const bf
   load_kv<HD, BK>(tiles, k + head, v + head, from, 0);
   for (int k0 = from, buf = 0; k0 < end; k0 += BK, buf ^= 1) {
     const bf16 *ks = kv_tile<HD, BK>(tiles, k + head, v + head, k0, end, buf), *vs = ks + BK * LD;
+    if (sees_none<16, BK>(q0, k0, window)) continue;  // this warp's rows see none of the tile
     float s[BK / 8][4], dp[BK / 8][4];
     product_over_hd<HD, BK / 8>(s, qf, ks);
     product_over_hd<HD, BK / 8>(dp, dof, vs);
+    const bool all = sees_all<16, BK>(q0, k0, window);
 #pragma unroll
     for (int n = 0; n < BK / 8; n++) {
 #pragma unroll
       for (int x = 0; x < 4; x++) {
-        const int r = x / 2, i = q0 + g + 8 * r, j = k0 + n * 8 + 2 * c + x % 2;
-        const float p = sees(i, j, window) ? exp2f(s[n][x] * scale_log2 - row_lse[r]) : 0.0f;
+        const int r = x / 2;
+        float p = exp2_ftz(fmaf(s[n][x], scale_log2, -row_lse[r]));
+        if (!all && !sees(q0 + g + 8 * r, k0 + n * 8 + 2 * c + x % 2, window)) p = 0.0f;
         dp[n][x] = p * (dp[n][x] - row_dlt[r]);
       }
     }

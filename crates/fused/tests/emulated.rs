@@ -87,7 +87,7 @@ fn flash_attention_kernels_match_exact_attention_on_an_emulated_gpu() {
         })
         .collect();
     let report = run_driver("flash_attention", &shared);
-    assert_eq!(report.lines().count(), 5, "one line per case:\n{report}");
+    assert_eq!(report.lines().count(), 7, "one line per case:\n{report}");
 }
 
 #[test]

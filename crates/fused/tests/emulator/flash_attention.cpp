@@ -133,5 +133,11 @@ int main() {
   ok &= check<64>(1, 1, 128, 0, 3);    // each query sees itself only
   ok &= check<64>(1, 1, 256, 100, 4);  // a window across tiles: early tiles skipped
   ok &= check<128>(1, 2, 128, 70, 5);  // the h100 preset's head size
+  // Tiles each warp sees whole (no mask), in part, and not at all. Rows and tiles start at
+  // multiples of 16, so the farthest pair of a warp and a tile is 15 more than a multiple of 16
+  // apart (302 + 1: one past the window), and the nearest 1 more (33: just inside, one key in
+  // 34 of a row, which a tile skipped wrongly would lose).
+  ok &= check<64>(1, 1, 512, 302, 6);
+  ok &= check<64>(1, 1, 256, 33, 7);
   return ok ? 0 : 1;
 }
