@@ -216,8 +216,8 @@ impl Gpt {
         let (b, t) = idx.dims2()?;
         let flat = idx.flatten_all()?;
         let embed = |table: &Var| -> Result<Tensor> {
-            let e = fused::embedding(table.as_tensor(), &flat)?;
-            Ok(e.reshape((b, t, ()))?.to_dtype(self.compute)?)
+            let e = fused::embedding(table.as_tensor(), &flat, self.compute)?;
+            Ok(e.reshape((b, t, ()))?)
         };
         let mut x = norm(&embed(&self.wte)?)?;
         let x0 = x.clone();

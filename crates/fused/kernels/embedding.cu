@@ -1,6 +1,7 @@
-// Embedding lookup and its gradient. Forward: out[n, :] = table[ids[n], :], one thread per
-// element. Backward: dtable[v, :] = sum over the tokens n with ids[n] == v of g[n, :], in token
-// order (so the same from run to run, no atomics), in two kernels:
+// Embedding lookup and its gradient. Forward: out[n, :] = table[ids[n], :], eight elements a
+// thread, in the table's type or from f32 to bf16. Backward: dtable[v, :] = sum over the tokens
+// n with ids[n] == v of g[n, :], in token order (so the same from run to run, no atomics), in
+// two kernels (the gradient's type and the table's may differ):
 // - embedding_grad_chunk: a block owns ROWS table rows, 512 columns and one chunk of the
 //   tokens. It lists the chunk's tokens whose id it owns, 256 at a time and in order (a ballot
 //   per warp, then the warps' counts), and adds their gradient rows into its rows' sums in
@@ -15,12 +16,30 @@
 #define COLS (2 * THREADS)
 #define LOADS 4
 
-template <typename T>
-__device__ void gather(const T *table, const uint32_t *ids, T *out, int n, int d, int vocab) {
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (size_t)n * d) return;
-  const uint32_t id = ids[i / d];
-  store(out, i, id < (uint32_t)vocab ? load(table, (size_t)id * d + i % d) : 0.0f);
+// Eight output elements a thread (loads.cuh), read from a table of type TT and written as TO:
+// an f32 table gives bf16 rows straight to a bf16 model, without an f32 copy and a cast.
+template <typename TT, typename TO>
+__device__ void gather(const TT *table, const uint32_t *ids, TO *out, int n, int d, int vocab) {
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8, len = (size_t)n * d;
+  if (i >= len) return;
+  float v[8];
+  if (d % 8 == 0) {  // the eight lie in one row
+    const uint32_t id = ids[i / d];
+    if (id < (uint32_t)vocab) {
+      load8(table + (size_t)id * d, i % d, d, v);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; k++) v[k] = 0.0f;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      const size_t at = i + k < len ? i + k : i;
+      const uint32_t id = ids[at / d];
+      v[k] = id < (uint32_t)vocab ? load(table, (size_t)id * d + at % d) : 0.0f;
+    }
+  }
+  store8(out, i, len, v);
 }
 
 // Shared memory: sums [ROWS][COLS] f32, then the listed tokens' positions and rows (THREADS
@@ -89,16 +108,14 @@ __device__ void grad_sum(const float *partial, T *dtable, size_t len, int chunks
   store(dtable, i, sum);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-    embedding_forward_bf16(const __nv_bfloat16 *table, const uint32_t *ids, __nv_bfloat16 *out,
-                           int n, int d, int vocab) {
-  gather(table, ids, out, n, d, vocab);
-}
-extern "C" __global__ void __launch_bounds__(THREADS)
-    embedding_forward_f32(const float *table, const uint32_t *ids, float *out, int n, int d,
-                          int vocab) {
-  gather(table, ids, out, n, d, vocab);
-}
+#define FORWARD(NAME, TT, TO)                                                                    \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                          \
+      NAME(const TT *table, const uint32_t *ids, TO *out, int n, int d, int vocab) {             \
+    gather(table, ids, out, n, d, vocab);                                                        \
+  }
+FORWARD(embedding_forward_bf16, __nv_bfloat16, __nv_bfloat16)
+FORWARD(embedding_forward_f32, float, float)
+FORWARD(embedding_forward_f32_bf16, float, __nv_bfloat16)  // f32 master weights, bf16 compute
 extern "C" __global__ void __launch_bounds__(THREADS)
     embedding_grad_chunk_bf16(const uint32_t *ids, const __nv_bfloat16 *g, float *partial, int n,
                               int d, int vocab, int chunk) {

@@ -170,13 +170,29 @@ fn check_embedding(dev: &CudaDevice) -> Result<()> {
         .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
         .collect();
     let ids = Tensor::from_vec(ids, n, &device)?;
+    let table = host_random(vocab * d, 6, 1.0);
     compare(
         BOTH,
-        &host_random(vocab * d, 6, 1.0),
+        &table,
         &[vocab, d],
         &device,
-        &|x| x.apply_op2(&ids, Embedding { vocab }),
+        &|x| {
+            let dtype = x.dtype();
+            x.apply_op2(&ids, Embedding { vocab, dtype })
+        },
         &|x| x.index_select(&ids, 0),
+    )?;
+    // An f32 table read as bf16 rows (a bf16 model's), its gradient back from bf16.
+    compare(
+        &[(DType::F32, 2e-2)],
+        &table,
+        &[vocab, d],
+        &device,
+        &|x| {
+            let dtype = DType::BF16;
+            x.apply_op2(&ids, Embedding { vocab, dtype })
+        },
+        &|x| x.index_select(&ids, 0)?.to_dtype(DType::BF16),
     )
 }
 
@@ -634,18 +650,19 @@ pub(crate) fn embedding(
     tl: &Layout,
     is: &CudaStorage,
     il: &Layout,
+    dtype: DType,
 ) -> Result<(CudaStorage, Shape)> {
-    fn launch<T: CudaDType + DeviceRepr>(
+    fn launch<T: DeviceRepr, O: CudaDType + DeviceRepr>(
         name: &str,
         dev: &CudaDevice,
         (table, tl): (&CudaSlice<T>, &Layout),
         (ids, il): (&CudaSlice<u32>, &Layout),
-    ) -> Result<CudaSlice<T>> {
+    ) -> Result<CudaStorage> {
         let (t_start, vocab, d) = row_major(tl)?;
         let (i_start, n) = span(il)?;
         let table = table.slice(t_start..t_start + vocab * d);
         let ids = ids.slice(i_start..i_start + n);
-        let out = unsafe { dev.alloc::<T>(n * d)? };
+        let out = unsafe { dev.alloc::<O>(n * d)? };
         let func = dev.get_or_load_custom_func(name, "fused-embedding", ptx::EMBEDDING)?;
         let (n32, d32, vocab32) = (n as i32, d as i32, vocab as i32);
         let mut b = func.builder();
@@ -655,22 +672,26 @@ pub(crate) fn embedding(
             .arg(&n32)
             .arg(&d32)
             .arg(&vocab32);
-        // SAFETY: reads n ids and table rows below vocab; writes n × d elements.
-        unsafe { b.launch(blocks(((n * d).div_ceil(THREADS as usize) as u32, 1, 1))) }.w()?;
-        Ok(out)
+        // SAFETY: reads n ids and table rows below vocab; writes n × d elements, eight a thread.
+        let grid = (n * d).div_ceil(8 * THREADS as usize) as u32;
+        unsafe { b.launch(blocks((grid, 1, 1))) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
     let dev = &ts.device;
-    let ids = is.as_cuda_slice::<u32>()?;
-    let out = match &ts.slice {
-        CudaStorageSlice::BF16(t) => CudaStorage::wrap_cuda_slice(
-            launch("embedding_forward_bf16", dev, (t, tl), (ids, il))?,
-            dev.clone(),
+    let ids = (is.as_cuda_slice::<u32>()?, il);
+    let out = match (&ts.slice, dtype) {
+        (CudaStorageSlice::BF16(t), DType::BF16) => {
+            launch::<_, half::bf16>("embedding_forward_bf16", dev, (t, tl), ids)?
+        }
+        (CudaStorageSlice::F32(t), DType::F32) => {
+            launch::<_, f32>("embedding_forward_f32", dev, (t, tl), ids)?
+        }
+        (CudaStorageSlice::F32(t), DType::BF16) => {
+            launch::<_, half::bf16>("embedding_forward_f32_bf16", dev, (t, tl), ids)?
+        }
+        _ => candle_core::bail!(
+            "the fused embedding takes a bf16 or f32 table to its own dtype, or f32 to bf16"
         ),
-        CudaStorageSlice::F32(t) => CudaStorage::wrap_cuda_slice(
-            launch("embedding_forward_f32", dev, (t, tl), (ids, il))?,
-            dev.clone(),
-        ),
-        _ => candle_core::bail!("the fused embedding takes a bf16 or f32 table"),
     };
     let (_, d) = tl.shape().dims2()?;
     Ok((out, Shape::from((il.shape().elem_count(), d))))
@@ -684,18 +705,19 @@ const EMBEDDING_SCRATCH: usize = 256 << 20;
 
 pub(crate) fn embedding_backward(
     vocab: usize,
+    dtype: DType,
     is: &CudaStorage,
     il: &Layout,
     gs: &CudaStorage,
     gl: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    fn launch<T: CudaDType + DeviceRepr>(
-        dtype: &str,
+    /// G: the gradient's element, T: the table's.
+    fn launch<G: Elem, T: Elem>(
         dev: &CudaDevice,
         vocab: usize,
         (ids, il): (&CudaSlice<u32>, &Layout),
-        (g, gl): (&CudaSlice<T>, &Layout),
-    ) -> Result<CudaSlice<T>> {
+        (g, gl): (&CudaSlice<G>, &Layout),
+    ) -> Result<CudaStorage> {
         let (i_start, n) = span(il)?;
         let (g_start, rows, d) = row_major(gl)?;
         if rows != n {
@@ -712,7 +734,7 @@ pub(crate) fn embedding_backward(
         let partial = unsafe { dev.alloc::<f32>(chunks * len)? };
         let dtable = unsafe { dev.alloc::<T>(len)? };
         let by_chunk = dev.get_or_load_custom_func(
-            &format!("embedding_grad_chunk_{dtype}"),
+            &format!("embedding_grad_chunk_{}", G::SUFFIX),
             "fused-embedding",
             ptx::EMBEDDING,
         )?;
@@ -737,7 +759,7 @@ pub(crate) fn embedding_backward(
         // SAFETY: reads n ids and n × d gradients; writes every element of the chunks' sums.
         unsafe { b.launch(config) }.w()?;
         let sum = dev.get_or_load_custom_func(
-            &format!("embedding_grad_sum_{dtype}"),
+            &format!("embedding_grad_sum_{}", T::SUFFIX),
             "fused-embedding",
             ptx::EMBEDDING,
         )?;
@@ -746,20 +768,20 @@ pub(crate) fn embedding_backward(
         b.arg(&partial).arg(&dtable).arg(&len).arg(&chunks32);
         // SAFETY: reads the chunks' sums; writes every one of vocab × d elements.
         unsafe { b.launch(blocks((len.div_ceil(THREADS as usize) as u32, 1, 1))) }.w()?;
-        Ok(dtable)
+        Ok(CudaStorage::wrap_cuda_slice(dtable, dev.clone()))
     }
     let dev = &gs.device;
-    let ids = is.as_cuda_slice::<u32>()?;
-    let dtable = match &gs.slice {
-        CudaStorageSlice::BF16(g) => CudaStorage::wrap_cuda_slice(
-            launch("bf16", dev, vocab, (ids, il), (g, gl))?,
-            dev.clone(),
+    let ids = (is.as_cuda_slice::<u32>()?, il);
+    let dtable = match (&gs.slice, dtype) {
+        (CudaStorageSlice::BF16(g), DType::BF16) => {
+            launch::<_, half::bf16>(dev, vocab, ids, (g, gl))?
+        }
+        (CudaStorageSlice::BF16(g), DType::F32) => launch::<_, f32>(dev, vocab, ids, (g, gl))?,
+        (CudaStorageSlice::F32(g), DType::F32) => launch::<_, f32>(dev, vocab, ids, (g, gl))?,
+        _ => candle_core::bail!(
+            "the fused embedding's backward takes bf16 or f32 gradients into a table of their \
+             dtype, or bf16 into f32"
         ),
-        CudaStorageSlice::F32(g) => CudaStorage::wrap_cuda_slice(
-            launch("f32", dev, vocab, (ids, il), (g, gl))?,
-            dev.clone(),
-        ),
-        _ => candle_core::bail!("the fused embedding's backward takes bf16 or f32 gradients"),
     };
     let d = *gl.dims().last().unwrap_or(&1);
     Ok((dtable, Shape::from((vocab, d))))

@@ -11,25 +11,37 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::{Kernel, is_fused};
 
-/// `table[ids]`: rows of `table [V, D]` chosen by `ids [N]` (u32), as `[N, D]`. Differentiable
-/// in `table`. An id past the table is an error on the CPU; the CUDA kernel cannot stop the run
+/// `table[ids]`: rows of `table [V, D]` chosen by `ids [N]` (u32), as `[N, D]` in `dtype`.
+/// Differentiable in `table` (its gradient in the table's dtype). On CUDA an f32 table gives
+/// bf16 rows directly: a bf16 model reads its f32 master table without an f32 copy and a cast
+/// each way. An id past the table is an error on the CPU; the CUDA kernel cannot stop the run
 /// and reads it as a zero row (with no gradient), so callers keep ids in range.
-pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+pub fn embedding(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     let (vocab, _) = table.dims2()?;
     ids.dims1()?;
     if ids.dtype() != DType::U32 {
         candle_core::bail!("embedding: ids must be u32, not {:?}", ids.dtype())
     }
-    if ids.elem_count() > 0 && is_fused(Kernel::Embedding, table.device(), table.dtype()) {
+    let kernel_has = match (table.dtype(), dtype) {
+        (from, to) if from == to => true,
+        (DType::F32, DType::BF16) => table.device().is_cuda(),
+        _ => false,
+    };
+    if kernel_has
+        && ids.elem_count() > 0
+        && is_fused(Kernel::Embedding, table.device(), table.dtype())
+    {
         return table
             .contiguous()?
-            .apply_op2(&ids.contiguous()?, Embedding { vocab });
+            .apply_op2(&ids.contiguous()?, Embedding { vocab, dtype });
     }
-    table.index_select(ids, 0)
+    table.index_select(ids, 0)?.to_dtype(dtype)
 }
 
 pub(crate) struct Embedding {
     pub(crate) vocab: usize,
+    /// The output's dtype: the table's, or bf16 from an f32 table (CUDA).
+    pub(crate) dtype: DType,
 }
 
 /// `(start, rows, cols)` of a contiguous layout.
@@ -69,7 +81,7 @@ impl CustomOp2 for Embedding {
         is: &CpuStorage,
         il: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(table) = ts else {
+        let (CpuStorage::F32(table), DType::F32) = (ts, self.dtype) else {
             candle_core::bail!("fused ops run f32 on the CPU")
         };
         let (start, _, d) = extent(tl)?;
@@ -90,17 +102,20 @@ impl CustomOp2 for Embedding {
         is: &candle_core::CudaStorage,
         il: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::embedding(ts, tl, is, il)
+        crate::cuda::embedding(ts, tl, is, il, self.dtype)
     }
 
     fn bwd(
         &self,
-        _table: &Tensor,
+        table: &Tensor,
         ids: &Tensor,
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = EmbeddingBackward { vocab: self.vocab };
+        let op = EmbeddingBackward {
+            vocab: self.vocab,
+            dtype: table.dtype(),
+        };
         let dtable = ids.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         Ok((Some(dtable), None))
     }
@@ -110,6 +125,8 @@ impl CustomOp2 for Embedding {
 /// id is v (0 where none is).
 pub(crate) struct EmbeddingBackward {
     pub(crate) vocab: usize,
+    /// The table's dtype, which its gradient takes (the incoming gradient may be bf16).
+    pub(crate) dtype: DType,
 }
 
 impl CustomOp2 for EmbeddingBackward {
@@ -125,7 +142,7 @@ impl CustomOp2 for EmbeddingBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let ids = cpu_ids(is, il, self.vocab)?;
-        let CpuStorage::F32(g) = gs else {
+        let (CpuStorage::F32(g), DType::F32) = (gs, self.dtype) else {
             candle_core::bail!("fused ops run f32 on the CPU")
         };
         let (start, n, d) = extent(gl)?;
@@ -149,6 +166,6 @@ impl CustomOp2 for EmbeddingBackward {
         gs: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::embedding_backward(self.vocab, is, il, gs, gl)
+        crate::cuda::embedding_backward(self.vocab, self.dtype, is, il, gs, gl)
     }
 }

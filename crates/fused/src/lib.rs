@@ -608,7 +608,7 @@ mod tests {
         // Repeats, a row never chosen (10), the first and the last rows.
         let ids =
             Tensor::new(&[3u32, 0, 3, 9, 1, 3, 0, 7, 2, 9, 4, 5, 6, 8], &Device::Cpu).unwrap();
-        let (y, g) = embedding_run(&table, &ids, embedding);
+        let (y, g) = embedding_run(&table, &ids, |t, i| embedding(t, i, DType::F32));
         let (want_y, want_g) = embedding_run(&table, &ids, |t, i| t.index_select(i, 0));
         assert_eq!(y.dims(), [14, d]);
         assert_eq!(g.dims(), [vocab, d]);
@@ -617,7 +617,7 @@ mod tests {
         let unused = g.get(10).unwrap().abs().unwrap().sum_all().unwrap();
         assert_eq!(unused.to_scalar::<f32>().unwrap(), 0.0);
         let bad = Tensor::new(&[1u32, 11], &Device::Cpu).unwrap();
-        let err = embedding(&table, &bad).unwrap_err().to_string();
+        let err = embedding(&table, &bad, DType::F32).unwrap_err().to_string();
         assert!(err.contains("id 11") && err.contains("11 rows"), "{err}");
     }
 

@@ -99,13 +99,13 @@ fn main() -> Result<()> {
     let dim = 512;
     let table = Tensor::from_vec(random(vocab * dim, 1.0), (vocab, dim), &device)?;
     println!(
-        "embedding: {tokens} ids into an F32 table of {vocab} × {dim}; fused path: {}",
+        "embedding: {tokens} ids into an F32 table of {vocab} × {dim}, rows in {dtype:?}; fused path: {}",
         is_fused(Kernel::Embedding, &device, DType::F32)
     );
     bench(
         &table,
-        &|x| x.index_select(&targets, 0),
-        &|x| fused::embedding(x, &targets),
+        &|x| x.index_select(&targets, 0)?.to_dtype(dtype),
+        &|x| fused::embedding(x, &targets, dtype),
         &device,
         iters,
     )?;

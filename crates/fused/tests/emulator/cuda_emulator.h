@@ -151,6 +151,7 @@ void emulated_ldmatrix(uint32_t r[4], const bf16 *row, bool trans) {
 float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // The card's fast exp (ex2.approx: a few ulp); glibc declares an __expf it does not export.
 #define __expf(x) std::exp(float(x))
+#define __fdividef(x, y) (float(x) / float(y))
 
 // The dynamic shared memory the launcher gives `kernel` (its name in the kernel file, without the
 // dtype): tests/emulated.rs passes the launchers' figures (`fused::launch`) as SHARED_<kernel>.
