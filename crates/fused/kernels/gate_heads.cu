@@ -1,13 +1,15 @@
 // The value residual's term: x [B, T, H·hd] with each head's slice times its gate [B, T, H],
 // written head-major, [B, H, T, hd] (the layout attention takes v in), and its gradient: dx =
 // gate·g back in x's layout, and dgate = Σ_d g·x for each position and head. The plain path is a
-// broadcast product and a transposed view: candle's strided kernels, each way. A warp per
+// broadcast product and a transposed view: candle's strided kernels, each way. Eight lanes a
 // (position, head) row of hd elements.
 // Built to PTX by build.rs under `cuda`.
 #include "loads.cuh"
 
 #define THREADS 256
-#define WARPS (THREADS / 32)
+// Eight lanes a row (a warp four rows), runs of eight elements a lane (loads.cuh).
+#define LANES 8
+#define ROWS_PER_BLOCK (THREADS / LANES)
 
 // Where row r = (b·T + t)·H + h of x starts in the head-major layout.
 __device__ __forceinline__ size_t head_major(size_t r, int seq, int heads, int hd) {
@@ -17,29 +19,40 @@ __device__ __forceinline__ size_t head_major(size_t r, int seq, int heads, int h
 
 template <typename T>
 __device__ void forward(const T *x, const T *gate, T *y, size_t rows, int seq, int heads, int hd) {
-  const size_t r = (size_t)blockIdx.x * WARPS + threadIdx.x / 32;
+  const size_t r = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / LANES;
   if (r >= rows) return;
   const float g = load(gate, r);
-  const size_t at = head_major(r, seq, heads, hd);
-  for (int d = threadIdx.x % 32; d < hd; d += 32) store(y, at + d, g * load(x, r * hd + d));
+  const T *xr = x + r * hd;
+  T *yr = y + head_major(r, seq, heads, hd);
+  float v[8];
+  for (int d = 8 * (threadIdx.x % LANES); d < hd; d += 8 * LANES) {
+    load8(xr, d, hd, v);
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] *= g;
+    store8(yr, d, hd, v);
+  }
 }
 
-// The early return is a whole warp's (r is the warp's), so the shuffles see all 32 lanes.
+// Rows past the end keep their lanes to the sum's shuffles, which need the whole warp.
 template <typename T>
 __device__ void backward(const T *x, const T *gate, const T *gy, T *dx, T *dgate, size_t rows,
                          int seq, int heads, int hd) {
-  const size_t r = (size_t)blockIdx.x * WARPS + threadIdx.x / 32;
-  if (r >= rows) return;
-  const float g = load(gate, r);
-  const size_t at = head_major(r, seq, heads, hd);
-  float s = 0.0f;
-  for (int d = threadIdx.x % 32; d < hd; d += 32) {
-    const float gd = load(gy, at + d);
-    store(dx, r * hd + d, g * gd);
-    s += gd * load(x, r * hd + d);
+  const size_t r = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / LANES;
+  const bool mine = r < rows;
+  const float g = mine ? load(gate, r) : 0.0f;
+  float s = 0.0f, gd[8], xv[8];
+  for (int d = 8 * (threadIdx.x % LANES); mine && d < hd; d += 8 * LANES) {
+    load8(gy + head_major(r, seq, heads, hd), d, hd, gd);
+    load8(x + r * hd, d, hd, xv);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      s += gd[k] * xv[k];
+      gd[k] *= g;
+    }
+    store8(dx + r * hd, d, hd, gd);
   }
-  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (threadIdx.x % 32 == 0) store(dgate, r, s);
+  for (int o = LANES / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (mine && threadIdx.x % LANES == 0) store(dgate, r, s);
 }
 
 #define GATE_HEADS(SUFFIX, T)                                                                      \

@@ -1,14 +1,20 @@
 // Attention's inputs from the q·k·v projection: qkv [B, T, 3·H·hd] → out [3, B, H, T, hd], q
 // and k turned by the rotary angles (rope [2, T, hd/2]: cos, then sin) and RMS-normed in f32,
-// v copied. One warp per output row; the turn is recomputed rather than kept (a row is 256
+// v copied. Eight lanes an output row; the turn is recomputed rather than kept (a row is 256
 // bytes, in L1). Backward: dqkv from the heads' gradient, through the norm's backward and the
 // turn back; every element of dqkv is written once. Built to PTX by build.rs under `cuda`.
 #include "loads.cuh"
 
 #define THREADS 256
+// A row takes LANES lanes (a warp four rows), each lane runs of eight pairs (loads.cuh): one lane
+// a row with one 2-byte load at a time keeps too few bytes in flight to fill HBM.
+#define LANES 8
+#define ROWS_PER_BLOCK (THREADS / LANES)
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+// The sum over the LANES lanes of a row. Every lane of the warp takes part (rows past the end
+// and v rows too): the shuffles need the whole warp.
+__device__ __forceinline__ float row_sum(float v) {
+  for (int o = LANES / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   return v;
 }
 
@@ -21,70 +27,112 @@ __device__ __forceinline__ size_t source(size_t row, int b, int t, int h, int hd
   return (batch * t + pos) * 3 * h * hd + ((size_t)part * h + head) * hd;
 }
 
+// Pairs i .. i + 7 of x (x[i] with x[i + half]) turned by their angles: r1, r2, and cos, sin.
 template <typename T>
-__device__ __forceinline__ void turn(const T *x, const T *rope, int t, int pos, int half, int i,
-                                     float &r1, float &r2, float &c, float &s) {
-  c = load(rope, (size_t)pos * half + i);
-  s = load(rope, ((size_t)t + pos) * half + i);
-  const float x1 = load(x, i), x2 = load(x, i + half);
-  r1 = x1 * c + x2 * s;
-  r2 = x2 * c - x1 * s;
+__device__ __forceinline__ void turn8(const T *x, const T *rope, int t, int pos, int half, int i,
+                                      float r1[8], float r2[8], float c[8], float s[8]) {
+  float x1[8], x2[8];
+  load8(x, i, half, x1);
+  load8(x + half, i, half, x2);
+  load8(rope + (size_t)pos * half, i, half, c);
+  load8(rope + ((size_t)t + pos) * half, i, half, s);
+#pragma unroll
+  for (int k = 0; k < 8; k++) {
+    r1[k] = x1[k] * c[k] + x2[k] * s[k];
+    r2[k] = x2[k] * c[k] - x1[k] * s[k];
+  }
+}
+
+// This lane's output row, its part (3 past the last row) and its place among the row's lanes.
+__device__ __forceinline__ size_t my_row(int b, int t, int h, int hd, int &part, int &pos,
+                                         size_t &row, int &sub) {
+  row = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / LANES;
+  sub = threadIdx.x % LANES;
+  if (row >= (size_t)3 * b * h * t) {
+    part = 3;
+    return 0;
+  }
+  return source(row, b, t, h, hd, part, pos);
 }
 
 template <typename T>
 __device__ void forward(const T *qkv, const T *rope, T *out, int b, int t, int h, int hd,
                         float eps) {
-  const size_t row = (size_t)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32, half = hd / 2;
-  if (row >= (size_t)3 * b * h * t) return;
-  int part, pos;
-  const T *x = qkv + source(row, b, t, h, hd, part, pos);
+  const int half = hd / 2;
+  int part, pos, sub;
+  size_t row;
+  const T *x = qkv + my_row(b, t, h, hd, part, pos, row, sub);
   T *y = out + row * hd;
+  float r1[8], r2[8], c[8], s[8], v[8];
   if (part == 2) {
-    for (int j = lane; j < hd; j += 32) store(y, j, load(x, j));
-    return;
+    for (int i = 8 * sub; i < hd; i += 8 * LANES) {
+      load8(x, i, hd, v);
+      store8(y, i, hd, v);
+    }
   }
-  float sq = 0.0f, r1, r2, c, s;
-  for (int i = lane; i < half; i += 32) {
-    turn(x, rope, t, pos, half, i, r1, r2, c, s);
-    sq += r1 * r1 + r2 * r2;
+  const bool turned = part < 2;
+  float sq = 0.0f;
+  for (int i = 8 * sub; turned && i < half; i += 8 * LANES) {
+    turn8(x, rope, t, pos, half, i, r1, r2, c, s);
+#pragma unroll
+    for (int k = 0; k < 8; k++) sq += r1[k] * r1[k] + r2[k] * r2[k];
   }
-  const float inv = rsqrtf(warp_sum(sq) / hd + eps);
-  for (int i = lane; i < half; i += 32) {
-    turn(x, rope, t, pos, half, i, r1, r2, c, s);
-    store(y, i, r1 * inv);
-    store(y, i + half, r2 * inv);
+  const float inv = rsqrtf(row_sum(sq) / hd + eps);
+  for (int i = 8 * sub; turned && i < half; i += 8 * LANES) {
+    turn8(x, rope, t, pos, half, i, r1, r2, c, s);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      r1[k] *= inv;
+      r2[k] *= inv;
+    }
+    store8(y, i, half, r1);
+    store8(y + half, i, half, r2);
   }
 }
 
 template <typename T>
 __device__ void backward(const T *qkv, const T *rope, const T *grad, T *dqkv, int b, int t,
                          int h, int hd, float eps) {
-  const size_t row = (size_t)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32, half = hd / 2;
-  if (row >= (size_t)3 * b * h * t) return;
-  int part, pos;
-  const size_t at = source(row, b, t, h, hd, part, pos);
+  const int half = hd / 2;
+  int part, pos, sub;
+  size_t row;
+  const size_t at = my_row(b, t, h, hd, part, pos, row, sub);
   const T *x = qkv + at, *g = grad + row * hd;
   T *dx = dqkv + at;
+  float r1[8], r2[8], c[8], s[8], g1[8], g2[8];
   if (part == 2) {
-    for (int j = lane; j < hd; j += 32) store(dx, j, load(g, j));
-    return;
+    for (int i = 8 * sub; i < hd; i += 8 * LANES) {
+      load8(g, i, hd, g1);
+      store8(dx, i, hd, g1);
+    }
   }
-  float sq = 0.0f, gr = 0.0f, r1, r2, c, s;
-  for (int i = lane; i < half; i += 32) {
-    turn(x, rope, t, pos, half, i, r1, r2, c, s);
-    sq += r1 * r1 + r2 * r2;
-    gr += load(g, i) * r1 + load(g, i + half) * r2;
+  const bool turned = part < 2;
+  float sq = 0.0f, gr = 0.0f;
+  for (int i = 8 * sub; turned && i < half; i += 8 * LANES) {
+    turn8(x, rope, t, pos, half, i, r1, r2, c, s);
+    load8(g, i, half, g1);
+    load8(g + half, i, half, g2);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      sq += r1[k] * r1[k] + r2[k] * r2[k];
+      gr += g1[k] * r1[k] + g2[k] * r2[k];
+    }
   }
-  const float inv = rsqrtf(warp_sum(sq) / hd + eps);
+  const float inv = rsqrtf(row_sum(sq) / hd + eps);
   // y = r·inv, dr = inv·g − r·inv³·mean(g⊙r)
-  const float k = inv * inv * inv * warp_sum(gr) / hd;
-  for (int i = lane; i < half; i += 32) {
-    turn(x, rope, t, pos, half, i, r1, r2, c, s);
-    const float d1 = inv * load(g, i) - r1 * k, d2 = inv * load(g, i + half) - r2 * k;
-    store(dx, i, d1 * c - d2 * s);
-    store(dx, i + half, d2 * c + d1 * s);
+  const float k3 = inv * inv * inv * row_sum(gr) / hd;
+  for (int i = 8 * sub; turned && i < half; i += 8 * LANES) {
+    turn8(x, rope, t, pos, half, i, r1, r2, c, s);
+    load8(g, i, half, g1);
+    load8(g + half, i, half, g2);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      const float d1 = inv * g1[k] - r1[k] * k3, d2 = inv * g2[k] - r2[k] * k3;
+      r1[k] = d1 * c[k] - d2 * s[k];
+      r2[k] = d2 * c[k] + d1 * s[k];
+    }
+    store8(dx, i, half, r1);
+    store8(dx + half, i, half, r2);
   }
 }
 

@@ -24,6 +24,9 @@ mod ptx {
 
 /// The kernels' block size (`THREADS` in the .cu files).
 const THREADS: u32 = 256;
+/// Rows a block of the heads and gated-heads kernels takes: eight lanes a row
+/// (`ROWS_PER_BLOCK` in kernels/heads.cu and gate_heads.cu).
+const ROWS_PER_BLOCK: usize = THREADS as usize / 8;
 
 /// Whether `kernel` passed its self-check on this process's GPU (checked at the first call).
 pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
@@ -1038,8 +1041,7 @@ pub(crate) fn heads(
             .arg(&h32)
             .arg(&hd32)
             .arg(&op.eps);
-        let warps = THREADS as usize / 32;
-        let grid = ((3 * b * h * t).div_ceil(warps) as u32, 1, 1);
+        let grid = ((3 * b * h * t).div_ceil(ROWS_PER_BLOCK) as u32, 1, 1);
         // SAFETY: reads n elements of qkv (and of the gradient) and 2 × t × hd/2 of rope; writes
         // n elements, each once.
         unsafe { builder.launch(blocks(grid)) }.w()?;
@@ -1489,7 +1491,7 @@ pub(crate) fn gate_heads(
         let mut bld = func.builder();
         bld.arg(&x).arg(&gate).arg(&y).arg(&rows);
         bld.arg(&t32).arg(&h32).arg(&hd32);
-        let grid = (rows.div_ceil(THREADS as usize / 32) as u32, 1, 1);
+        let grid = (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1);
         // SAFETY: reads n elements of x and rows of gate; writes n, each once.
         unsafe { bld.launch(blocks(grid)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
@@ -1534,7 +1536,7 @@ pub(crate) fn gate_heads_backward(
             .arg(&dgate)
             .arg(&rows);
         bld.arg(&t32).arg(&h32).arg(&hd32);
-        let grid = (rows.div_ceil(THREADS as usize / 32) as u32, 1, 1);
+        let grid = (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1);
         // SAFETY: reads n elements of x and gy and rows of gate; writes n of dx, rows of dgate.
         unsafe { bld.launch(blocks(grid)) }.w()?;
         Ok((tensor(dx, dev, xl.shape()), tensor(dgate, dev, gl.shape())))

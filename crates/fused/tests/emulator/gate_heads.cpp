@@ -16,7 +16,7 @@ bool check(int B, int seq, int H, int hd, unsigned seed, double tolerance, const
   for (auto &e : gate) e = narrow_to<T>(u(rng));
   for (auto &e : gy) e = narrow_to<T>(u(rng));
   std::vector<T> y(n, narrow_to<T>(NAN)), dx(n, narrow_to<T>(NAN)), dgate(rows, narrow_to<T>(NAN));
-  const dim3 grid{unsigned((rows + WARPS - 1) / WARPS), 1, 1};
+  const dim3 grid{unsigned((rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK), 1, 1};
   launch(grid, THREADS, 0, [&] { forward(x.data(), gate.data(), y.data(), rows, seq, H, hd); });
   launch(grid, THREADS, 0, [&] {
     backward(x.data(), gate.data(), gy.data(), dx.data(), dgate.data(), rows, seq, H, hd);

@@ -42,7 +42,7 @@ bool check(int B, int T_, int H, int hd, unsigned seed, double tolerance, const 
   }
   std::vector<T> out(n, narrow_to<T>(NAN)), dqkv(n, narrow_to<T>(NAN));
   const size_t rows = (size_t)3 * B * H * T_;
-  const dim3 grid{unsigned((rows + THREADS / 32 - 1) / (THREADS / 32)), 1, 1};
+  const dim3 grid{unsigned((rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK), 1, 1};
   launch(grid, THREADS, 0, [&] { forward(qkv.data(), rope.data(), out.data(), B, T_, H, hd, eps); });
   launch(grid, THREADS, 0,
          [&] { backward(qkv.data(), rope.data(), grad.data(), dqkv.data(), B, T_, H, hd, eps); });
