@@ -16,8 +16,7 @@
 // (the layout the output projection reads). Query i sees keys i - window ..= i. T must be a
 // multiple of 64 (the caller falls back to the plain path otherwise). lse: [B, H, T] f32, the
 // row's log2-sum-exp of the scaled scores, saved by the forward pass for the backward.
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "loads.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -326,19 +325,25 @@ __device__ void forward(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, fl
   }
 }
 
-// Backward, first step: delta = rowsum(dO ⊙ O) per query, in [B, H, T]; a warp a row.
+// Backward, first step: delta = rowsum(dO ⊙ O) per query, in [B, H, T]; DELTA_LANES lanes a
+// row, eight elements a lane at a time (loads.cuh).
+#define DELTA_LANES 8
+#define DELTA_ROWS (THREADS / DELTA_LANES)  // rows a block
 template <int HD>
 __device__ void delta(const bf16 *o, const bf16 *d_o, float *out, int B, int H, int T) {
-  const size_t row = (size_t)blockIdx.x * WARPS + threadIdx.x / 32;  // in [B, T, H] order
-  if (row >= (size_t)B * T * H) return;
-  const int lane = threadIdx.x % 32;
-  float sum = 0.0f;
-  for (int d = lane; d < HD; d += 32) {
-    sum += __bfloat162float(o[row * HD + d]) * __bfloat162float(d_o[row * HD + d]);
+  const size_t row = (size_t)blockIdx.x * DELTA_ROWS + threadIdx.x / DELTA_LANES;  // [B, T, H]
+  const bool mine = row < (size_t)B * T * H;  // other lanes still join the shuffles
+  float sum = 0.0f, a[8], b[8];
+  for (int d = 8 * (threadIdx.x % DELTA_LANES); mine && d < HD; d += 8 * DELTA_LANES) {
+    load8(o + row * HD, d, HD, a);
+    load8(d_o + row * HD, d, HD, b);
+#pragma unroll
+    for (int k = 0; k < 8; k++) sum += a[k] * b[k];
   }
-  for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, s);
-  const int h = row % H, t = row / H % T, b = row / ((size_t)H * T);
-  if (lane == 0) out[((size_t)b * H + h) * T + t] = sum;
+  for (int s = DELTA_LANES / 2; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, s);
+  if (!mine || threadIdx.x % DELTA_LANES != 0) return;
+  const int h = row % H, t = row / H % T, bt = row / ((size_t)H * T);
+  out[((size_t)bt * H + h) * T + t] = sum;
 }
 
 // Backward, keys' side: a block is 64 keys of one head (16 per warp), over tiles of 32 queries;

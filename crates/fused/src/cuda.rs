@@ -1251,8 +1251,12 @@ pub(crate) fn flash_backward(
             .arg(&b32)
             .arg(&h32)
             .arg(&t32);
-        let warps = FLASH_THREADS as usize / 32;
-        let grid = ((b * t * h).div_ceil(warps) as u32, 1, 1);
+        // Eight lanes a row (DELTA_ROWS in the kernel file).
+        let grid = (
+            (b * t * h).div_ceil(FLASH_THREADS as usize / 8) as u32,
+            1,
+            1,
+        );
         // SAFETY: reads n elements of o and of d_o, writes b·h·t of delta.
         unsafe { builder.launch(flash_config(grid, 0)) }.w()?;
 

@@ -42,7 +42,7 @@ bool check(int B, int H, int T, int window, unsigned seed) {
   launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, launch_shared("flash_forward_" + hd), [&] {
     forward<HD>(q.data(), k.data(), v.data(), o.data(), lse.data(), H, T, w, scale_log2);
   });
-  launch({unsigned((B * T * H + WARPS - 1) / WARPS), 1, 1}, THREADS, 0,
+  launch({unsigned((B * T * H + DELTA_ROWS - 1) / DELTA_ROWS), 1, 1}, THREADS, 0,
          [&] { delta<HD>(o.data(), d_o.data(), dlt.data(), B, H, T); });
   launch({unsigned(T / 64), unsigned(B * H), 1}, THREADS, launch_shared("flash_backward_kv_" + hd), [&] {
     backward_kv<HD>(q.data(), k.data(), v.data(), d_o.data(), lse.data(), dlt.data(),
