@@ -163,40 +163,46 @@ fn check_softmax(dev: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
-/// Ids with repeats (about 70 tokens a row) in two chunks of the backward, at a width past one
-/// block's 512 columns and not a multiple of it, a table that does not fill the last block.
+/// Ids with repeats (about 70 tokens a row) in two chunks of the backward, a table that does
+/// not fill the last block; at a width past one block's 512 columns and not a multiple of it or
+/// of the forward's runs of eight (read one element at a time), and at 512 (runs of eight, as
+/// the model's width takes).
 fn check_embedding(dev: &CudaDevice) -> Result<()> {
     let device = Device::Cuda(dev.clone());
-    let (vocab, d, n) = (300, 700, EMBEDDING_CHUNK + 5_000);
+    let (vocab, n) = (300, EMBEDDING_CHUNK + 5_000);
     let ids: Vec<u32> = host_random(n, 5, 1.0)
         .iter()
         .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
         .collect();
     let ids = Tensor::from_vec(ids, n, &device)?;
-    let table = host_random(vocab * d, 6, 1.0);
-    compare(
-        BOTH,
-        &table,
-        &[vocab, d],
-        &device,
-        &|x| {
-            let dtype = x.dtype();
-            x.apply_op2(&ids, Embedding { vocab, dtype })
-        },
-        &|x| x.index_select(&ids, 0),
-    )?;
-    // An f32 table read as bf16 rows (a bf16 model's), its gradient back from bf16.
-    compare(
-        &[(DType::F32, 2e-2)],
-        &table,
-        &[vocab, d],
-        &device,
-        &|x| {
-            let dtype = DType::BF16;
-            x.apply_op2(&ids, Embedding { vocab, dtype })
-        },
-        &|x| x.index_select(&ids, 0)?.to_dtype(DType::BF16),
-    )
+    for d in [700, 512] {
+        let table = host_random(vocab * d, 6, 1.0);
+        compare(
+            BOTH,
+            &table,
+            &[vocab, d],
+            &device,
+            &|x| {
+                let dtype = x.dtype();
+                x.apply_op2(&ids, Embedding { vocab, dtype })
+            },
+            &|x| x.index_select(&ids, 0),
+        )?;
+        // An f32 table read as bf16 rows (a bf16 model's), its gradient back from bf16.
+        compare(
+            &[(DType::F32, 2e-2)],
+            &table,
+            &[vocab, d],
+            &device,
+            &|x| {
+                let dtype = DType::BF16;
+                x.apply_op2(&ids, Embedding { vocab, dtype })
+            },
+            &|x| x.index_select(&ids, 0)?.to_dtype(DType::BF16),
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("width {d}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Rows that do not fill the last block, of a width that is not a multiple of a warp.
@@ -248,29 +254,34 @@ fn check_relu_squared(dev: &CudaDevice) -> Result<()> {
     )
 }
 
-/// Positions, heads and rows that do not fill a block or a warp's 32 pairs.
+/// Positions, heads and rows that do not fill a block or a warp's four rows; head size 72 (its
+/// second halves off the 16-byte boundary, read one element at a time, and a run of eight cut
+/// short) and 128 (whole aligned runs, as the model's).
 fn check_heads(dev: &CudaDevice) -> Result<()> {
     let device = Device::Cuda(dev.clone());
-    let (b, t, h, hd) = (2, 37, 3, 72);
-    let angle = |i: usize| (i / (hd / 2)) as f32 * 0.37 + (i % (hd / 2)) as f32 * 0.11;
-    let cos: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).cos()).collect();
-    let sin: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).sin()).collect();
-    let rope = Tensor::from_vec([cos, sin].concat(), (2, t, hd / 2), &device)?;
-    let eps = 1e-6;
-    compare(
-        BOTH,
-        &host_random(b * t * 3 * h * hd, 10, 2.0),
-        &[b, t, 3 * h * hd],
-        &device,
-        &|x| {
-            let op = crate::heads::Heads {
-                n_head: h,
-                eps: eps as f32,
-            };
-            x.apply_op2(&rope.to_dtype(x.dtype())?, op)
-        },
-        &|x| crate::heads::plain::heads(x, h, &rope, eps),
-    )
+    let (b, t, h, eps) = (2, 37, 3, 1e-6);
+    for hd in [72, 128] {
+        let angle = |i: usize| (i / (hd / 2)) as f32 * 0.37 + (i % (hd / 2)) as f32 * 0.11;
+        let cos: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).cos()).collect();
+        let sin: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).sin()).collect();
+        let rope = Tensor::from_vec([cos, sin].concat(), (2, t, hd / 2), &device)?;
+        compare(
+            BOTH,
+            &host_random(b * t * 3 * h * hd, 10, 2.0),
+            &[b, t, 3 * h * hd],
+            &device,
+            &|x| {
+                let op = crate::heads::Heads {
+                    n_head: h,
+                    eps: eps as f32,
+                };
+                x.apply_op2(&rope.to_dtype(x.dtype())?, op)
+            },
+            &|x| crate::heads::plain::heads(x, h, &rope, eps),
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("head size {hd}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Both head sizes, a window inside a tile and plain causal, with and without a term added to
@@ -371,8 +382,8 @@ fn check_mix(dev: &CudaDevice) -> Result<()> {
     .map_err(|e| candle_core::Error::Msg(format!("a and b: {e}")))
 }
 
-/// Heads of a size that is not a multiple of a warp, rows that do not fill a block; x's and
-/// the gates' gradients in turn.
+/// Heads of 40 (five runs of eight a row, three lanes of eight idle), rows that do not fill a
+/// block; x's and the gates' gradients in turn.
 fn check_gate_heads(dev: &CudaDevice) -> Result<()> {
     let device = Device::Cuda(dev.clone());
     let (b, t, h, hd) = (2, 37, 3, 40);

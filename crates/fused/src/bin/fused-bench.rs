@@ -228,7 +228,7 @@ fn main() -> Result<()> {
             qkv.get(0)?.dims(),
             is_fused(Kernel::Attention, &device, dtype)
         );
-        bench(
+        let (forward, both) = bench(
             &qkv,
             &|x| {
                 let (q, k, v) = (x.get(0)?, x.get(1)?, x.get(2)?);
@@ -240,22 +240,35 @@ fn main() -> Result<()> {
             &device,
             iters,
         )?;
+        // The products' FLOPs over the pairs each query sees (query i: keys i − window ..= i):
+        // 4·hd a pair forward (q·k and p·v), 2.5 times that backward (FlashAttention's count;
+        // our backward recomputes two products more). Timed with the bench's own weighting
+        // and sums: a floor on the kernels' rate.
+        let pairs: usize = (0..seq).map(|i| i.min(window) + 1).sum();
+        let flops = 4.0 * (pairs * head_dim * heads * (tokens / seq)) as f64;
+        if is_fused(Kernel::Attention, &device, dtype) {
+            println!(
+                "  fused: {:.1} TFLOP/s forward, {:.1} TFLOP/s forward + backward",
+                flops / forward / 1e9,
+                3.5 * flops / both / 1e9
+            );
+        }
     }
     Ok(())
 }
 
 /// Milliseconds per call of each side, forward and forward + backward (of a fixed weighting of
 /// the output: a mean would give the softmax a zero gradient), after a warm-up call; then the
-/// largest relative differences between the sides. The weighted output is summed by rows
+/// largest relative differences between the sides. Returns the fused side's two times. The weighted output is summed by rows
 /// first: candle sums a whole tensor into one value with a single block on CUDA, which would
 /// time that sum rather than the ops.
-fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Result<()> {
+fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Result<(f64, f64)> {
     let shape = plain(x)?.shape().clone();
     let n = shape.elem_count() as u32;
     let w = (Tensor::arange(0u32, n, device)?.to_dtype(DType::F32)? * 0.618)?
         .sin()?
         .reshape(shape)?;
-    let mut outputs = Vec::new();
+    let (mut outputs, mut times) = (Vec::new(), (0.0, 0.0));
     for (name, op) in [("plain", plain), ("fused", fused)] {
         let step = |backward: bool| -> Result<(Tensor, Option<Tensor>)> {
             let var = Var::from_tensor(x)?;
@@ -280,6 +293,7 @@ fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Res
         };
         let (forward, both) = (time(false)?, time(true)?);
         println!("  {name}: forward {forward:.3} ms, forward + backward {both:.3} ms");
+        times = (forward, both);
         outputs.push(step(true)?);
     }
     let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
@@ -293,5 +307,5 @@ fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Res
         rel(y_fused, y_plain)?,
         rel(g_fused.as_ref().unwrap(), g_plain.as_ref().unwrap())?
     );
-    Ok(())
+    Ok(times)
 }

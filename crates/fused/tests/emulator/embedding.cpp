@@ -1,5 +1,6 @@
 // kernels/embedding.cu run on the CPU (cuda_emulator.h): the forward's gather, exactly, and the
-// backward in f32 and bf16: the table's gradient from chunked sums, checked against the sum in double of each row's tokens.
+// backward in f32 and bf16: the table's gradient from chunked sums, checked against the sum in
+// double of each row's tokens.
 // The ids are skewed (a third of the tokens share one id), the width takes a second, partial
 // block of columns, and the table's rows do not fill the last block; ids past the table (which
 // the forward reads as zero rows) get no gradient. Built and run by
