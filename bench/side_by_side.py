@@ -202,23 +202,41 @@ def table(folders):
         print(f"\nours/twin tokens/s: {rows['ours']['tokens/s'] / rows['twin']['tokens/s']:.2f}")
 
 
+# Nsight Compute's limiter metrics (run.sh profile with KERNELS=...), shown by a short name.
+LIMITS = {
+    "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor%",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed": "smem%",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue%",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram%",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "warps%",
+}
+
+
 def kernels(path):
-    """Per-kernel GPU time from Nsight Compute's raw CSV (gpu__time_duration.sum, in ns)."""
+    """Per-kernel GPU time from Nsight Compute's raw CSV (gpu__time_duration.sum, in ns), and
+    the time-weighted mean of each limiter metric the CSV has."""
     rows = list(csv.reader(line for line in open(path) if line.startswith('"')))
     if len(rows) < 3:
         sys.exit(f"{path}: no kernels profiled (see the ncu-*.err beside it)")
     head = rows[0]
     name, took, grid = (head.index(k) for k in ("Kernel Name", "gpu__time_duration.sum", "Grid Size"))
+    limits = [(head.index(m), short) for m, short in LIMITS.items() if m in head]
     total, calls = collections.Counter(), collections.Counter()
+    weighted = collections.defaultdict(lambda: [0.0] * len(limits))
     for row in rows[2:]:
         key = (row[name][:60], row[grid])
-        total[key] += float(row[took].replace(",", ""))
+        ns = float(row[took].replace(",", ""))
+        total[key] += ns
         calls[key] += 1
+        for i, (col, _) in enumerate(limits):
+            weighted[key][i] += ns * float(row[col].replace(",", ""))
     whole = sum(total.values())
     print(f"{sum(calls.values())} kernels, {whole / 1e6:.1f} ms of GPU time")
-    print(f"{'share':>6} {'ms':>8} {'calls':>5} {'us/call':>8}  kernel (grid)")
+    extra = "".join(f" {short:>7}" for _, short in limits)
+    print(f"{'share':>6} {'ms':>8} {'calls':>5} {'us/call':>8}{extra}  kernel (grid)")
     for key, ns in total.most_common(30):
-        print(f"{ns / whole:6.1%} {ns / 1e6:8.2f} {calls[key]:5d} {ns / calls[key] / 1e3:8.1f}  {key[0]} {key[1]}")
+        means = "".join(f" {w / ns:7.1f}" for w in weighted[key]) if ns else ""
+        print(f"{ns / whole:6.1%} {ns / 1e6:8.2f} {calls[key]:5d} {ns / calls[key] / 1e3:8.1f}{means}  {key[0]} {key[1]}")
 
 
 def main():

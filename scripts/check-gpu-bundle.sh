@@ -92,7 +92,8 @@ set -eu
 while [ $# -gt 0 ]; do
   case $1 in
     --profile-from-start) [ "$2" = off ] || { echo "ncu stand-in: expected --profile-from-start off" >&2; exit 9; }; window=own; shift 2 ;;
-    --clock-control | --print-units | --metrics | --page) shift 2 ;;
+    --metrics) metrics=$2; shift 2 ;;
+    --clock-control | --print-units | --page | --kernel-name) shift 2 ;;
     --csv) shift ;;
     -*) echo "ncu stand-in: unknown option $1" >&2; exit 9 ;;
     *) break ;;
@@ -100,9 +101,14 @@ while [ $# -gt 0 ]; do
 done
 [ "${window:-}" = own ] || { echo "ncu stand-in: no --profile-from-start off" >&2; exit 9; }
 "$@"
-echo '"ID","Kernel Name","Grid Size","Metric Name","gpu__time_duration.sum"'
-echo '"","","","","nsecond"'
-echo '"0","rehearsal (no GPU)","(1, 1, 1)","gpu__time_duration.sum","1000"'
+# One row with a column per metric asked for: the time 1000 ns, every other metric 50 %.
+IFS=, read -ra names <<<"${metrics:?ncu stand-in: no --metrics}"
+unit() { if [ "$1" = gpu__time_duration.sum ]; then echo nsecond; else echo %; fi; }
+value() { if [ "$1" = gpu__time_duration.sum ]; then echo 1000; else echo 50; fi; }
+row() { local out=$1 m; for m in "${names[@]}"; do out+=",\"$($2 "$m")\""; done; echo "$out"; }
+row '"ID","Kernel Name","Grid Size","Metric Name"' echo
+row '"","","",""' unit
+row '"0","rehearsal (no GPU)","(1, 1, 1)","gpu__time_duration.sum"' value
 NCU
 chmod +x "$rehearsal/bin/ncu"
 set +e
@@ -119,6 +125,15 @@ if [ "$rc" -ne 0 ] || [ "$stages" -ne 6 ] || ! grep -q '^ours/twin tokens/s' <<<
   || ! profiled ours || ! profiled twin; then
   echo "the acceptance rehearsal on the CPU: expected exit 0, six stages passed, the side-by-side" >&2
   echo "table, and both profiled runs ending after step 12 (got exit $rc, $stages stages)" >&2
+  exit 1
+fi
+# The profile of a few kernels with what bounds them (KERNELS=...): its table has their columns.
+limits=$(REHEARSAL=cpu DATA="$rehearsal/data" OUT="$rehearsal/out" PATH="$rehearsal/bin:$PATH" \
+  PYTHON="$python" LD_LIBRARY_PATH="$run_libs" STEP=12 KERNELS=flash bash "$bundle/run.sh" profile 2>&1) \
+  || { echo "$limits" >&2; echo "run.sh profile with KERNELS= failed on the CPU (above)" >&2; exit 1; }
+if ! grep -q 'tensor%.*smem%.*issue%.*dram%.*warps%' <<<"$limits" || ! grep -q ' 50.0  rehearsal' <<<"$limits"; then
+  echo "$limits" >&2
+  echo "run.sh profile with KERNELS=: expected the limiters' columns in its table (above)" >&2
   exit 1
 fi
 

@@ -7,6 +7,9 @@
 # (STEP=12, past the warm-up and the timed steps: the train file's Stopwatch starts and stops
 # the profiler around it, then the run ends; one metric, so no replay) and prints where that
 # step's GPU time goes, per kernel (~1 min; needs `ncu`, which Firecracker machines have).
+# KERNELS=REGEX limits it to the kernels whose names match and adds what bounds each (tensor
+# pipe, shared-memory pipe, issue slots, DRAM, resident warps: % of peak; ncu replays each such
+# kernel, so keep REGEX narrow, e.g. KERNELS='flash' ./run.sh profile).
 # `acceptance` is the GPU acceptance in one call of at most LIMIT seconds (default 530): the
 # check (warm-up steps only), ours and then the twin for BUDGET (default 120) seconds each, the
 # side-by-side table, then `kernels` and both sides' `profile` with the time left; each stage
@@ -145,11 +148,20 @@ if [ "$mode" = profile ]; then
   command -v ncu >/dev/null || fail "ncu (Nsight Compute) not found: profile needs it"
   side=ours target=("$train")
   [ "$ours" = no ] && side=twin target=("$py" "$here/torch_twin.py")
+  metrics=gpu__time_duration.sum name=$side filter=()
+  if [ -n "${KERNELS:-}" ]; then
+    metrics=$metrics,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
+    metrics=$metrics,l1tex__data_pipe_lsu_wavefronts_mem_shared.avg.pct_of_peak_sustained_elapsed
+    metrics=$metrics,smsp__issue_active.avg.pct_of_peak_sustained_active
+    metrics=$metrics,dram__throughput.avg.pct_of_peak_sustained_elapsed
+    metrics=$metrics,sm__warps_active.avg.pct_of_peak_sustained_active
+    name=$side-limits filter=(--kernel-name "regex:$KERNELS")
+  fi
   AUTORESEARCH_DEVICE=$device AUTORESEARCH_TIME_BUDGET=60 AUTORESEARCH_PROFILE_STEP=${STEP:-12} \
-    ncu --clock-control none --print-units base --metrics gpu__time_duration.sum \
+    ncu --clock-control none --print-units base --metrics "$metrics" "${filter[@]}" \
     --profile-from-start off --csv --page raw \
-    "${target[@]}" > "$out/ncu-$side.csv" 2> "$out/ncu-$side.err" \
-    || echo "run.sh: ncu exited $? (see $out/ncu-$side.err)" >&2
-  "$py" "$here/side_by_side.py" kernels "$out/ncu-$side.csv" | tee "$out/profile-$side.txt"
+    "${target[@]}" > "$out/ncu-$name.csv" 2> "$out/ncu-$name.err" \
+    || echo "run.sh: ncu exited $? (see $out/ncu-$name.err)" >&2
+  "$py" "$here/side_by_side.py" kernels "$out/ncu-$name.csv" | tee "$out/profile-$name.txt"
 fi
 echo "results: $out"
