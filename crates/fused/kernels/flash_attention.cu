@@ -347,18 +347,17 @@ __device__ void delta(const bf16 *o, const bf16 *d_o, float *out, int B, int H, 
 }
 
 // Backward, keys' side: a block is 64 keys of one head (16 per warp), over tiles of 32 queries;
-// dK and dV stay in registers. Transposed products (keys × queries) keep each warp on its own
+// the warp's k and v rows (A fragments) and its dK and dV stay in registers. Transposed products (keys × queries) keep each warp on its own
 // keys: Sᵀ = K Qᵀ, dV += Pᵀ dO, dPᵀ = V dOᵀ, dK += dSᵀ Q.
 template <int HD>
 __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o,
                             const float *lse, const float *dlt, bf16 *grads, int H, int T,
                             int window, float scale, float scale_log2) {
   constexpr int BK = 16 * WARPS, BQ = 32, LD = HD + PAD;
-  // The block's k and v rows, then two buffers of a query tile: q, dO, lse and delta rows.
+  // Two buffers of a query tile: q, dO, lse and delta rows.
   constexpr int TILE = 2 * BQ * LD * 2 + 2 * BQ * 4;  // bytes
   extern __shared__ __align__(16) unsigned char shared[];
-  bf16 *ks = reinterpret_cast<bf16 *>(shared), *vs = ks + BK * LD;
-  unsigned char *const tiles = reinterpret_cast<unsigned char *>(vs + BK * LD);
+  unsigned char *const tiles = shared;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int first = blockIdx.x * BK;  // the first keys have the most queries: they start first
@@ -366,8 +365,11 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
   const size_t head = (size_t)bh * T * HD;
   bf16 *dk = grads + (size_t)gridDim.y * T * HD, *dv = dk + (size_t)gridDim.y * T * HD;
 
-  load_rows<HD, BK>(ks, k + head + (size_t)first * HD, HD);
-  load_rows<HD, BK>(vs, v + head + (size_t)first * HD, HD);
+  // This warp's 16 keys' k and v rows as A fragments, held for the whole block: each tile's
+  // products read only the queries' side from shared memory.
+  uint32_t kf[HD / 16][4], vf[HD / 16][4];
+  a_fragments<HD>(kf, k + head + (size_t)k0 * HD, HD);
+  a_fragments<HD>(vf, v + head + (size_t)k0 * HD, HD);
   float dk_acc[HD / 8][4], dv_acc[HD / 8][4];
 #pragma unroll
   for (int j = 0; j < HD / 8; j++) {
@@ -392,13 +394,13 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
   load_tile(first / BQ * BQ, 0);
   for (int q0 = first / BQ * BQ, buf = 0; q0 <= last; q0 += BQ, buf ^= 1) {
     wait_copies();
-    __syncthreads();  // this tile (and the block's k, v) is in; the other buffer is free
+    __syncthreads();  // this tile is in; the other buffer is free
     if (q0 + BQ <= last) load_tile(q0 + BQ, buf ^ 1);
     const bf16 *qs = reinterpret_cast<const bf16 *>(tiles + buf * TILE), *dos = qs + BQ * LD;
     const float *lse_s = reinterpret_cast<const float *>(dos + BQ * LD), *dlt_s = lse_s + BQ;
     if (sees_none<BQ, 16>(q0, k0, window)) continue;  // no query of the tile sees these keys
     float s[BQ / 8][4];
-    product_over_hd<HD, BQ / 8>(s, ks + warp * 16 * LD, qs);
+    product_over_hd<HD, BQ / 8>(s, kf, qs);
     // Pᵀ: row r is key k0 + g + 8r, column the query q0 + n·8 + 2c + e.
 #pragma unroll
     for (int n = 0; n < BQ / 8; n++) {
@@ -418,7 +420,7 @@ __device__ void backward_kv(const bf16 *q, const bf16 *k, const bf16 *v, const b
     }
     product_over_tile<HD, BQ / 16>(dv_acc, s, dos);
     float dp[BQ / 8][4];
-    product_over_hd<HD, BQ / 8>(dp, vs + warp * 16 * LD, dos);
+    product_over_hd<HD, BQ / 8>(dp, vf, dos);
 #pragma unroll
     for (int n = 0; n < BQ / 8; n++) {
 #pragma unroll

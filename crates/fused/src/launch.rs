@@ -20,10 +20,10 @@ pub fn flash_forward(hd: usize) -> usize {
     2 * 2 * FLASH_BLOCK * tile_row(hd)
 }
 
-/// `flash_backward_kv_{hd}`: the block's 64 k and v rows, then two buffers of 32 query and
-/// output-gradient rows with their log-sum-exp and delta.
+/// `flash_backward_kv_{hd}`: two buffers of 32 query and output-gradient rows with their
+/// log-sum-exp and delta (the block's k and v rows are in registers).
 pub fn flash_backward_kv(hd: usize) -> usize {
-    2 * FLASH_BLOCK * tile_row(hd) + 2 * (2 * 32 * tile_row(hd) + 2 * 32 * 4)
+    2 * (2 * 32 * tile_row(hd) + 2 * 32 * 4)
 }
 
 /// `flash_backward_q_{hd}`: two buffers of 32 k and v rows.
