@@ -5,18 +5,18 @@
 //! embedding's chunked backward, the residual mix and the gated value heads.
 //! Each launch gets the shared memory its launcher gives (`fused::launch`); the drivers are built
 //! with AddressSanitizer, so a kernel that reads or writes past that, or past a tensor, stops the
-//! test where the card would fault.
+//! test where the card would fault; a block that some thread never lets finish (a barrier or
+//! shuffle not every thread reaches) stops it too, with the block named.
 //! Needs a C++20 compiler (`CXX`, else `c++`) with AddressSanitizer and UBSan (gcc's libasan and
 //! libubsan, or clang).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use fused::launch;
 
-/// Builds `emulator/{driver}.cpp`, runs it with each kernel's shared memory as its launcher gives
-/// it (`SHARED_<kernel>`), and returns its report (a line per case).
-fn run_driver(driver: &str, shared: &[(String, usize)]) -> String {
+/// Builds `emulator/{driver}.cpp` (with `defines`, `-D` arguments) and returns the binary.
+fn build_driver(driver: &str, defines: &[&str]) -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = here.join(format!("tests/emulator/{driver}.cpp"));
     let binary = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{driver}-emulated"));
@@ -34,6 +34,7 @@ fn run_driver(driver: &str, shared: &[(String, usize)]) -> String {
             "-I",
         ])
         .arg(here.join("tests/emulator"))
+        .args(defines)
         .arg(&source)
         .arg("-o")
         .arg(&binary)
@@ -48,6 +49,13 @@ fn run_driver(driver: &str, shared: &[(String, usize)]) -> String {
         source.display(),
         String::from_utf8_lossy(&built.stderr)
     );
+    binary
+}
+
+/// Builds `emulator/{driver}.cpp`, runs it with each kernel's shared memory as its launcher gives
+/// it (`SHARED_<kernel>`), and returns its report (a line per case).
+fn run_driver(driver: &str, shared: &[(String, usize)]) -> String {
+    let binary = build_driver(driver, &[]);
     let run = Command::new(&binary)
         .envs(
             shared
@@ -66,6 +74,24 @@ fn run_driver(driver: &str, shared: &[(String, usize)]) -> String {
         String::from_utf8_lossy(&run.stderr)
     );
     report
+}
+
+#[test]
+fn a_block_that_never_reaches_its_barrier_stops_the_emulator_with_its_name() {
+    // Its second warp returns before the barrier its first waits at: a hang without the
+    // emulator's limit (here 2 s).
+    let binary = build_driver("hung_block", &["-DEMULATOR_BLOCK_SECONDS=2"]);
+    let run = Command::new(&binary)
+        .env("ASAN_OPTIONS", "detect_leaks=0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("block (0, 0, 0): 32 of 64 threads finished in 2 s"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&run.stdout).is_empty());
 }
 
 #[test]

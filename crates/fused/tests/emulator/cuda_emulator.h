@@ -4,17 +4,21 @@
 // after this header. Not covered: `__shared__` arrays declared inside a kernel (each thread
 // would get its own); `extern __shared__` memory is one buffer, as blocks run one at a time.
 // Each block's shared memory starts as NaN bytes (the card does not clear it), and the bytes past
-// what the launch gives are poisoned under AddressSanitizer, as the card would fault on them.
+// what the launch gives are poisoned under AddressSanitizer, as the card would fault on them. A
+// block that does not finish in EMULATOR_BLOCK_SECONDS stops the run (exit 3), named.
 #pragma once
 #include <algorithm>
 #include <barrier>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -164,6 +168,13 @@ size_t launch_shared(const std::string &kernel) {
   return std::strtoull(given, nullptr, 10);
 }
 
+// Seconds a block may take before it counts as hung (the drivers' blocks take well under one
+// here, under AddressSanitizer on two busy cores). tests/emulated.rs sets a short one to test it.
+#ifndef EMULATOR_BLOCK_SECONDS
+#define EMULATOR_BLOCK_SECONDS 60
+#endif
+constexpr int kBlockSeconds = EMULATOR_BLOCK_SECONDS;
+
 // A grid of blocks of `threads` threads (a multiple of 32), one block at a time, each given
 // `shared_bytes` of dynamic shared memory.
 void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::function<void()> &kernel) {
@@ -186,12 +197,32 @@ void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::functio
       for (unsigned x = 0; x < grid.x; x++) {
         blockIdx = {x, y, z};
         std::memset(shared, 0xff, shared_bytes);  // NaN in bf16 and f32, -1 in ints
+        // A block that does not finish is a barrier, shuffle, ballot or mma.sync that some
+        // thread of the block (or lane of the warp) never reaches: undefined on the card, a
+        // hang here. Said and stopped rather than left to the test's own time limit.
+        std::mutex m;
+        std::condition_variable all_done;
+        unsigned finished = 0;
         std::vector<std::thread> pool;
         for (unsigned t = 0; t < threads; t++) {
-          pool.emplace_back([t, &kernel] {
+          pool.emplace_back([t, &kernel, &m, &all_done, &finished, threads] {
             threadIdx = {t, 0, 0};
             kernel();
+            std::lock_guard<std::mutex> lock(m);
+            if (++finished == threads) all_done.notify_one();
           });
+        }
+        {
+          std::unique_lock<std::mutex> lock(m);
+          if (!all_done.wait_for(lock, std::chrono::seconds(kBlockSeconds),
+                                 [&] { return finished == threads; })) {
+            std::fprintf(stderr,
+                         "block (%u, %u, %u): %u of %u threads finished in %d s: a __syncthreads, "
+                         "shuffle, ballot or mma.sync that not every thread (lane) of the block "
+                         "(warp) reaches\n",
+                         x, y, z, finished, threads, kBlockSeconds);
+            std::_Exit(3);
+          }
         }
         for (auto &t : pool) t.join();
       }
