@@ -2,21 +2,19 @@
 //! at first use: a kernel that disagrees with the plain path on this GPU, or fails to load, is
 //! not used; the run goes on on the plain path after one warning line.
 
-use std::sync::{Mutex, TryLockError};
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock, TryLockError};
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
-use candle_core::{
-    CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
-};
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 use crate::attention::{CausalSoftmax, CausalSoftmaxBackward};
-use crate::cross_entropy::{SoftcapCrossEntropy, plain};
-use crate::embedding::Embedding;
-use crate::{Kernel, launch};
+use crate::isolated::{self, Outcome};
+use crate::{Kernel, launch, self_check};
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
@@ -28,22 +26,35 @@ const THREADS: u32 = 256;
 /// (`ROWS_PER_BLOCK` in kernels/heads.cu and gate_heads.cu).
 const ROWS_PER_BLOCK: usize = THREADS as usize / 8;
 
-/// Whether `kernel` passed its self-check on this process's GPU (checked at the first call).
+/// Whether `kernel` passed its self-check on this process's GPU (checked at the first call, all
+/// kernels at once in a child process where one can run: `isolated`).
 pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
-    static VERDICTS: [Mutex<Option<bool>>; 10] = [const { Mutex::new(None) }; 10];
-    let (name, check): (&str, fn(&CudaDevice) -> Result<()>) = match kernel {
-        Kernel::CrossEntropy => ("cross-entropy", check_cross_entropy),
-        Kernel::CausalSoftmax => ("causal softmax", check_softmax),
-        Kernel::Embedding => ("embedding", check_embedding),
-        Kernel::RmsNorm => ("RMSNorm", check_rms_norm),
-        Kernel::Rotary => ("rotary", check_rotary),
-        Kernel::ReluSquared => ("ReLU²", check_relu_squared),
-        Kernel::Heads => ("heads", check_heads),
-        Kernel::Attention => ("flash attention", check_attention),
-        Kernel::Mix => ("mix", check_mix),
-        Kernel::GateHeads => ("gate heads", check_gate_heads),
+    static VERDICTS: [Mutex<Option<bool>>; Kernel::ALL.len()] =
+        [const { Mutex::new(None) }; Kernel::ALL.len()];
+    static ISOLATED: OnceLock<BTreeMap<Kernel, Outcome>> = OnceLock::new();
+    let name = match kernel {
+        Kernel::CrossEntropy => "cross-entropy",
+        Kernel::CausalSoftmax => "causal softmax",
+        Kernel::Embedding => "embedding",
+        Kernel::RmsNorm => "RMSNorm",
+        Kernel::Rotary => "rotary",
+        Kernel::ReluSquared => "ReLU²",
+        Kernel::Heads => "heads",
+        Kernel::Attention => "flash attention",
+        Kernel::Mix => "mix",
+        Kernel::GateHeads => "gate heads",
     };
-    verdict(&VERDICTS[kernel as usize], name, || check(dev))
+    let device = Device::Cuda(dev.clone());
+    verdict(&VERDICTS[kernel as usize], name, || {
+        let isolated = ISOLATED.get_or_init(|| {
+            isolated::in_children(&Kernel::ALL, &device, isolated::CHECK_TIMEOUT, None)
+        });
+        match isolated.get(&kernel) {
+            Some(Outcome::Passed) => Ok(()),
+            Some(Outcome::Failed(why)) => Err(candle_core::Error::Msg(why.clone())),
+            Some(Outcome::Undecided) | None => self_check::run(kernel, &device),
+        }
+    })
 }
 
 /// The check's verdict, made once. A check that ran out of memory (it runs inside the first
@@ -63,7 +74,7 @@ fn verdict(cell: &Mutex<Option<bool>>, kernel: &str, check: impl FnOnce() -> Res
     }
     match check() {
         Ok(()) => *cell = Some(true),
-        Err(e) if out_of_memory(&e.to_string()) => return false,
+        Err(e) if self_check::out_of_memory(&e.to_string()) => return false,
         Err(e) => {
             eprintln!(
                 "warning: the fused {kernel} kernel failed its self-check on this GPU ({e}); the plain path runs instead"
@@ -72,364 +83,6 @@ fn verdict(cell: &Mutex<Option<bool>>, kernel: &str, check: impl FnOnce() -> Res
         }
     }
     cell.unwrap_or(false)
-}
-
-/// The texts of a device allocation failure (as `prepare::Run::fit_device_batch` matches them).
-fn out_of_memory(text: &str) -> bool {
-    ["OUT_OF_MEMORY", "ALLOC_FAILED", "out of memory"]
-        .iter()
-        .any(|m| text.contains(m))
-}
-
-/// f32 and bf16 with their tolerances (as in PERF-NOTES: 1e-4 and 2e-2 relative).
-const BOTH: &[(DType, f32)] = &[(DType::F32, 1e-4), (DType::BF16, 2e-2)];
-
-/// Values and gradients (of a random weighting of the output) of `fused` against `plain` on
-/// `x` in each of `dtypes`, within its tolerance.
-fn compare(
-    dtypes: &[(DType, f32)],
-    x: &[f32],
-    shape: &[usize],
-    device: &Device,
-    fused: &dyn Fn(&Tensor) -> Result<Tensor>,
-    plain: &dyn Fn(&Tensor) -> Result<Tensor>,
-) -> Result<()> {
-    for &(dtype, tolerance) in dtypes {
-        let x = Tensor::from_vec(x.to_vec(), shape, device)?.to_dtype(dtype)?;
-        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(Tensor, Tensor)> {
-            let var = Var::from_tensor(&x)?;
-            let y = f(var.as_tensor())?.to_dtype(DType::F32)?;
-            let w = Tensor::from_vec(host_random(y.elem_count(), 3, 1.0), y.shape(), device)?;
-            let grads = (&y * &w)?.sum_all()?.backward()?;
-            let Some(g) = grads.get(var.as_tensor()) else {
-                candle_core::bail!("no gradient reached the input")
-            };
-            Ok((y, g.to_dtype(DType::F32)?))
-        };
-        let (y, grad) = run(fused)?;
-        let (want_y, want_grad) = run(plain)?;
-        for (what, got, want) in [("value", &y, &want_y), ("gradient", &grad, &want_grad)] {
-            let err = relative_error(got, want)?;
-            if err.is_nan() || err > tolerance {
-                candle_core::bail!("{dtype:?} {what}: relative error {err:.1e} > {tolerance:.0e}");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// At a vocabulary that is not a multiple of the block size.
-fn check_cross_entropy(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let (rows, vocab, cap) = (37, 1003, 15.0);
-    let t: Vec<u32> = host_random(rows, 2, 1.0)
-        .iter()
-        .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
-        .collect();
-    let targets = Tensor::from_vec(t, rows, &device)?;
-    compare(
-        BOTH,
-        &host_random(rows * vocab, 1, 40.0),
-        &[rows, vocab],
-        &device,
-        &|x| x.apply_op2(&targets, SoftcapCrossEntropy { cap: cap as f32 }),
-        &|x| plain::softcap_cross_entropy(x, &targets, cap),
-    )
-}
-
-/// A window shorter than the rows, and one past them (plain causal), at a length that is not a
-/// multiple of the block size.
-fn check_softmax(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let t = 300;
-    let scores = host_random(2 * 3 * t * t, 4, 8.0);
-    for window in [37, t] {
-        let scale = 0.125;
-        compare(
-            BOTH,
-            &scores,
-            &[2, 3, t, t],
-            &device,
-            &|x| {
-                x.apply_op1(CausalSoftmax {
-                    scale: scale as f32,
-                    window,
-                })
-            },
-            &|x| crate::attention::plain::causal_softmax(x, scale, window),
-        )
-        .map_err(|e| candle_core::Error::Msg(format!("window {window}: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Ids with repeats (about 70 tokens a row) in two chunks of the backward, a table that does
-/// not fill the last block; at a width past one block's 512 columns and not a multiple of it or
-/// of the forward's runs of eight (read one element at a time), and at 512 (runs of eight, as
-/// the model's width takes).
-fn check_embedding(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let (vocab, n) = (300, EMBEDDING_CHUNK + 5_000);
-    let ids: Vec<u32> = host_random(n, 5, 1.0)
-        .iter()
-        .map(|r| ((r + 1.0) / 2.0 * vocab as f32) as u32 % vocab as u32)
-        .collect();
-    let ids = Tensor::from_vec(ids, n, &device)?;
-    for d in [700, 512] {
-        let table = host_random(vocab * d, 6, 1.0);
-        compare(
-            BOTH,
-            &table,
-            &[vocab, d],
-            &device,
-            &|x| {
-                let dtype = x.dtype();
-                x.apply_op2(&ids, Embedding { vocab, dtype })
-            },
-            &|x| x.index_select(&ids, 0),
-        )?;
-        // An f32 table read as bf16 rows (a bf16 model's), its gradient back from bf16.
-        compare(
-            &[(DType::F32, 2e-2)],
-            &table,
-            &[vocab, d],
-            &device,
-            &|x| {
-                let dtype = DType::BF16;
-                x.apply_op2(&ids, Embedding { vocab, dtype })
-            },
-            &|x| x.index_select(&ids, 0)?.to_dtype(DType::BF16),
-        )
-        .map_err(|e| candle_core::Error::Msg(format!("width {d}: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Rows that do not fill the last block, of a width that is not a multiple of a warp.
-fn check_rms_norm(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let (rows, n, eps) = (37, 300, 1e-6);
-    compare(
-        BOTH,
-        &host_random(rows * n, 7, 3.0),
-        &[rows, n],
-        &device,
-        &|x| x.apply_op1(crate::RmsNorm { eps }),
-        &|x| crate::plain::rms_norm(x, eps),
-    )
-}
-
-/// Positions and heads that do not fill a block.
-fn check_rotary(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let (b, t, h, hd) = (2, 37, 3, 24);
-    let angle = |i: usize| (i / (hd / 2)) as f32 * 0.37 + (i % (hd / 2)) as f32 * 0.11;
-    let cos: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).cos()).collect();
-    let sin: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).sin()).collect();
-    let cos = Tensor::from_vec(cos, (t, hd / 2), &device)?;
-    let sin = Tensor::from_vec(sin, (t, hd / 2), &device)?;
-    compare(
-        BOTH,
-        &host_random(b * t * h * hd, 8, 2.0),
-        &[b, t, h, hd],
-        &device,
-        &|x| {
-            let (c, s) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-            x.apply_op3(&c, &s, crate::rotary::Rotary { sign: 1.0 })
-        },
-        &|x| crate::rotary::plain::rotary(x, &cos, &sin),
-    )
-}
-
-/// A length that does not fill the last block; values on both sides of 0.
-fn check_relu_squared(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    compare(
-        BOTH,
-        &host_random(1001, 9, 3.0),
-        &[7, 143],
-        &device,
-        &|x| x.apply_op1(crate::ReluSquared),
-        &crate::plain::relu_squared,
-    )
-}
-
-/// Positions, heads and rows that do not fill a block or a warp's four rows; head size 72 (its
-/// second halves off the 16-byte boundary, read one element at a time, and a run of eight cut
-/// short) and 128 (whole aligned runs, as the model's).
-fn check_heads(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let (b, t, h, eps) = (2, 37, 3, 1e-6);
-    for hd in [72, 128] {
-        let angle = |i: usize| (i / (hd / 2)) as f32 * 0.37 + (i % (hd / 2)) as f32 * 0.11;
-        let cos: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).cos()).collect();
-        let sin: Vec<f32> = (0..t * hd / 2).map(|i| angle(i).sin()).collect();
-        let rope = Tensor::from_vec([cos, sin].concat(), (2, t, hd / 2), &device)?;
-        compare(
-            BOTH,
-            &host_random(b * t * 3 * h * hd, 10, 2.0),
-            &[b, t, 3 * h * hd],
-            &device,
-            &|x| {
-                let op = crate::heads::Heads {
-                    n_head: h,
-                    eps: eps as f32,
-                };
-                x.apply_op2(&rope.to_dtype(x.dtype())?, op)
-            },
-            &|x| crate::heads::plain::heads(x, h, &rope, eps),
-        )
-        .map_err(|e| candle_core::Error::Msg(format!("head size {hd}: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Both head sizes, a window inside a tile and plain causal, with and without a term added to
-/// v, two batches and heads; the reference runs in f32 on the same bf16 values (the kernels
-/// take bf16 only).
-fn check_attention(dev: &CudaDevice) -> Result<()> {
-    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
-    if major < 8 {
-        candle_core::bail!("compute capability {major}.{minor}: the kernels need bf16 mma (8.0+)")
-    }
-    let device = Device::Cuda(dev.clone());
-    let (b, h, t) = (2, 2, 192);
-    for hd in [64, 128] {
-        let plus = Tensor::from_vec(host_random(b * h * t * hd, 12, 1.0), (b, h, t, hd), &device)?
-            .to_dtype(DType::BF16)?;
-        for (window, v_plus) in [(37, None), (t, None), (37, Some(&plus))] {
-            compare(
-                &[(DType::BF16, 2e-2)],
-                &host_random(3 * b * h * t * hd, 11, 2.0),
-                &[3, b, h, t, hd],
-                &device,
-                &|x| crate::attention::flash::apply(x, v_plus, window),
-                &|x| {
-                    let p = v_plus.map(|p| p.to_dtype(DType::F32)).transpose()?;
-                    crate::attention::plain::attention(&x.to_dtype(DType::F32)?, p.as_ref(), window)
-                },
-            )
-            .map_err(|e| {
-                let plus = if v_plus.is_some() { " with v_plus" } else { "" };
-                candle_core::Error::Msg(format!("head size {hd}, window {window}{plus}: {e}"))
-            })?;
-        }
-        // v_plus's own gradient, through the transposed view the train file passes.
-        let heads = Tensor::from_vec(
-            host_random(3 * b * h * t * hd, 13, 2.0),
-            (3, b, h, t, hd),
-            &device,
-        )?;
-        let heads_bf16 = heads.to_dtype(DType::BF16)?;
-        // The reference sees the same (rounded) values.
-        let heads = heads_bf16.to_dtype(DType::F32)?;
-        compare(
-            &[(DType::BF16, 2e-2)],
-            &host_random(b * t * h * hd, 14, 1.0),
-            &[b, t, h, hd],
-            &device,
-            &|x| crate::attention::flash::apply(&heads_bf16, Some(&x.transpose(1, 2)?), 37),
-            &|x| {
-                let p = x.to_dtype(DType::F32)?.transpose(1, 2)?;
-                crate::attention::plain::attention(&heads, Some(&p), 37)
-            },
-        )
-        .map_err(|e| candle_core::Error::Msg(format!("head size {hd}, v_plus's gradient: {e}")))?;
-    }
-    Ok(())
-}
-
-/// A length past one block that is not a multiple of it; each input's gradient in turn.
-fn check_mix(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let shape = [7, 151];
-    let n = 7 * 151;
-    let x = Tensor::from_vec(host_random(n, 15, 2.0), &shape, &device)?;
-    let z = Tensor::from_vec(host_random(n, 16, 2.0), &shape, &device)?;
-    let (a, b) = (
-        Tensor::new(&[[0.93f32]], &device)?,
-        Tensor::new(&[[0.1f32]], &device)?,
-    );
-    let at = |t: &Tensor, like: &Tensor| t.to_dtype(like.dtype());
-    compare(
-        BOTH,
-        &host_random(n, 17, 2.0),
-        &shape,
-        &device,
-        &|x| crate::mix::fused(x, &a, &at(&z, x)?, &b),
-        &|x| crate::mix::plain::mix(x, &a, &at(&z, x)?, &b),
-    )
-    .map_err(|e| candle_core::Error::Msg(format!("x: {e}")))?;
-    compare(
-        BOTH,
-        &host_random(n, 18, 2.0),
-        &shape,
-        &device,
-        &|z| crate::mix::fused(&at(&x, z)?, &a, z, &b),
-        &|z| crate::mix::plain::mix(&at(&x, z)?, &a, z, &b),
-    )
-    .map_err(|e| candle_core::Error::Msg(format!("z: {e}")))?;
-    // The scalars' gradients (sums over all of x and z) in f32: the plain path sums bf16
-    // products in bf16, too coarse a reference; the emulator checks the bf16 kernel's sums.
-    compare(
-        &[(DType::F32, 1e-4)],
-        &[0.7, -0.3],
-        &[2],
-        &device,
-        &|ab| crate::mix::fused(&x, &ab.get(0)?, &z, &ab.get(1)?),
-        &|ab| crate::mix::plain::mix(&x, &ab.get(0)?, &z, &ab.get(1)?),
-    )
-    .map_err(|e| candle_core::Error::Msg(format!("a and b: {e}")))
-}
-
-/// Heads of 40 (five runs of eight a row, three lanes of eight idle), rows that do not fill a
-/// block; x's and the gates' gradients in turn.
-fn check_gate_heads(dev: &CudaDevice) -> Result<()> {
-    let device = Device::Cuda(dev.clone());
-    let (b, t, h, hd) = (2, 37, 3, 40);
-    let x = Tensor::from_vec(
-        host_random(b * t * h * hd, 19, 2.0),
-        (b, t, h * hd),
-        &device,
-    )?;
-    let gate = Tensor::from_vec(host_random(b * t * h, 20, 2.0), (b, t, h), &device)?;
-    compare(
-        BOTH,
-        &host_random(b * t * h * hd, 21, 2.0),
-        &[b, t, h * hd],
-        &device,
-        &|x| crate::gate_heads::fused(x, &gate.to_dtype(x.dtype())?),
-        &|x| crate::gate_heads::plain::gate_heads(x, &gate.to_dtype(x.dtype())?),
-    )
-    .map_err(|e| candle_core::Error::Msg(format!("x: {e}")))?;
-    compare(
-        BOTH,
-        &host_random(b * t * h, 22, 2.0),
-        &[b, t, h],
-        &device,
-        &|g| crate::gate_heads::fused(&x.to_dtype(g.dtype())?, g),
-        &|g| crate::gate_heads::plain::gate_heads(&x.to_dtype(g.dtype())?, g),
-    )
-    .map_err(|e| candle_core::Error::Msg(format!("gate: {e}")))
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let size = want.abs()?.max_all()?.to_scalar::<f32>()?;
-    Ok(diff / size.max(1e-30))
-}
-
-/// Deterministic values in [-scale, scale).
-fn host_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
 }
 
 /// `[rows, vocab]` of a contiguous layout, and its start.
@@ -711,10 +364,8 @@ pub(crate) fn embedding(
     Ok((out, Shape::from((il.shape().elem_count(), d))))
 }
 
-/// Tokens a block of the embedding's backward scans: a frequent id's gradient rows are split
-/// over ~n / 16,384 blocks, whose sums the second kernel adds in order. The chunks' sums (f32,
-/// a table's size each) are held under 256 MiB: a large table takes longer chunks.
-const EMBEDDING_CHUNK: usize = 16_384;
+/// The chunks' sums of the embedding's backward (f32, a table's size each) are held under
+/// 256 MiB: a large table takes chunks longer than `launch::EMBEDDING_CHUNK`.
 const EMBEDDING_SCRATCH: usize = 256 << 20;
 
 pub(crate) fn embedding_backward(
@@ -741,7 +392,7 @@ pub(crate) fn embedding_backward(
         let g = g.slice(g_start..g_start + n * d);
         let len = vocab * d;
         let chunks = n
-            .div_ceil(EMBEDDING_CHUNK)
+            .div_ceil(launch::EMBEDDING_CHUNK)
             .min(EMBEDDING_SCRATCH / (4 * len).max(1))
             .max(1);
         let chunk = n.div_ceil(chunks).max(1);

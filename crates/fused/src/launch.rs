@@ -7,6 +7,9 @@
 pub const FLASH_BLOCK: usize = 64;
 /// Threads a block of the embedding's backward (`kernels/embedding.cu`, `THREADS`).
 const EMBEDDING_THREADS: usize = 256;
+/// Tokens a block of the embedding's backward scans: a frequent id's gradient rows are split
+/// over ~n / 16,384 blocks, whose sums the second kernel adds in order.
+pub const EMBEDDING_CHUNK: usize = 16_384;
 /// Table rows a block of the embedding's backward sums (`ROWS`).
 pub const EMBEDDING_ROWS: usize = 16;
 

@@ -22,9 +22,12 @@ pub mod embedding;
 pub mod gate_heads;
 pub mod heads;
 #[doc(hidden)]
+pub mod isolated;
+#[doc(hidden)]
 pub mod launch;
 pub mod mix;
 pub mod rotary;
+mod self_check;
 
 pub use attention::{attention, causal_softmax};
 pub use cross_entropy::softcap_cross_entropy;
@@ -51,7 +54,7 @@ pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// The ops with a fused path on CUDA too, each checked there against its plain path at first use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kernel {
     CrossEntropy,
     CausalSoftmax,
@@ -63,6 +66,25 @@ pub enum Kernel {
     Attention,
     Mix,
     GateHeads,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 10] = [
+        Kernel::CrossEntropy,
+        Kernel::CausalSoftmax,
+        Kernel::Embedding,
+        Kernel::RmsNorm,
+        Kernel::Rotary,
+        Kernel::ReluSquared,
+        Kernel::Heads,
+        Kernel::Attention,
+        Kernel::Mix,
+        Kernel::GateHeads,
+    ];
+
+    fn from_index(i: usize) -> Option<Kernel> {
+        Kernel::ALL.get(i).copied()
+    }
 }
 
 /// Whether `kernel` takes the fused path for `dtype` on `device`: f32 on the CPU; bf16 and f32

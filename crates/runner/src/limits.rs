@@ -269,7 +269,8 @@ pub unsafe fn apply(
         Ok(())
     };
     // Should the machine run out of memory all the same, the run goes first, not the harness.
-    // SAFETY: a static path and bytes; the run cannot lower it back (Landlock: /proc/self reads).
+    // SAFETY: a static path and bytes. The run may set it back to 0, the harness's own, through
+    // its threads' files (writable for the GPU driver), and no lower: oom_score_adj_min.
     unsafe {
         let fd = libc::open(
             c"/proc/self/oom_score_adj".as_ptr(),

@@ -98,22 +98,37 @@ impl Sandbox {
 
     /// In the child, between fork and exec: no allocation on success. The run may read its own
     /// `/proc/PID` (granted here, where the PID is known), never another process's: their
-    /// `environ` holds the user's exported keys.
+    /// `environ` holds the user's exported keys. It may also write its threads' files under
+    /// `/proc/PID/task`: the NVIDIA driver (570 and later) names the threads it starts through
+    /// `task/TID/comm` while it initialises, and fails with CUDA error 304 when refused.
     pub fn restrict_self(ruleset: RulesetCreated) -> std::io::Result<()> {
-        // SAFETY: a static path; the descriptor is ours.
-        let own = unsafe {
-            let fd = libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
+        let open = |path: &std::ffi::CStr| {
+            // SAFETY: a static path; the descriptor is ours.
+            unsafe {
+                let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(OwnedFd::from_raw_fd(fd))
             }
-            OwnedFd::from_raw_fd(fd)
         };
+        let own = open(c"/proc/self")?;
+        let tasks = open(c"/proc/self/task")?;
         let refused = || std::io::Error::from_raw_os_error(libc::EPERM);
         let status = ruleset
             .add_rule(PathBeneath::new(
                 own,
                 AccessFs::ReadFile | AccessFs::ReadDir,
             ))
+            .and_then(|r| {
+                r.add_rule(PathBeneath::new(
+                    tasks,
+                    AccessFs::ReadFile
+                        | AccessFs::ReadDir
+                        | AccessFs::WriteFile
+                        | AccessFs::Truncate,
+                ))
+            })
             .and_then(|r| r.restrict_self())
             .map_err(|_| refused())?;
         if status.ruleset == RulesetStatus::NotEnforced || !status.no_new_privs {

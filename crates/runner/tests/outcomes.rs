@@ -715,6 +715,39 @@ fn a_run_reads_no_other_process_and_no_secret_under_home() {
 }
 
 #[test]
+fn a_run_names_its_threads_as_the_gpu_driver_does_and_nothing_more_of_its_proc() {
+    // NVIDIA's driver (570+) names each thread it starts through /proc/self/task/TID/comm while
+    // it initialises, and cuInit fails (error 304) when that write is refused.
+    let body = r#"    let named = std::thread::spawn(|| {
+        let me = std::fs::read_link("/proc/thread-self").unwrap();
+        let comm = format!("/proc/self/task/{}/comm", me.file_name().unwrap().to_string_lossy());
+        let wrote = std::fs::write(&comm, "cuda-worker");
+        let name = std::fs::read_to_string(&comm).unwrap_or_default();
+        format!("{wrote:?} {}", name.trim())
+    }).join().unwrap();
+    println!("thread name: {named}");
+    for path in ["/proc/self/oom_score_adj", "/proc/self/comm"] {
+        match std::fs::write(path, "0") {
+            Ok(()) => println!("{path}: written"),
+            Err(e) => println!("{path}: refused: {e}"),
+        }
+    }"#;
+    let s = Scenario::new(program(body), 2.0);
+    let v = s.run();
+    let log = std::fs::read_to_string(&s.exp.log_path).unwrap_or_else(|_| v.evidence.clone());
+    assert!(sandboxed(&log), "{log}");
+    assert!(log.contains("thread name: Ok(()) cuda-worker"), "{log}");
+    assert!(
+        log.contains("/proc/self/oom_score_adj: refused: Permission denied"),
+        "{log}"
+    );
+    assert!(
+        log.contains("/proc/self/comm: refused: Permission denied"),
+        "{log}"
+    );
+}
+
+#[test]
 fn secrets_do_not_reach_the_run_and_floods_stay_capped() {
     // SAFETY: set once before any run of this test reads the environment; other tests only
     // ever remove secrets, so a racing read sees the key or not, both fine.

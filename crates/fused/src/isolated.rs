@@ -1,0 +1,243 @@
+//! The self-checks in a child process. A kernel that faults on the card (an address out of
+//! bounds, a trap) leaves its CUDA context unusable for the rest of the process: checked inside
+//! the training process, it would end the run where the plain path could have gone on. So the
+//! first check in a process runs them all in a child: the same executable started again with
+//! `CHILD_ENV` naming the kernels, caught by a constructor before `main` (the `ctor` crate), so
+//! the child runs none of the train file's code. A check that crashes, hangs or fails fails its
+//! kernel alone: the child stops at a failure (its context may be unusable) and a new one checks
+//! the kernels after it.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, DeviceLocation};
+
+use crate::Kernel;
+
+/// What a child checks: `cpu 0,3` or `cuda:1 0,3` (the device, then the kernels' indices).
+const CHILD_ENV: &str = "AUTORESEARCH_FUSED_SELF_CHECK";
+/// How long one check may take, its module's load (and PTX JIT) included: well inside the
+/// harness's start-up grace (60 s), though a check takes milliseconds once loaded.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A kernel's check, as a child ran it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Passed,
+    Failed(String),
+    /// Ran out of memory: decides nothing (the caller checks again later).
+    Undecided,
+}
+
+/// Each of `kernels`' outcome on `device`, checked in child processes. A kernel missing from the
+/// answer could not be checked there (no child started, or none could open the device: a GPU in
+/// exclusive-process mode, say): the caller checks it in its own process. `fault` (tests only)
+/// is `Name:mode`: the check of the kernel of that `Debug` name aborts, hangs, fails or runs out
+/// of memory.
+pub fn in_children(
+    kernels: &[Kernel],
+    device: &Device,
+    timeout: Duration,
+    fault: Option<&str>,
+) -> BTreeMap<Kernel, Outcome> {
+    let mut outcomes = BTreeMap::new();
+    let Ok(exe) = std::env::current_exe() else {
+        return outcomes;
+    };
+    let device = match device.location() {
+        DeviceLocation::Cpu => "cpu".to_string(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { .. } => return outcomes,
+    };
+    loop {
+        let left: Vec<Kernel> = kernels
+            .iter()
+            .filter(|k| !outcomes.contains_key(*k))
+            .copied()
+            .collect();
+        let decided = outcomes.len();
+        if left.is_empty() {
+            break;
+        }
+        if let Err(why) = one_child(&exe, &device, &left, timeout, fault, &mut outcomes) {
+            eprintln!("note: the fused kernels are checked in this process ({why})");
+            break;
+        }
+        if outcomes.len() == decided {
+            break;
+        }
+    }
+    outcomes
+}
+
+/// Starts one child on `kernels` and records what it decided; the check it was in when it
+/// ended or stopped answering fails.
+fn one_child(
+    exe: &Path,
+    device: &str,
+    kernels: &[Kernel],
+    timeout: Duration,
+    fault: Option<&str>,
+    outcomes: &mut BTreeMap<Kernel, Outcome>,
+) -> Result<(), String> {
+    let list: Vec<String> = kernels.iter().map(|k| (*k as usize).to_string()).collect();
+    let mut command = Command::new(exe);
+    command
+        .env(CHILD_ENV, format!("{device} {}", list.join(",")))
+        .env_remove(FAULT_ENV)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(fault) = fault {
+        command.env(FAULT_ENV, fault);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    let (tx, lines) = mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().expect("piped"));
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr = child.stderr.take().expect("piped");
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut current = None;
+    let mut deadline = Instant::now() + timeout;
+    let unavailable = loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
+                let (index, message) = rest.split_once(' ').unwrap_or((rest, ""));
+                let kernel = index.parse().ok().and_then(Kernel::from_index);
+                let outcome = match (word, kernel) {
+                    ("check", Some(k)) => {
+                        current = Some(k);
+                        deadline = Instant::now() + timeout;
+                        continue;
+                    }
+                    ("unavailable", _) => break Some(rest.to_string()),
+                    ("pass", Some(k)) => (k, Outcome::Passed),
+                    ("fail", Some(k)) => (k, Outcome::Failed(message.to_string())),
+                    ("undecided", Some(k)) => (k, Outcome::Undecided),
+                    // Whatever else a library printed.
+                    _ => continue,
+                };
+                outcomes.insert(outcome.0, outcome.1);
+                current = None;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                if let Some(k) = current.take() {
+                    let why = format!(
+                        "its check did not finish within {:.0}s: stopped",
+                        timeout.as_secs_f64()
+                    );
+                    outcomes.insert(k, Outcome::Failed(why));
+                }
+                break None;
+            }
+            Err(RecvTimeoutError::Disconnected) => break None,
+        }
+    };
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for the checking process: {e}"))?;
+    let stderr = stderr.join().unwrap_or_default();
+    if let Some(k) = current {
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        let why = format!(
+            "its check ended the checking process ({status}){}",
+            last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
+        );
+        outcomes.insert(k, Outcome::Failed(why));
+    }
+    match unavailable {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
+}
+
+/// Tests only: `Name:mode` (`abort`, `hang`, `fail` or `oom`) for the check of one kernel.
+const FAULT_ENV: &str = "AUTORESEARCH_FUSED_CHECK_FAULT";
+
+// SAFETY (of running before `main`): the constructor reads one variable and returns at once
+// unless a parent set it; a child then runs the checks and exits without returning to `main`.
+#[ctor::ctor(unsafe)]
+fn check_if_asked() {
+    if let Some(request) = std::env::var_os(CHILD_ENV) {
+        std::process::exit(serve(&request.to_string_lossy()));
+    }
+}
+
+/// The child: `check I` before each kernel's check, then `pass I`, `undecided I WHY` (out of
+/// memory) or `fail I WHY`, after which it stops: a kernel that failed may have left the context
+/// unusable, and every later check would fail with it.
+fn serve(request: &str) -> i32 {
+    let (device, list) = request.split_once(' ').unwrap_or((request, ""));
+    let device = match device.strip_prefix("cuda:") {
+        Some(id) => match id.parse() {
+            Ok(id) => Device::new_cuda(id),
+            Err(_) => Err(candle_core::Error::Msg(format!("no device `{device}`"))),
+        },
+        None => Ok(Device::Cpu),
+    };
+    let device = match device {
+        Ok(device) => device,
+        Err(e) => {
+            println!("unavailable {}", one_line(&e.to_string()));
+            return 2;
+        }
+    };
+    let fault = std::env::var(FAULT_ENV).unwrap_or_default();
+    let kernels = list
+        .split(',')
+        .filter_map(|i| i.parse().ok().and_then(Kernel::from_index));
+    for kernel in kernels {
+        let i = kernel as usize;
+        println!("check {i}");
+        let result = match fault.strip_prefix(&format!("{kernel:?}:")) {
+            Some(mode) => injected(mode),
+            None => crate::self_check::run(kernel, &device),
+        };
+        match result {
+            Ok(()) => println!("pass {i}"),
+            Err(e) if crate::self_check::out_of_memory(&e.to_string()) => {
+                println!("undecided {i} {}", one_line(&e.to_string()))
+            }
+            Err(e) => {
+                println!("fail {i} {}", one_line(&e.to_string()));
+                return 1;
+            }
+        }
+    }
+    0
+}
+
+fn injected(mode: &str) -> candle_core::Result<()> {
+    match mode {
+        "abort" => std::process::abort(),
+        "hang" => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        "oom" => candle_core::bail!("CUDA_ERROR_OUT_OF_MEMORY (injected)"),
+        _ => candle_core::bail!("injected failure"),
+    }
+}
+
+/// An error's first line: the message, without the backtrace candle appends under
+/// `RUST_BACKTRACE`.
+fn one_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().trim().to_string()
+}

@@ -1,0 +1,81 @@
+//! The self-checks in child processes, on the CPU: each child is this test binary started again
+//! and caught before `main`, running the kernels' real checks (the CPU's fused ops against their
+//! plain paths); injected faults stand in for a kernel that crashes, hangs or fails on a card.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use fused::Kernel;
+use fused::isolated::{Outcome, in_children};
+
+const PLENTY: Duration = Duration::from_secs(300);
+
+#[test]
+fn every_kernel_is_checked_in_a_child_and_the_flash_kernels_fail_off_cuda() {
+    let outcomes = in_children(&Kernel::ALL, &Device::Cpu, PLENTY, None);
+    assert_eq!(outcomes.len(), Kernel::ALL.len(), "{outcomes:?}");
+    for (kernel, outcome) in &outcomes {
+        match kernel {
+            // Its failure stops the child; the kernels after it are checked by the next one.
+            Kernel::Attention => assert!(
+                matches!(outcome, Outcome::Failed(why) if why.contains("CUDA only")),
+                "{outcome:?}"
+            ),
+            _ => assert_eq!(outcome, &Outcome::Passed, "{kernel:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_check_that_crashes_its_process_fails_its_kernel_alone() {
+    let kernels = [Kernel::CrossEntropy, Kernel::RmsNorm, Kernel::ReluSquared];
+    let outcomes = in_children(&kernels, &Device::Cpu, PLENTY, Some("RmsNorm:abort"));
+    assert_eq!(outcomes[&Kernel::CrossEntropy], Outcome::Passed);
+    assert_eq!(outcomes[&Kernel::ReluSquared], Outcome::Passed);
+    match &outcomes[&Kernel::RmsNorm] {
+        Outcome::Failed(why) => assert!(
+            why.contains("ended the checking process") && why.contains("SIGABRT"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_check_that_hangs_is_stopped_at_its_timeout_and_the_rest_go_on() {
+    let kernels = [Kernel::Rotary, Kernel::ReluSquared, Kernel::CausalSoftmax];
+    let timeout = Duration::from_secs(3);
+    let started = Instant::now();
+    let outcomes = in_children(&kernels, &Device::Cpu, timeout, Some("ReluSquared:hang"));
+    assert_eq!(outcomes[&Kernel::Rotary], Outcome::Passed);
+    assert_eq!(outcomes[&Kernel::CausalSoftmax], Outcome::Passed);
+    assert_eq!(
+        outcomes[&Kernel::ReluSquared],
+        Outcome::Failed("its check did not finish within 3s: stopped".into())
+    );
+    assert!(started.elapsed() >= timeout);
+}
+
+#[test]
+fn a_failed_check_keeps_its_message_and_out_of_memory_decides_nothing() {
+    let kernels = [Kernel::Mix, Kernel::GateHeads, Kernel::Heads];
+    let outcomes = in_children(&kernels, &Device::Cpu, PLENTY, Some("Mix:fail"));
+    assert_eq!(
+        outcomes[&Kernel::Mix],
+        Outcome::Failed("injected failure".into())
+    );
+    assert_eq!(outcomes[&Kernel::GateHeads], Outcome::Passed);
+    assert_eq!(outcomes[&Kernel::Heads], Outcome::Passed);
+
+    let outcomes = in_children(&kernels, &Device::Cpu, PLENTY, Some("GateHeads:oom"));
+    assert_eq!(outcomes[&Kernel::GateHeads], Outcome::Undecided);
+    assert_eq!(outcomes[&Kernel::Mix], Outcome::Passed);
+    assert_eq!(outcomes[&Kernel::Heads], Outcome::Passed);
+}
+
+#[test]
+fn the_kernels_list_follows_their_indices() {
+    for (i, kernel) in Kernel::ALL.iter().enumerate() {
+        assert_eq!(*kernel as usize, i);
+    }
+}
