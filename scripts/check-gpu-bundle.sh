@@ -5,7 +5,8 @@
 # bundle's cuRAND fallback (every symbol binds), failing only at the missing device (a stub
 # libcuda stands in for the driver, so nothing past cuInit runs); and `run.sh acceptance`, the
 # GPU window's one call, goes through every stage on the CPU (REHEARSAL=cpu: tiny data, a few
-# seconds a run, an `ncu` stand-in that runs its target as ncu would). On success it records the
+# seconds a run, an `ncu` stand-in that runs its target as ncu would, the bundle's train binary
+# run through the bundle's harness and its sandbox). On success it records the
 # hash of its inputs in .ci/gpu-bundle.checked.
 #
 #   bash scripts/check-gpu-bundle.sh              # the check (nvcc builds candle's kernels: ~12 min
@@ -26,7 +27,7 @@ record=.ci/gpu-bundle.checked
 # Everything the CUDA binary and this check are made from, tracked or not, by content.
 inputs() {
   git ls-files -z --cached --others --exclude-standard -- \
-    Cargo.lock Cargo.toml vendor train prepare crates/fused bench \
+    Cargo.lock Cargo.toml vendor train prepare crates/fused crates/runner crates/autoresearch bench \
     scripts/gpu-bundle.sh scripts/gpu-run.sh scripts/cuda-env.sh scripts/check-gpu-bundle.sh \
     | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
 }
@@ -112,8 +113,10 @@ row '"0","rehearsal (no GPU)","(1, 1, 1)","gpu__time_duration.sum"' value
 NCU
 chmod +x "$rehearsal/bin/ncu"
 set +e
+# The harness's sandbox reads libcuda's stub through its link into stubs/.
 acceptance=$(REHEARSAL=cpu DATA="$rehearsal/data" OUT="$rehearsal/out" PATH="$rehearsal/bin:$PATH" \
-  PYTHON="$python" LD_LIBRARY_PATH="$run_libs" LIMIT=900 BUDGET=5 STEP=12 \
+  PYTHON="$python" LD_LIBRARY_PATH="$run_libs" LIMIT=900 BUDGET=5 STEP=12 HARNESS_BUDGET=5 \
+  HARNESS_ARGS="--sandbox-allow ${CUDA_PREFIX:-$HOME/.cache/cuda13-wheels}/cuda/lib/stubs" \
   KERNEL_ARGS="--tokens 512 --vocab 512 --heads 2 --seq 128 --iters 1" \
   bash "$bundle/run.sh" acceptance 2>&1)
 rc=$?
@@ -121,10 +124,12 @@ set -e
 echo "$acceptance" | tail -12
 stages=$(grep -c '^acceptance: .* passed in' "$rehearsal/out/acceptance.txt" || true)
 profiled() { grep -q 'profiled step 12' "$rehearsal/out/ncu-$1.err"; }
-if [ "$rc" -ne 0 ] || [ "$stages" -ne 6 ] || ! grep -q '^ours/twin tokens/s' <<<"$acceptance" \
-  || ! profiled ours || ! profiled twin; then
-  echo "the acceptance rehearsal on the CPU: expected exit 0, six stages passed, the side-by-side" >&2
-  echo "table, and both profiled runs ending after step 12 (got exit $rc, $stages stages)" >&2
+if [ "$rc" -ne 0 ] || [ "$stages" -ne 7 ] || ! grep -q '^ours/twin tokens/s' <<<"$acceptance" \
+  || ! profiled ours || ! profiled twin || ! grep -q '^outcome: ok' "$rehearsal/out/harness.txt" \
+  || ! grep -q '^# sandbox: ' "$rehearsal/out/harness.log"; then
+  echo "the acceptance rehearsal on the CPU: expected exit 0, seven stages passed, the side-by-side" >&2
+  echo "table, both profiled runs ending after step 12, and the run through the harness sandboxed" >&2
+  echo "and ok (got exit $rc, $stages stages)" >&2
   exit 1
 fi
 # The profile of a few kernels with what bounds them (KERNELS=...): its table has their columns.

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds a directory that a GPU machine with no Rust toolchain and no network can run: the CUDA
-# train binary (built here, no GPU needed), a compact prepared data set, the PyTorch twin, and
-# run.sh, which runs both sides on the GPU in one go.
+# train binary (built here, no GPU needed), a compact prepared data set, the PyTorch twin, the
+# harness (to run ours through its sandbox there), and run.sh, which runs both sides on the GPU
+# in one go.
 #
 #   bash scripts/gpu-bundle.sh [DIR]        # default .gpu/bundle (git-ignored); prints its size
 #
 # Environment: BUNDLE_DATA_MB, BUNDLE_MAX_MB, CUDA_TARGET_DIR (default target/cuda), and
-# AUTORESEARCH_BIN (a built harness binary to prepare the data with, instead of `cargo run`).
+# AUTORESEARCH_BIN (a built harness binary to prepare the data with and to ship, instead of
+# building one).
 #
 # Data: `--source builtin --preset h100` (the h100 preset's shapes, vocabulary and evaluation
 # length on generated stories), BUNDLE_DATA_MB of training text (default 40). The binary travels
@@ -31,22 +33,25 @@ echo "== CUDA 13.0 toolkit (PyPI wheels) and the CUDA train binary"
 source scripts/cuda-env.sh
 CARGO_TARGET_DIR=$target cargo build --release --locked -p train --features cuda
 CARGO_TARGET_DIR=$target cargo build --release --locked -p fused --features cuda --bin fused-bench
+# The harness (`run.sh harness`; it needs no CUDA of its own): AUTORESEARCH_BIN where one is built
+# (CI's tests built it), else the dev profile's (its dependencies build optimised anyway).
+harness=${AUTORESEARCH_BIN:-}
+if [ -z "$harness" ]; then
+  cargo build --locked -q -p autoresearch
+  harness=${CARGO_TARGET_DIR:-$root/target}/debug/autoresearch
+fi
 rm -rf "$out"
 mkdir -p "$out/lib-fallback"
 for bin in train fused-bench; do
   strip -o "$out/$bin" "$target/release/$bin"
   xz -6 -T0 "$out/$bin"
 done
+strip -o "$out/autoresearch" "$harness"
+xz -6 -T0 "$out/autoresearch"
+cp train/src/main.rs "$out/train.rs"
 
 echo "== data: builtin corpus, h100 preset, ${data_mb} MB"
-# The harness: AUTORESEARCH_BIN where one is built (CI's tests built it), else the dev profile's
-# (its dependencies build optimised anyway).
-if [ -n "${AUTORESEARCH_BIN:-}" ]; then
-  harness=("$AUTORESEARCH_BIN")
-else
-  harness=(cargo run --locked -q -p autoresearch --)
-fi
-AUTORESEARCH_CACHE="$out/data" "${harness[@]}" prepare \
+AUTORESEARCH_CACHE="$out/data" "$harness" prepare \
   --source builtin --preset h100 --builtin-mb "$data_mb"
 rm -rf "$out/data/raw"
 

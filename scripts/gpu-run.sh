@@ -10,13 +10,18 @@
 # KERNELS=REGEX limits it to the kernels whose names match and adds what bounds each (tensor
 # pipe, shared-memory pipe, issue slots, DRAM, resident warps: % of peak; ncu replays each such
 # kernel, so keep REGEX narrow, e.g. KERNELS='flash' ./run.sh profile).
+# `harness` runs ours once as `autoresearch run` would, through the harness: its sandbox
+# (Landlock, seccomp, caps on tasks and memory) around the train binary, the harness's own clock
+# and its scoring of the model, for HARNESS_BUDGET seconds (default 30); its summary and log go to
+# harness.txt and harness.log. It needs git (the harness guards a checkout's tracked files; here an
+# empty one). HARNESS_ARGS: more `autoresearch train` options (`--sandbox-allow DIR`).
 # `acceptance` is the GPU acceptance in one call of at most LIMIT seconds (default 530): the
 # check (warm-up steps only), ours and then the twin for BUDGET (default 120) seconds each, the
-# side-by-side table, then our `profile`, `kernels` and the twin's `profile` with the time left;
-# each stage runs under what is left of LIMIT, is skipped when too little is, and its outcome
-# goes to acceptance.txt.
+# side-by-side table, then our `profile`, `harness`, `kernels` and the twin's `profile` with the
+# time left; each stage runs under what is left of LIMIT, is skipped when too little is, and its
+# outcome goes to acceptance.txt.
 #
-#   ./run.sh [kernels|check|run|all|profile|acceptance] [side_by_side.py options...]   # default: all
+#   ./run.sh [kernels|check|run|all|profile|harness|acceptance] [side_by_side.py options...]   # default: all
 #   ./run.sh run --side ours; ./run.sh run --side twin        # one side per call (each ~6 min)
 #   PYTHON=/path/to/python ./run.sh                            # a Python with CUDA PyTorch
 #   CUDA_LIB_DIR=/dir/with/libcublas.so.13 ./run.sh
@@ -29,8 +34,8 @@ mode=${1:-all}
 [ $# -gt 0 ] && shift
 fail() { echo "run.sh: $*" >&2; exit 2; }
 case $mode in
-  kernels | check | run | all | profile | acceptance) ;;
-  *) fail "usage: ./run.sh [kernels|check|run|all|profile|acceptance] [side_by_side.py options...], not \`$mode\`" ;;
+  kernels | check | run | all | profile | harness | acceptance) ;;
+  *) fail "usage: ./run.sh [kernels|check|run|all|profile|harness|acceptance] [side_by_side.py options...], not \`$mode\`" ;;
 esac
 ours=yes
 if [ "$mode" = run ] || [ "$mode" = profile ]; then
@@ -54,7 +59,7 @@ fi
 
 train=$here/train
 if [ "$ours" = yes ]; then
-  for bin in train fused-bench; do
+  for bin in train fused-bench autoresearch; do
     if [ ! -x "$here/$bin" ]; then
       "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
         "$here/$bin.xz" "$here/$bin.tmp"
@@ -121,6 +126,7 @@ if [ "$mode" = acceptance ]; then
   stage twin $((BUDGET + 80)) "$self" run --side twin "$@"
   # What the issue asks for first after the runs: one of our steps profiled.
   stage profile 75 "$self" profile
+  stage harness 120 "$self" harness
   stage kernels 45 "$self" kernels
   stage profile-twin 100 "$self" profile --side twin  # torch.compile's minute comes first
   # Last, where the device tool's tail of the output keeps them: the table and the stages.
@@ -144,6 +150,22 @@ if [ "$mode" = check ] || [ "$mode" = all ]; then
 fi
 if [ "$mode" = run ] || [ "$mode" = all ]; then
   "${sbs[@]}" run --device "$device" --budget "${BUDGET:-300}" --train "$train" --out "$out/run" "$@"
+fi
+if [ "$mode" = harness ]; then
+  command -v git >/dev/null || fail "git not found: the harness guards a checkout's tracked files"
+  repo=$out/harness-repo
+  rm -rf "$repo" && mkdir -p "$repo/train/src"
+  cp "$here/train.rs" "$repo/train/src/main.rs" && : > "$repo/Cargo.toml"
+  git -C "$repo" init -q && git -C "$repo" add -A
+  # The sandbox reads the CUDA libraries through LD_LIBRARY_PATH (its rules name those folders).
+  code=0
+  # shellcheck disable=SC2086 # HARNESS_ARGS: words, as options
+  (cd "$repo" && LD_LIBRARY_PATH=$libs "$here/autoresearch" train --device "$device" \
+    --budget "${HARNESS_BUDGET:-30}" --cache "$AUTORESEARCH_CACHE" --prebuilt "$here/train" \
+    ${HARNESS_ARGS:-}) 2>&1 \
+    | tee "$out/harness.txt" || code=$?
+  cp "$repo"/runs/train/logs/*.log "$out/harness.log" 2>/dev/null || true
+  [ "$code" = 0 ] || fail "the run through the harness ended in exit $code (harness.txt, harness.log)"
 fi
 if [ "$mode" = profile ]; then
   command -v ncu >/dev/null || fail "ncu (Nsight Compute) not found: profile needs it"

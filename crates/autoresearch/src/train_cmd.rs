@@ -22,6 +22,10 @@ pub struct TrainArgs {
     cache: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Run this train binary, built elsewhere, instead of building the train file: the GPU
+    /// bundle's check of the harness on a machine with no Rust (`scripts/gpu-run.sh harness`).
+    #[arg(long, value_name = "PATH", hide = true)]
+    prebuilt: Option<PathBuf>,
     #[command(flatten)]
     sandbox: crate::SandboxArgs,
 }
@@ -97,6 +101,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .map_or(0, |d| d.as_secs());
     let mut exp = Experiment::new(&repo, &cache, device, budget);
     exp.seed = args.seed;
+    exp.prebuilt = args.prebuilt;
     exp.sandbox = !args.sandbox.no_sandbox;
     exp.limits = args.sandbox.limits();
     exp.sandbox_allow = args.sandbox.sandbox_allow;
