@@ -64,6 +64,10 @@ pub mod env {
     /// Diagnostics only (`run.sh profile`; the harness never passes it on): the one step a
     /// CUDA profiler started with `--profile-from-start off` records; the run ends after it.
     pub const PROFILE_STEP: &str = "AUTORESEARCH_PROFILE_STEP";
+    /// Set by the harness on sandboxed runs to `in-process`: the fused kernels' self-checks
+    /// run in the run's own process, since a child there cannot open the GPU (`fused`'s
+    /// `isolated.rs` reads it under this name).
+    pub const SELF_CHECKS: &str = "AUTORESEARCH_SELF_CHECKS";
 }
 
 /// Special tokens, appended after the learned vocabulary; the first one starts every document.

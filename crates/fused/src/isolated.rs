@@ -20,6 +20,10 @@ use crate::Kernel;
 
 /// What a child checks: `cpu 0,3` or `cuda:1 0,3` (the device, then the kernels' indices).
 const CHILD_ENV: &str = "AUTORESEARCH_FUSED_SELF_CHECK";
+/// `in-process`: no child (`prepare::env::SELF_CHECKS`; the harness sets it on sandboxed runs,
+/// where Landlock grants `/proc`, in which the driver names its threads, to the run's own PID
+/// only, so a child could not open the GPU).
+const WHERE_ENV: &str = "AUTORESEARCH_SELF_CHECKS";
 /// How long one check may take, its module's load (and PTX JIT) included: well inside the
 /// harness's start-up grace (60 s), though a check takes milliseconds once loaded.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
@@ -34,8 +38,9 @@ pub enum Outcome {
 }
 
 /// Each of `kernels`' outcome on `device`, checked in child processes. A kernel missing from the
-/// answer could not be checked there (no child started, or none could open the device: a GPU in
-/// exclusive-process mode, say): the caller checks it in its own process. `fault` (tests only)
+/// answer could not be checked there (`AUTORESEARCH_SELF_CHECKS=in-process`, or no child started,
+/// or none could open the device: a GPU in exclusive-process mode, say): the caller checks it in
+/// its own process. `fault` (tests only)
 /// is `Name:mode`: the check of the kernel of that `Debug` name aborts, hangs, fails or runs out
 /// of memory.
 pub fn in_children(
@@ -45,6 +50,9 @@ pub fn in_children(
     fault: Option<&str>,
 ) -> BTreeMap<Kernel, Outcome> {
     let mut outcomes = BTreeMap::new();
+    if std::env::var(WHERE_ENV).is_ok_and(|v| v == "in-process") {
+        return outcomes;
+    }
     let Ok(exe) = std::env::current_exe() else {
         return outcomes;
     };

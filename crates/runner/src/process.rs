@@ -375,6 +375,11 @@ pub(crate) fn run_child(
     } else {
         (None, None)
     };
+    if exp.sandbox {
+        // A child of the run cannot open the GPU: Landlock grants /proc (where the driver names
+        // its threads) to the run's own PID only.
+        cmd.env(env::SELF_CHECKS, "in-process");
+    }
     let sandbox_line = match &sandbox {
         Some(s) => s.describe(&exp.run_dir, jit_cache.as_ref()),
         None => {

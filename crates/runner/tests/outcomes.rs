@@ -726,6 +726,7 @@ fn a_run_names_its_threads_as_the_gpu_driver_does_and_nothing_more_of_its_proc()
         format!("{wrote:?} {}", name.trim())
     }).join().unwrap();
     println!("thread name: {named}");
+    println!("self-checks: {:?}", std::env::var("AUTORESEARCH_SELF_CHECKS"));
     for path in ["/proc/self/oom_score_adj", "/proc/self/comm"] {
         match std::fs::write(path, "0") {
             Ok(()) => println!("{path}: written"),
@@ -737,6 +738,8 @@ fn a_run_names_its_threads_as_the_gpu_driver_does_and_nothing_more_of_its_proc()
     let log = std::fs::read_to_string(&s.exp.log_path).unwrap_or_else(|_| v.evidence.clone());
     assert!(sandboxed(&log), "{log}");
     assert!(log.contains("thread name: Ok(()) cuda-worker"), "{log}");
+    // A child of the run could not name its threads: the kernels' self-checks stay in-process.
+    assert!(log.contains(r#"self-checks: Ok("in-process")"#), "{log}");
     assert!(
         log.contains("/proc/self/oom_score_adj: refused: Permission denied"),
         "{log}"
