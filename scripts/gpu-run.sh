@@ -153,6 +153,7 @@ if [ "$mode" = run ] || [ "$mode" = all ]; then
 fi
 if [ "$mode" = harness ]; then
   command -v git >/dev/null || fail "git not found: the harness guards a checkout's tracked files"
+  [ -f "$here/train.rs" ] || fail "no train.rs in $here: rebuild the bundle (scripts/gpu-bundle.sh)"
   repo=$out/harness-repo
   rm -rf "$repo" && mkdir -p "$repo/train/src"
   cp "$here/train.rs" "$repo/train/src/main.rs" && : > "$repo/Cargo.toml"

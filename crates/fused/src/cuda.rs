@@ -44,8 +44,8 @@ pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
         Kernel::Mix => "mix",
         Kernel::GateHeads => "gate heads",
     };
-    let device = Device::Cuda(dev.clone());
     verdict(&VERDICTS[kernel as usize], name, || {
+        let device = Device::Cuda(dev.clone());
         let isolated = ISOLATED.get_or_init(|| {
             isolated::in_children(&Kernel::ALL, &device, isolated::CHECK_TIMEOUT, None)
         });

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -24,9 +23,14 @@ const CHILD_ENV: &str = "AUTORESEARCH_FUSED_SELF_CHECK";
 /// where Landlock grants `/proc`, in which the driver names its threads, to the run's own PID
 /// only, so a child could not open the GPU).
 const WHERE_ENV: &str = "AUTORESEARCH_SELF_CHECKS";
-/// How long one check may take, its module's load (and PTX JIT) included: well inside the
-/// harness's start-up grace (60 s), though a check takes milliseconds once loaded.
+/// How long one check may take, its module's load (and PTX JIT) included, though a check takes
+/// milliseconds once loaded.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long all the checks may take, restarts included: past it the kernels not yet checked take
+/// the plain path (checked in-process, a kernel that hung its child could hang the run).
+const TOTAL_TIMEOUT: Duration = Duration::from_secs(45);
+/// The harness's descriptor for the run's marks: not the child's to use.
+const HARNESS_FD_ENV: &str = "AUTORESEARCH_HARNESS_FD";
 
 /// A kernel's check, as a child ran it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,10 +43,10 @@ pub enum Outcome {
 
 /// Each of `kernels`' outcome on `device`, checked in child processes. A kernel missing from the
 /// answer could not be checked there (`AUTORESEARCH_SELF_CHECKS=in-process`, or no child started,
-/// or none could open the device: a GPU in exclusive-process mode, say): the caller checks it in
-/// its own process. `fault` (tests only)
-/// is `Name:mode`: the check of the kernel of that `Debug` name aborts, hangs, fails or runs out
-/// of memory.
+/// or none could open the device and run a plain op on it: a GPU in exclusive-process mode, say):
+/// the caller checks it in its own process. `timeout` bounds each check. `fault` (tests only) is
+/// `Name:mode`: the check of the kernel of that `Debug` name aborts, hangs, fails or runs out of
+/// memory.
 pub fn in_children(
     kernels: &[Kernel],
     device: &Device,
@@ -50,17 +54,18 @@ pub fn in_children(
     fault: Option<&str>,
 ) -> BTreeMap<Kernel, Outcome> {
     let mut outcomes = BTreeMap::new();
-    if std::env::var(WHERE_ENV).is_ok_and(|v| v == "in-process") {
+    // In a child already (a check that reached a public op): no grandchildren.
+    if std::env::var_os(CHILD_ENV).is_some()
+        || std::env::var(WHERE_ENV).is_ok_and(|v| v == "in-process")
+    {
         return outcomes;
     }
-    let Ok(exe) = std::env::current_exe() else {
-        return outcomes;
-    };
     let device = match device.location() {
         DeviceLocation::Cpu => "cpu".to_string(),
         DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         DeviceLocation::Metal { .. } => return outcomes,
     };
+    let deadline = Instant::now() + TOTAL_TIMEOUT.max(timeout);
     loop {
         let left: Vec<Kernel> = kernels
             .iter()
@@ -71,7 +76,17 @@ pub fn in_children(
         if left.is_empty() {
             break;
         }
-        if let Err(why) = one_child(&exe, &device, &left, timeout, fault, &mut outcomes) {
+        if Instant::now() >= deadline {
+            for k in left {
+                let why = format!(
+                    "not checked: the self-checks' {:.0}s were spent",
+                    TOTAL_TIMEOUT.as_secs_f64()
+                );
+                outcomes.insert(k, Outcome::Failed(why));
+            }
+            break;
+        }
+        if let Err(why) = one_child(&device, &left, timeout, deadline, fault, &mut outcomes) {
             eprintln!("note: the fused kernels are checked in this process ({why})");
             break;
         }
@@ -83,20 +98,22 @@ pub fn in_children(
 }
 
 /// Starts one child on `kernels` and records what it decided; the check it was in when it
-/// ended or stopped answering fails.
+/// ended or stopped answering fails (or, out of memory, decides nothing).
 fn one_child(
-    exe: &Path,
     device: &str,
     kernels: &[Kernel],
     timeout: Duration,
+    deadline: Instant,
     fault: Option<&str>,
     outcomes: &mut BTreeMap<Kernel, Outcome>,
 ) -> Result<(), String> {
     let list: Vec<String> = kernels.iter().map(|k| (*k as usize).to_string()).collect();
-    let mut command = Command::new(exe);
+    // This very executable, even if its file was replaced since it started.
+    let mut command = Command::new("/proc/self/exe");
     command
         .env(CHILD_ENV, format!("{device} {}", list.join(",")))
         .env_remove(FAULT_ENV)
+        .env_remove(HARNESS_FD_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -105,26 +122,31 @@ fn one_child(
     }
     let mut child = command
         .spawn()
-        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+        .map_err(|e| format!("starting a checking process: {e}"))?;
     let (tx, lines) = mpsc::channel();
     let stdout = BufReader::new(child.stdout.take().expect("piped"));
     std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
+        // Bytes, not text: a stray non-UTF-8 line must not end the reading.
+        for line in stdout.split(b'\n').map_while(Result::ok) {
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
                 break;
             }
         }
     });
     let mut stderr = child.stderr.take().expect("piped");
-    let stderr = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
+    let (stderr_tx, stderr_text) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text);
+        let _ = stderr_tx.send(String::from_utf8_lossy(&text).into_owned());
     });
     let mut current = None;
-    let mut deadline = Instant::now() + timeout;
+    let mut check_deadline = (Instant::now() + timeout).min(deadline);
     let unavailable = loop {
-        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match lines.recv_timeout(check_deadline.saturating_duration_since(Instant::now())) {
             Ok(line) => {
                 let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
                 let (index, message) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -132,7 +154,7 @@ fn one_child(
                 let outcome = match (word, kernel) {
                     ("check", Some(k)) => {
                         current = Some(k);
-                        deadline = Instant::now() + timeout;
+                        check_deadline = (Instant::now() + timeout).min(deadline);
                         continue;
                     }
                     ("unavailable", _) => break Some(rest.to_string()),
@@ -159,17 +181,38 @@ fn one_child(
             Err(RecvTimeoutError::Disconnected) => break None,
         }
     };
-    let status = child
-        .wait()
-        .map_err(|e| format!("waiting for the checking process: {e}"))?;
-    let stderr = stderr.join().unwrap_or_default();
+    // Its output closed: it is ending, or hung with its pipes closed. Not waited on for ever.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < check_deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    // Anything it started may still hold its stderr: a second at most.
+    let stderr = stderr_text
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap_or_default();
     if let Some(k) = current {
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
-        let why = format!(
-            "its check ended the checking process ({status}){}",
-            last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
-        );
-        outcomes.insert(k, Outcome::Failed(why));
+        let outcome = match (status, last) {
+            (_, Some(last)) if crate::self_check::out_of_memory(last) => Outcome::Undecided,
+            (Some(status), last) => Outcome::Failed(format!(
+                "its check ended the checking process ({status}){}",
+                last.map(|l| format!(": {}", l.trim())).unwrap_or_default()
+            )),
+            (None, _) => Outcome::Failed(format!(
+                "its check did not finish within {:.0}s: stopped",
+                timeout.as_secs_f64()
+            )),
+        };
+        outcomes.insert(k, outcome);
     }
     match unavailable {
         Some(why) => Err(why),
@@ -177,7 +220,8 @@ fn one_child(
     }
 }
 
-/// Tests only: `Name:mode` (`abort`, `hang`, `fail` or `oom`) for the check of one kernel.
+/// Tests only: `Name:mode` (`abort`, `hang`, `fail` or `oom`) for the check of one kernel, or
+/// `Device:fail` for the device's opening.
 const FAULT_ENV: &str = "AUTORESEARCH_FUSED_CHECK_FAULT";
 
 // SAFETY (of running before `main`): the constructor reads one variable and returns at once
@@ -201,14 +245,27 @@ fn serve(request: &str) -> i32 {
         },
         None => Ok(Device::Cpu),
     };
-    let device = match device {
+    // A plain op first: where even that fails (a sandbox, a driver's state), the fault is the
+    // process's, not any kernel's, and the caller checks them in its own.
+    let canary = |device: Device| -> candle_core::Result<Device> {
+        let sum = candle_core::Tensor::ones(4, candle_core::DType::F32, &device)?.sum_all()?;
+        match sum.to_scalar::<f32>()? {
+            4.0 => Ok(device),
+            other => candle_core::bail!("a plain sum of four ones gave {other}"),
+        }
+    };
+    let fault = std::env::var(FAULT_ENV).unwrap_or_default();
+    let device = device.and_then(|device| match fault.as_str() {
+        "Device:fail" => candle_core::bail!("injected failure of the device"),
+        _ => Ok(device),
+    });
+    let device = match device.and_then(canary) {
         Ok(device) => device,
         Err(e) => {
             println!("unavailable {}", one_line(&e.to_string()));
             return 2;
         }
     };
-    let fault = std::env::var(FAULT_ENV).unwrap_or_default();
     let kernels = list
         .split(',')
         .filter_map(|i| i.parse().ok().and_then(Kernel::from_index));

@@ -1,6 +1,6 @@
 //! The fused kernels' self-checks: each op's values and gradients against its plain path on
 //! random inputs, at shapes that do not fill a block. On CUDA they run in a child process
-//! (`child`) before a kernel's first use; on the CPU the same checks run in the tests of that
+//! (`isolated`) before a kernel's first use; on the CPU the same checks run in the tests of that
 //! mechanism.
 
 use candle_core::{DType, Device, Result, Tensor, Var};

@@ -79,3 +79,10 @@ fn the_kernels_list_follows_their_indices() {
         assert_eq!(*kernel as usize, i);
     }
 }
+
+#[test]
+fn a_child_that_cannot_use_the_device_decides_nothing() {
+    let kernels = [Kernel::RmsNorm, Kernel::ReluSquared];
+    let outcomes = in_children(&kernels, &Device::Cpu, PLENTY, Some("Device:fail"));
+    assert!(outcomes.is_empty(), "{outcomes:?}");
+}

@@ -269,8 +269,9 @@ pub unsafe fn apply(
         Ok(())
     };
     // Should the machine run out of memory all the same, the run goes first, not the harness.
-    // SAFETY: a static path and bytes. The run may set it back to 0, the harness's own, through
-    // its threads' files (writable for the GPU driver), and no lower: oom_score_adj_min.
+    // SAFETY: a static path and bytes. Written as root, it also sets the floor (oom_score_adj_min);
+    // otherwise the run may set it back to 0, the harness's own, through its threads' files
+    // (writable for the GPU driver), and no lower. The run holds no capability to go further.
     unsafe {
         let fd = libc::open(
             c"/proc/self/oom_score_adj".as_ptr(),

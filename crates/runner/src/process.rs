@@ -406,6 +406,7 @@ pub(crate) fn run_child(
     } else {
         sandbox_line
     };
+    let confine = exp.sandbox;
     let mut sweep = crate::supervise::Sweep::new();
     let (marks_read, marks_write) = mark_pipe()?;
     let marks_fd = marks_write.as_raw_fd();
@@ -419,6 +420,9 @@ pub(crate) fn run_child(
             // Confine first: the ruleset's descriptor may be the number fd 3 takes next.
             if let Some(ruleset) = ruleset.take() {
                 crate::sandbox::Sandbox::restrict_self(ruleset)?;
+            }
+            if confine {
+                crate::sandbox::Sandbox::drop_capabilities()?;
             }
             if let Some(filter) = &mut filter {
                 crate::sandbox::aim_at_supervisor(filter, libc::getppid());

@@ -137,9 +137,76 @@ impl Sandbox {
         Ok(())
     }
 
+    /// In the child, between fork and exec: the run execs with no capability. Root's exec takes
+    /// its permitted set from the bounding set (and the inheritable one), so a harness run as
+    /// root (the GPU machines') empties both, and the ambient set: the run cannot load a kernel
+    /// module, lower its OOM score (root's write of 1000 set its floor), or override a file's
+    /// permissions, whatever Landlock allows. A harness with no capability changes nothing.
+    /// Raw `prctl` and `capget`/`capset` (the `caps` crate allocates): no allocation.
+    pub fn drop_capabilities() -> std::io::Result<()> {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_SETPCAP: u32 = 8;
+        let error = std::io::Error::last_os_error;
+        // SAFETY: plain syscalls on stack structs of the kernel's layout (version 3: two words).
+        unsafe {
+            // EINVAL before Linux 4.3, which has no ambient set to clear.
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
+            let mut header = Header {
+                version: VERSION_3,
+                pid: 0,
+            };
+            let mut data = [Data {
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
+            }; 2];
+            if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+                return Err(error());
+            }
+            // Dropping from the bounding set takes CAP_SETPCAP; without it (not root) the set
+            // gives an exec nothing anyway.
+            if data[0].effective & (1 << CAP_SETPCAP) != 0 {
+                for cap in 0..64 {
+                    if libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) == 1
+                        && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                    {
+                        return Err(error());
+                    }
+                }
+            }
+            if data.iter().any(|d| d.inheritable != 0) {
+                for d in &mut data {
+                    d.inheritable = 0;
+                }
+                if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
+                    return Err(error());
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn describe(&self, run_dir: &Path, jit_cache: Option<&(PathBuf, Access)>) -> String {
         format!(
-            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files; the CUDA JIT cache {}; seccomp: no sockets (TCP, UDP, Unix), no io_uring, no other process's memory, no signal to the supervisor or the harness, no raised limits",
+            "# sandbox: environment scrubbed to an allowlist; Landlock ABI {}: reads only from the allowlist (not the validation data, not the home directory), writes only under {} and to device files; the CUDA JIT cache {}; seccomp: no sockets (TCP, UDP, Unix), no io_uring, no other process's memory, no signal to the supervisor or the harness, no raised limits; no capabilities",
             self.abi,
             run_dir.display(),
             match jit_cache {

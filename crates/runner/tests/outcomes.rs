@@ -732,6 +732,17 @@ fn a_run_names_its_threads_as_the_gpu_driver_does_and_nothing_more_of_its_proc()
             Ok(()) => println!("{path}: written"),
             Err(e) => println!("{path}: refused: {e}"),
         }
+    }
+    // Through its threads' files: the score stays at or above the harness's own 0.
+    let me = std::fs::read_link("/proc/thread-self").unwrap();
+    let adj = format!("/proc/self/task/{}/oom_score_adj", me.file_name().unwrap().to_string_lossy());
+    match std::fs::write(&adj, "-1000") {
+        Ok(()) => println!("oom_score_adj -1000: written"),
+        Err(e) => println!("oom_score_adj -1000: refused: {e}"),
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    for line in status.lines().filter(|l| l.starts_with("Cap")) {
+        println!("{line}");
     }"#;
     let s = Scenario::new(program(body), 2.0);
     let v = s.run();
@@ -748,6 +759,18 @@ fn a_run_names_its_threads_as_the_gpu_driver_does_and_nothing_more_of_its_proc()
         log.contains("/proc/self/comm: refused: Permission denied"),
         "{log}"
     );
+    assert!(
+        log.contains("oom_score_adj -1000: refused: Permission denied"),
+        "{log}"
+    );
+    // No capability at all, whoever runs the harness (root included: its exec would take the
+    // bounding set's).
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            log.contains(&format!("{set}:\t0000000000000000")),
+            "{set}: {log}"
+        );
+    }
 }
 
 #[test]
