@@ -27,7 +27,7 @@ const WHERE_ENV: &str = "AUTORESEARCH_SELF_CHECKS";
 /// milliseconds once loaded.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long all the checks may take, restarts included: past it the kernels not yet checked take
-/// the plain path (checked in-process, a kernel that hung its child could hang the run).
+/// the plain path, unchecked (in the run's process, one that hung its child could hang the run).
 const TOTAL_TIMEOUT: Duration = Duration::from_secs(45);
 /// The harness's descriptor for the run's marks: not the child's to use.
 const HARNESS_FD_ENV: &str = "AUTORESEARCH_HARNESS_FD";
