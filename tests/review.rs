@@ -145,10 +145,11 @@ fn a_live_session_watched_in_a_terminal_then_its_report_in_chromium() {
             |s| {
                 s.contains(&format!("session night: running (pid {harness})"))
                     && s.contains("in flight  #")
+                    // The frame's last line: the screen is not caught mid-redraw.
+                    && s.contains("Ctrl-C stops watching")
             },
         );
         assert!(live.contains("stops at 4 experiments"), "{live}");
-        assert!(live.contains("Ctrl-C stops watching"), "{live}");
         // It follows the session: a finished experiment shows up under the last outcomes.
         t.wait_for("a finished experiment", Duration::from_secs(300), |s| {
             s.lines()
@@ -162,7 +163,7 @@ fn a_live_session_watched_in_a_terminal_then_its_report_in_chromium() {
     assert_eq!(experiments.len(), 4);
     if let Some(t) = &tmux {
         let after = t.wait_for("the ended session", Duration::from_secs(30), |s| {
-            s.contains("session night: not running")
+            s.contains("session night: not running") && s.contains("Ctrl-C stops watching")
         });
         assert!(after.contains("in flight  nothing"), "{after}");
         assert!(after.contains("pace       4 experiments"), "{after}");

@@ -632,17 +632,20 @@ pub fn status(args: StatusArgs) -> Result<()> {
     }
     let terminal = std::io::stdout().is_terminal();
     loop {
-        let text = glance()?;
-        let mut out = std::io::stdout().lock();
+        // One frame, one write: stdout flushes at each newline, and a terminal shown a
+        // half-drawn frame flickers (and a reader of the screen sees it without its footer).
+        let mut frame = String::new();
         if terminal {
             // Home and clear: the glance redraws in place.
-            write!(out, "\x1b[H\x1b[2J")?;
+            frame.push_str("\x1b[H\x1b[2J");
         }
-        write!(
-            out,
-            "{text}\n(every {}s; Ctrl-C stops watching, not the session)\n",
+        frame.push_str(&glance()?);
+        frame.push_str(&format!(
+            "\n(every {}s; Ctrl-C stops watching, not the session)\n",
             args.interval
-        )?;
+        ));
+        let mut out = std::io::stdout().lock();
+        out.write_all(frame.as_bytes())?;
         out.flush()?;
         drop(out);
         std::thread::sleep(std::time::Duration::from_secs_f64(args.interval));
