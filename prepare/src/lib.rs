@@ -64,10 +64,15 @@ pub mod env {
     /// Diagnostics only (`run.sh profile`; the harness never passes it on): the one step a
     /// CUDA profiler started with `--profile-from-start off` records; the run ends after it.
     pub const PROFILE_STEP: &str = "AUTORESEARCH_PROFILE_STEP";
-    /// Set by the harness on sandboxed runs to `in-process`: the fused kernels' self-checks
-    /// run in the run's own process, since a child there cannot open the GPU (`fused`'s
+    /// Set by the harness on sandboxed runs, where a child of the run cannot open the GPU:
+    /// `checked` and the verdicts of the harness's own checking processes, a protocol line a
+    /// kernel, or `in-process`: the run checks the fused kernels in its own process (`fused`'s
     /// `isolated.rs` reads it under this name).
     pub const SELF_CHECKS: &str = "AUTORESEARCH_SELF_CHECKS";
+    /// Set by the harness on a checking process instead of `HARNESS_FD`: `DEVICE from:K` makes
+    /// the train binary check the fused kernels from the K-th on and exit, before its `main`
+    /// (`fused`'s `isolated.rs`, which also documents the protocol it prints).
+    pub const FUSED_SELF_CHECK: &str = "AUTORESEARCH_FUSED_SELF_CHECK";
 }
 
 /// Special tokens, appended after the learned vocabulary; the first one starts every document.

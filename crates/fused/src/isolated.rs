@@ -6,6 +6,11 @@
 //! the child runs none of the train file's code. A check that crashes, hangs or fails fails its
 //! kernel alone: the child stops at a failure (its context may be unusable) and a new one checks
 //! the kernels after it.
+//!
+//! Inside the harness's sandbox a child of the run could not open the GPU (Landlock grants
+//! `/proc`, where the driver names its threads, to the run's own PID only), so there the harness
+//! runs the checking processes itself, each confined as a run is, and hands the run their
+//! verdicts in `WHERE_ENV` (`checked`, then one protocol line a kernel).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -17,11 +22,12 @@ use candle_core::{Device, DeviceLocation};
 
 use crate::Kernel;
 
-/// What a child checks: `cpu 0,3` or `cuda:1 0,3` (the device, then the kernels' indices).
+/// What a child checks: `cpu 0,3` or `cuda:1 0,3` (the device, then the kernels' indices), or
+/// `cuda:0 from:3` (every kernel from the fourth on; the harness's form, which knows no list).
 const CHILD_ENV: &str = "AUTORESEARCH_FUSED_SELF_CHECK";
-/// `in-process`: no child (`prepare::env::SELF_CHECKS`; the harness sets it on sandboxed runs,
-/// where Landlock grants `/proc`, in which the driver names its threads, to the run's own PID
-/// only, so a child could not open the GPU).
+/// `prepare::env::SELF_CHECKS`, set by the harness on sandboxed runs: `in-process` (no child),
+/// or `checked` and a line a kernel the harness's checking processes decided (`pass 3`,
+/// `fail 7 WHY`, `undecided 2 WHY`).
 const WHERE_ENV: &str = "AUTORESEARCH_SELF_CHECKS";
 /// How long one check may take, its module's load (and PTX JIT) included, though a check takes
 /// milliseconds once loaded.
@@ -55,10 +61,13 @@ pub fn in_children(
 ) -> BTreeMap<Kernel, Outcome> {
     let mut outcomes = BTreeMap::new();
     // In a child already (a check that reached a public op): no grandchildren.
-    if std::env::var_os(CHILD_ENV).is_some()
-        || std::env::var(WHERE_ENV).is_ok_and(|v| v == "in-process")
-    {
+    if std::env::var_os(CHILD_ENV).is_some() {
         return outcomes;
+    }
+    match std::env::var(WHERE_ENV) {
+        Ok(v) if v == "in-process" => return outcomes,
+        Ok(v) if v.starts_with("checked") => return given(&v, kernels),
+        _ => {}
     }
     let device = match device.location() {
         DeviceLocation::Cpu => "cpu".to_string(),
@@ -95,6 +104,46 @@ pub fn in_children(
         }
     }
     outcomes
+}
+
+/// The harness's verdicts (`checked`, then protocol lines) on `kernels`; a kernel it did not
+/// decide is left to the caller.
+fn given(verdicts: &str, kernels: &[Kernel]) -> BTreeMap<Kernel, Outcome> {
+    verdicts
+        .lines()
+        .filter_map(|line| match Line::parse(line) {
+            Line::Verdict(k, outcome) if kernels.contains(&k) => Some((k, outcome)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One line of a child's output.
+enum Line {
+    /// `check I`: the check of kernel I starts.
+    Check(Kernel),
+    /// `pass I`, `fail I WHY`, `undecided I WHY`.
+    Verdict(Kernel, Outcome),
+    /// `unavailable WHY`: the child could not use the device.
+    Unavailable(String),
+    /// Whatever else a library printed.
+    Other,
+}
+
+impl Line {
+    fn parse(line: &str) -> Line {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let (index, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        let kernel = index.parse().ok().and_then(Kernel::from_index);
+        match (word, kernel) {
+            ("check", Some(k)) => Line::Check(k),
+            ("unavailable", _) => Line::Unavailable(rest.to_string()),
+            ("pass", Some(k)) => Line::Verdict(k, Outcome::Passed),
+            ("fail", Some(k)) => Line::Verdict(k, Outcome::Failed(message.to_string())),
+            ("undecided", Some(k)) => Line::Verdict(k, Outcome::Undecided),
+            _ => Line::Other,
+        }
+    }
 }
 
 /// Starts one child on `kernels` and records what it decided; the check it was in when it
@@ -147,26 +196,18 @@ fn one_child(
     let mut check_deadline = (Instant::now() + timeout).min(deadline);
     let unavailable = loop {
         match lines.recv_timeout(check_deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => {
-                let (word, rest) = line.split_once(' ').unwrap_or((&line, ""));
-                let (index, message) = rest.split_once(' ').unwrap_or((rest, ""));
-                let kernel = index.parse().ok().and_then(Kernel::from_index);
-                let outcome = match (word, kernel) {
-                    ("check", Some(k)) => {
-                        current = Some(k);
-                        check_deadline = (Instant::now() + timeout).min(deadline);
-                        continue;
-                    }
-                    ("unavailable", _) => break Some(rest.to_string()),
-                    ("pass", Some(k)) => (k, Outcome::Passed),
-                    ("fail", Some(k)) => (k, Outcome::Failed(message.to_string())),
-                    ("undecided", Some(k)) => (k, Outcome::Undecided),
-                    // Whatever else a library printed.
-                    _ => continue,
-                };
-                outcomes.insert(outcome.0, outcome.1);
-                current = None;
-            }
+            Ok(line) => match Line::parse(&line) {
+                Line::Check(k) => {
+                    current = Some(k);
+                    check_deadline = (Instant::now() + timeout).min(deadline);
+                }
+                Line::Unavailable(why) => break Some(why),
+                Line::Verdict(k, outcome) => {
+                    outcomes.insert(k, outcome);
+                    current = None;
+                }
+                Line::Other => {}
+            },
             Err(RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 if let Some(k) = current.take() {
@@ -266,16 +307,45 @@ fn serve(request: &str) -> i32 {
             return 2;
         }
     };
-    let kernels = list
-        .split(',')
-        .filter_map(|i| i.parse().ok().and_then(Kernel::from_index));
+    let kernels: Vec<Kernel> = match list.strip_prefix("from:") {
+        Some(first) => Kernel::ALL
+            .iter()
+            .skip(first.parse().unwrap_or(Kernel::ALL.len()))
+            .copied()
+            .collect(),
+        None => list
+            .split(',')
+            .filter_map(|i| i.parse().ok().and_then(Kernel::from_index))
+            .collect(),
+    };
+    // A check that hangs (a kernel spinning on the card) fails and ends its process here, so a
+    // parent with one deadline for the whole process (the harness's) still gets the rest checked.
+    let started = std::sync::Arc::new(std::sync::Mutex::new(None::<(usize, Instant)>));
+    let watched = started.clone();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some((i, at)) = *watched.lock().unwrap_or_else(|e| e.into_inner())
+                && at.elapsed() > CHECK_TIMEOUT
+            {
+                println!(
+                    "fail {i} its check did not finish within {:.0}s: stopped",
+                    CHECK_TIMEOUT.as_secs_f64()
+                );
+                // Not `exit`: its handlers could wait on the hung device.
+                std::process::abort();
+            }
+        }
+    });
     for kernel in kernels {
         let i = kernel as usize;
         println!("check {i}");
+        *started.lock().unwrap_or_else(|e| e.into_inner()) = Some((i, Instant::now()));
         let result = match fault.strip_prefix(&format!("{kernel:?}:")) {
             Some(mode) => injected(mode),
             None => crate::self_check::run(kernel, &device),
         };
+        *started.lock().unwrap_or_else(|e| e.into_inner()) = None;
         match result {
             Ok(()) => println!("pass {i}"),
             Err(e) if crate::self_check::out_of_memory(&e.to_string()) => {

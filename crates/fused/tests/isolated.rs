@@ -2,6 +2,7 @@
 //! and caught before `main`, running the kernels' real checks (the CPU's fused ops against their
 //! plain paths); injected faults stand in for a kernel that crashes, hangs or fails on a card.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -85,4 +86,40 @@ fn a_child_that_cannot_use_the_device_decides_nothing() {
     let kernels = [Kernel::RmsNorm, Kernel::ReluSquared];
     let outcomes = in_children(&kernels, &Device::Cpu, PLENTY, Some("Device:fail"));
     assert!(outcomes.is_empty(), "{outcomes:?}");
+}
+
+/// This test binary started as a checking process, as the harness starts a train binary.
+fn checking_process(request: &str, fault: &str) -> (String, std::process::ExitStatus) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env("AUTORESEARCH_FUSED_SELF_CHECK", request)
+        .env("AUTORESEARCH_FUSED_CHECK_FAULT", fault)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status,
+    )
+}
+
+#[test]
+fn the_harness_form_checks_every_kernel_from_the_one_it_names() {
+    let (stdout, status) = checking_process("cpu from:8", "");
+    assert_eq!(stdout, "check 8\npass 8\ncheck 9\npass 9\n");
+    assert!(status.success(), "{status}");
+    let (stdout, status) = checking_process("cpu from:10", "");
+    assert_eq!(stdout, "");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_check_that_hangs_ends_its_own_process_for_a_parent_without_a_clock_per_check() {
+    use std::os::unix::process::ExitStatusExt;
+    let started = Instant::now();
+    let (stdout, status) = checking_process("cpu 4,5,6", "ReluSquared:hang");
+    assert_eq!(
+        stdout,
+        "check 4\npass 4\ncheck 5\nfail 5 its check did not finish within 20s: stopped\n"
+    );
+    assert_eq!(status.signal(), Some(6), "{status}");
+    assert!(started.elapsed() >= Duration::from_secs(20));
 }

@@ -15,6 +15,7 @@ mod guard;
 mod limits;
 mod process;
 mod sandbox;
+mod self_checks;
 pub mod slurm;
 mod supervise;
 
@@ -29,6 +30,7 @@ pub use evaluate::AuditSummary;
 pub use guard::Snapshot;
 pub use limits::Limits;
 pub use process::{ChildRun, End, JIT_CACHE_DIR, LogCap, last_lines};
+pub use self_checks::SelfChecks;
 
 /// The file the agent may change; everything else tracked is guarded.
 pub const TRAIN_FILE: &str = "train/src/main.rs";
@@ -341,11 +343,27 @@ fn build_and_run(
         }
     };
 
-    let setup = process::Setup {
+    let mut setup = process::Setup {
         exe: &exe,
         data,
         rows,
+        check: None,
+        fault: None,
+        verdicts: None,
     };
+    // Sandboxed on a GPU, the fused kernels are checked in the harness's own checking
+    // processes (`self_checks`): a child of the run could not open the device.
+    let verdicts = match (exp.sandbox, exp.device) {
+        (true, Device::Cuda) => match self_checks::run(exp, &setup, "cuda:0", None) {
+            Err(RunnerError::Interrupted) => {
+                snapshot.restore_changes()?;
+                return Err(RunnerError::Interrupted);
+            }
+            checks => Some(checks?.env_value()),
+        },
+        _ => None,
+    };
+    setup.verdicts = verdicts.as_deref();
     let child = match process::run_child(exp, &setup, on_line) {
         Err(RunnerError::Interrupted) => {
             snapshot.restore_changes()?;
@@ -536,6 +554,43 @@ fn copy_fresh(from: &Path, to: &Path) -> Result<(), RunnerError> {
     Ok(())
 }
 
+/// Builds the checkout's train file and checks its fused kernels on `device` (`cpu`, `cuda:0`)
+/// as a sandboxed run's are checked, in confined processes of the harness's own: what a run of
+/// `exp` would be told. `fault` (tests only): `Kernel:abort|hang|fail|oom`, injected into that
+/// kernel's check. The last checking process's output is left at `exp.log_path`.
+pub fn self_checks(
+    exp: &Experiment,
+    device: &str,
+    fault: Option<&str>,
+) -> Result<SelfChecks, RunnerError> {
+    let data = Dataset::open(&exp.cache)?;
+    let rows = evaluate::Rows::load(&data)?;
+    fresh_dir(&exp.run_dir)?;
+    let exe = exp.run_dir.join("train-bin");
+    let result = match build_copy(exp, &exe)? {
+        BuildOutput::Built(exe) => {
+            let setup = process::Setup {
+                exe: &exe,
+                data: &data,
+                rows: &rows,
+                check: None,
+                fault: None,
+                verdicts: None,
+            };
+            self_checks::run(exp, &setup, device, fault)
+        }
+        BuildOutput::Failed(diagnostics) => Err(RunnerError::Other(format!(
+            "the train file does not build: {}",
+            diagnostics
+                .first()
+                .map(|d| d.rendered.as_str())
+                .unwrap_or("")
+        ))),
+    };
+    let _ = std::fs::remove_dir_all(&exp.run_dir);
+    result
+}
+
 /// Builds the checkout's train file without running it: the compiler's errors, none if it builds.
 pub fn check(exp: &Experiment) -> Result<Vec<Diagnostic>, RunnerError> {
     let _lock = lock_file(&exp.target_dir.join("runner.lock"))?;
@@ -577,7 +632,7 @@ fn refusal_note(exp: &Experiment, tail: &str) -> String {
     "\n[the sandbox refuses reads outside its allowlist (the validation data and the home directory among them), writes outside the run directory and every socket; a path a run needs can be allowed with `--sandbox-allow PATH`]".into()
 }
 
-fn describe(status: &std::process::ExitStatus) -> String {
+pub(crate) fn describe(status: &std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),

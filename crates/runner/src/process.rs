@@ -286,6 +286,15 @@ pub(crate) struct Setup<'a> {
     pub exe: &'a Path,
     pub data: &'a prepare::Dataset,
     pub rows: &'a Rows,
+    /// What a run checks instead of training: the binary becomes a checking process for the
+    /// fused kernels (`self_checks`), with no descriptor for marks.
+    pub check: Option<&'a str>,
+    /// Tests only: a fault injected into a checking process's check of one kernel
+    /// (`AUTORESEARCH_FUSED_CHECK_FAULT`, `Kernel:abort|hang|fail|oom`).
+    pub fault: Option<&'a str>,
+    /// The fused kernels' verdicts for a sandboxed run (`prepare::env::SELF_CHECKS`); `None`:
+    /// the run checks them in its own process.
+    pub verdicts: Option<&'a str>,
 }
 
 pub(crate) fn run_child(
@@ -308,12 +317,18 @@ pub(crate) fn run_child(
         .env(env::DEVICE, exp.device.as_str())
         .env(env::TIME_BUDGET, format!("{}", exp.budget.as_secs_f64()))
         .env(env::SEED, exp.seed.to_string())
-        .env(env::HARNESS_FD, HARNESS_FD.to_string())
         .current_dir(&exp.run_dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    match setup.check {
+        Some(request) => cmd.env(env::FUSED_SELF_CHECK, request),
+        None => cmd.env(env::HARNESS_FD, HARNESS_FD.to_string()),
+    };
+    if let Some(fault) = setup.fault {
+        cmd.env("AUTORESEARCH_FUSED_CHECK_FAULT", fault);
+    }
     if let Some(gpus) = &exp.gpus {
         cmd.env("CUDA_VISIBLE_DEVICES", gpus);
     }
@@ -375,10 +390,10 @@ pub(crate) fn run_child(
     } else {
         (None, None)
     };
-    if exp.sandbox {
+    if exp.sandbox && setup.check.is_none() {
         // A child of the run cannot open the GPU: Landlock grants /proc (where the driver names
-        // its threads) to the run's own PID only.
-        cmd.env(env::SELF_CHECKS, "in-process");
+        // its threads) to the run's own PID only. The harness's checking processes could.
+        cmd.env(env::SELF_CHECKS, setup.verdicts.unwrap_or("in-process"));
     }
     let sandbox_line = match &sandbox {
         Some(s) => s.describe(&exp.run_dir, jit_cache.as_ref()),
@@ -529,7 +544,10 @@ pub(crate) fn run_child(
         latencies: Vec::new(),
     };
     let mut phases = Phases::default();
-    let end = drive(exp, setup, &mut live, start, &mut phases, &evaluating)?;
+    let end = match setup.check {
+        Some(_) => drive_check(exp, &mut live)?,
+        None => drive(exp, setup, &mut live, start, &mut phases, &evaluating)?,
+    };
     let wall = start.elapsed();
     // Anything the run left in its group goes too.
     live.kill();
@@ -726,6 +744,26 @@ fn drive(
         }
     };
     Ok(end)
+}
+
+/// A checking process (`Setup::check`): its exit, or its start-up deadline. It has no phases, so
+/// a mark (a train file that does not link the fused kernels, training instead) ends it.
+fn drive_check(exp: &Experiment, live: &mut Live) -> Result<End, RunnerError> {
+    loop {
+        return Ok(match live.next()? {
+            Event::Mark(_, Err(ProtocolError::Closed)) => continue,
+            Event::Mark(..) => End::Invalid("a checking process marked a run's phase".into()),
+            Event::Exited(status) => End::Exited(status),
+            Event::Interrupted => {
+                live.kill();
+                return Err(RunnerError::Interrupted);
+            }
+            Event::Deadline => End::TimedOut(format!(
+                "the checks took longer than {:.0}s",
+                exp.startup_grace.as_secs_f64()
+            )),
+        });
+    }
 }
 
 /// The next mark of a phase (`during start-up`, ...), or how the run ended instead.

@@ -774,6 +774,58 @@ fn a_run_names_its_threads_as_the_gpu_driver_does_and_nothing_more_of_its_proc()
 }
 
 #[test]
+fn the_harness_checks_a_confined_runs_kernels_in_confined_processes_of_its_own() {
+    // On a GPU a sandboxed run is told what these processes decided (a child of the run could
+    // not open the device). Here: the train file's fused kernels' real checks on the CPU, with
+    // one check that crashes its process, as a kernel that faults on a card would.
+    let s = Scenario::new(|src| src.to_string(), 2.0);
+    let checks = {
+        let _shared = CPU.read().unwrap_or_else(|e| e.into_inner());
+        runner::self_checks(&s.exp, "cpu", Some("RmsNorm:abort")).unwrap()
+    };
+    eprintln!("checking processes: {:.2}s", checks.seconds);
+    let mut decided: Vec<&str> = checks.verdicts.iter().map(|v| v.as_str()).collect();
+    // Attention's flash kernels are CUDA's only: its check fails on the CPU, and stops that
+    // process too.
+    if let Some(attention) = decided.get_mut(7)
+        && attention.starts_with("fail 7 ")
+        && attention.contains("CUDA only")
+    {
+        *attention = "fail 7 (CUDA only)";
+    }
+    assert_eq!(
+        decided,
+        [
+            "pass 0",
+            "pass 1",
+            "pass 2",
+            // The crash fails its kernel alone; a new process checks the rest.
+            "fail 3 its check ended the checking process (killed by signal 6)",
+            "pass 4",
+            "pass 5",
+            "pass 6",
+            "fail 7 (CUDA only)",
+            "pass 8",
+            "pass 9",
+        ],
+        "{checks:?}"
+    );
+    assert_eq!(
+        checks.processes,
+        [
+            "killed by signal 6",
+            "exited with status 1",
+            "exited with status 0"
+        ]
+    );
+    assert!(checks.env_value().starts_with("checked\npass 0\npass 1\n"));
+    // Each process confined as a run is; the last one's output is left at the run's log.
+    let log = s.log();
+    assert!(sandboxed(&log), "{log}");
+    assert!(log.contains("check 9\npass 9"), "{log}");
+}
+
+#[test]
 fn secrets_do_not_reach_the_run_and_floods_stay_capped() {
     // SAFETY: set once before any run of this test reads the environment; other tests only
     // ever remove secrets, so a racing read sees the key or not, both fine.
