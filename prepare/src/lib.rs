@@ -70,8 +70,9 @@ pub mod env {
     /// `isolated.rs` reads it under this name).
     pub const SELF_CHECKS: &str = "AUTORESEARCH_SELF_CHECKS";
     /// Set by the harness on a checking process instead of `HARNESS_FD`: `DEVICE from:K` makes
-    /// the train binary check the fused kernels from the K-th on and exit, before its `main`
-    /// (`fused`'s `isolated.rs`, which also documents the protocol it prints).
+    /// the train binary check the fused kernels from index K (0-based) on and exit, before its
+    /// `main` (`fused`'s `isolated.rs`, which also documents the protocol it prints). A binary
+    /// that does not link them says so from `Run::from_env` and exits.
     pub const FUSED_SELF_CHECK: &str = "AUTORESEARCH_FUSED_SELF_CHECK";
 }
 

@@ -27,7 +27,7 @@ use crate::Kernel;
 const CHILD_ENV: &str = "AUTORESEARCH_FUSED_SELF_CHECK";
 /// `prepare::env::SELF_CHECKS`, set by the harness on sandboxed runs: `in-process` (no child),
 /// or `checked` and a line a kernel the harness's checking processes decided (`pass 3`,
-/// `fail 7 WHY`, `undecided 2 WHY`).
+/// `fail 7 WHY`, `undecided 2 WHY`), and `unchecked K WHY` where their time ran out.
 const WHERE_ENV: &str = "AUTORESEARCH_SELF_CHECKS";
 /// How long one check may take, its module's load (and PTX JIT) included, though a check takes
 /// milliseconds once loaded.
@@ -109,13 +109,23 @@ pub fn in_children(
 /// The harness's verdicts (`checked`, then protocol lines) on `kernels`; a kernel it did not
 /// decide is left to the caller.
 fn given(verdicts: &str, kernels: &[Kernel]) -> BTreeMap<Kernel, Outcome> {
-    verdicts
-        .lines()
-        .filter_map(|line| match Line::parse(line) {
-            Line::Verdict(k, outcome) if kernels.contains(&k) => Some((k, outcome)),
-            _ => None,
-        })
-        .collect()
+    let mut outcomes = BTreeMap::new();
+    for line in verdicts.lines() {
+        match Line::parse(line) {
+            Line::Verdict(k, outcome) if kernels.contains(&k) => {
+                outcomes.insert(k, outcome);
+            }
+            // The harness's time ran out: the kernels from the K-th on take the plain path, as
+            // past `TOTAL_TIMEOUT` here (checked in the run's process, a hang would hang it).
+            Line::Unchecked(first, why) => {
+                for k in kernels.iter().filter(|k| **k as usize >= first) {
+                    outcomes.insert(*k, Outcome::Failed(why.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+    outcomes
 }
 
 /// One line of a child's output.
@@ -126,6 +136,8 @@ enum Line {
     Verdict(Kernel, Outcome),
     /// `unavailable WHY`: the child could not use the device.
     Unavailable(String),
+    /// `unchecked K WHY` (the harness's only): no time was left for the kernels from index K on.
+    Unchecked(usize, String),
     /// Whatever else a library printed.
     Other,
 }
@@ -138,6 +150,10 @@ impl Line {
         match (word, kernel) {
             ("check", Some(k)) => Line::Check(k),
             ("unavailable", _) => Line::Unavailable(rest.to_string()),
+            ("unchecked", _) => match index.parse() {
+                Ok(first) => Line::Unchecked(first, message.to_string()),
+                Err(_) => Line::Other,
+            },
             ("pass", Some(k)) => Line::Verdict(k, Outcome::Passed),
             ("fail", Some(k)) => Line::Verdict(k, Outcome::Failed(message.to_string())),
             ("undecided", Some(k)) => Line::Verdict(k, Outcome::Undecided),
@@ -206,7 +222,7 @@ fn one_child(
                     outcomes.insert(k, outcome);
                     current = None;
                 }
-                Line::Other => {}
+                Line::Unchecked(..) | Line::Other => {}
             },
             Err(RecvTimeoutError::Timeout) => {
                 let _ = child.kill();

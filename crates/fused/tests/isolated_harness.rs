@@ -42,4 +42,25 @@ fn the_harness_says_where_the_checks_run_or_what_they_decided() {
             (Kernel::ReluSquared, Outcome::Undecided),
         ]
     );
+
+    // The harness's time ran out at the ninth kernel: it and those after it take the plain
+    // path, unchecked.
+    set(
+        "checked\npass 7\nfail 8 the self-checks' time ran out: stopped\nunchecked 9 the self-checks' 90s were spent",
+    );
+    let outcomes = in_children(&Kernel::ALL, &Device::Cpu, Duration::from_secs(60), None);
+    assert_eq!(
+        outcomes.into_iter().collect::<Vec<_>>(),
+        [
+            (Kernel::Attention, Outcome::Passed),
+            (
+                Kernel::Mix,
+                Outcome::Failed("the self-checks' time ran out: stopped".into())
+            ),
+            (
+                Kernel::GateHeads,
+                Outcome::Failed("the self-checks' 90s were spent".into())
+            ),
+        ]
+    );
 }

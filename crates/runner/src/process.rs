@@ -287,7 +287,7 @@ pub(crate) struct Setup<'a> {
     pub data: &'a prepare::Dataset,
     pub rows: &'a Rows,
     /// What a run checks instead of training: the binary becomes a checking process for the
-    /// fused kernels (`self_checks`), with no descriptor for marks.
+    /// fused kernels (`self_checks`), with no descriptor for marks (fd 3).
     pub check: Option<&'a str>,
     /// Tests only: a fault injected into a checking process's check of one kernel
     /// (`AUTORESEARCH_FUSED_CHECK_FAULT`, `Kernel:abort|hang|fail|oom`).
@@ -422,6 +422,7 @@ pub(crate) fn run_child(
         sandbox_line
     };
     let confine = exp.sandbox;
+    let marks_wanted = setup.check.is_none();
     let mut sweep = crate::supervise::Sweep::new();
     let (marks_read, marks_write) = mark_pipe()?;
     let marks_fd = marks_write.as_raw_fd();
@@ -444,7 +445,9 @@ pub(crate) fn run_child(
                 seccompiler::apply_filter(filter).map_err(|_| std::io::Error::last_os_error())?;
             }
             // The mark pipe becomes fd 3, open across exec.
-            if marks_fd == HARNESS_FD {
+            if !marks_wanted {
+                // A checking process: the pipe closes at exec.
+            } else if marks_fd == HARNESS_FD {
                 libc::fcntl(marks_fd, libc::F_SETFD, 0);
             } else if libc::dup2(marks_fd, HARNESS_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -759,7 +762,7 @@ fn drive_check(exp: &Experiment, live: &mut Live) -> Result<End, RunnerError> {
                 return Err(RunnerError::Interrupted);
             }
             Event::Deadline => End::TimedOut(format!(
-                "the checks took longer than {:.0}s",
+                "the self-checks' time ran out ({:.0}s were left for this process)",
                 exp.startup_grace.as_secs_f64()
             )),
         });

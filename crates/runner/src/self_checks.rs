@@ -11,6 +11,7 @@
 //! failure; `unavailable WHY` when it cannot use the device at all. It ends a check that hangs
 //! itself (`fail I ...`, then an abort).
 
+use std::collections::BTreeMap;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,10 @@ use crate::{Experiment, RunnerError, describe};
 /// All the checking processes together. Checks take milliseconds once their kernels are loaded;
 /// the first run on a card also compiles them (the PTX JIT).
 const TOTAL: Duration = Duration::from_secs(90);
+/// More kernels than `fused` has: an index past it is not a kernel's.
+const MAX_KERNELS: usize = 64;
+/// The longest reason kept from a verdict (it travels in the run's environment).
+const MAX_REASON: usize = 300;
 
 /// What the checking processes decided.
 #[derive(Debug, Default)]
@@ -64,8 +69,17 @@ pub(crate) fn run(
     let mut checks = SelfChecks::default();
     let mut from = 0;
     loop {
+        if crate::interrupted() {
+            return Err(RunnerError::Interrupted);
+        }
         let left = TOTAL.saturating_sub(started.elapsed());
         if left.is_zero() {
+            // The kernels not yet checked take the plain path: checked in the run's process,
+            // one that hung would hang the run.
+            checks.verdicts.push(format!(
+                "unchecked {from} the self-checks' {:.0}s were spent",
+                TOTAL.as_secs_f64()
+            ));
             break;
         }
         let mut exp = exp.clone();
@@ -102,7 +116,7 @@ pub(crate) fn run(
         };
         checks.processes.push(ended);
         let decided = !process.verdicts.is_empty();
-        checks.verdicts.append(&mut process.verdicts);
+        checks.verdicts.extend(process.verdicts.into_values());
         // Done, or nothing more to learn: it could not use the device, or checked nothing.
         let (Some(last), false) = (process.last, process.unavailable) else {
             break;
@@ -112,6 +126,9 @@ pub(crate) fn run(
         }
         // Onwards only, whatever the process printed.
         from = (last + 1).max(from + 1);
+        if from >= MAX_KERNELS {
+            break;
+        }
     }
     checks.seconds = started.elapsed().as_secs_f64();
     if checks.failed() > 0 {
@@ -132,10 +149,12 @@ pub(crate) fn run(
     Ok(checks)
 }
 
-/// One checking process, as its lines come.
+/// One checking process, as its lines come. It is the train file's binary: what it prints is
+/// taken only as far as the protocol allows, one verdict a kernel, a reason cut short.
 #[derive(Default)]
 struct Process {
-    verdicts: Vec<String>,
+    /// By kernel index.
+    verdicts: BTreeMap<usize, String>,
     /// The last kernel whose check started.
     last: Option<usize>,
     /// Its check started and has no verdict yet.
@@ -146,15 +165,16 @@ struct Process {
 impl Process {
     fn read(&mut self, line: &str) {
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
-        let index = rest.split(' ').next().and_then(|i| i.parse::<usize>().ok());
+        let (index, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+        let index = index.parse::<usize>().ok().filter(|&i| i < MAX_KERNELS);
         match (word, index) {
-            ("check", Some(i)) => {
+            ("check", Some(i)) if !self.open => {
                 self.last = Some(i);
                 self.open = true;
             }
-            ("pass" | "fail" | "undecided", Some(i)) if self.last == Some(i) => {
-                self.verdicts.push(line.to_string());
-                self.open = false;
+            ("pass", Some(i)) if self.open && self.last == Some(i) => self.decide(i, "pass", ""),
+            ("fail" | "undecided", Some(i)) if self.open && self.last == Some(i) => {
+                self.decide(i, word, reason)
             }
             ("unavailable", _) => self.unavailable = true,
             // Whatever else a library printed.
@@ -162,34 +182,124 @@ impl Process {
         }
     }
 
+    fn decide(&mut self, i: usize, word: &str, reason: &str) {
+        self.open = false;
+        let reason: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_REASON)
+            .collect();
+        let line = format!("{word} {i} {reason}");
+        self.verdicts.insert(i, line.trim_end().to_string());
+    }
+
     /// The process exited: a check still open ended it.
     fn ended(&mut self, status: &ExitStatus, last_line: &str) {
         let Some(i) = self.last.filter(|_| self.open) else {
             return;
         };
-        self.open = false;
-        let out_of_memory = ["out of memory", "OUT_OF_MEMORY"]
-            .iter()
-            .any(|m| last_line.contains(m));
-        self.verdicts.push(if out_of_memory {
-            format!("undecided {i} {last_line}")
+        if out_of_memory(last_line) {
+            self.decide(i, "undecided", last_line);
         } else {
-            format!(
-                "fail {i} its check ended the checking process ({}){}",
-                describe(status),
-                Some(last_line)
-                    .filter(|l| !l.is_empty() && !l.starts_with("check "))
-                    .map(|l| format!(": {l}"))
-                    .unwrap_or_default()
-            )
-        });
+            let said = Some(last_line)
+                .filter(|l| !l.is_empty() && !l.starts_with("check "))
+                .map(|l| format!(": {l}"))
+                .unwrap_or_default();
+            let why = format!(
+                "its check ended the checking process ({}){said}",
+                describe(status)
+            );
+            self.decide(i, "fail", &why);
+        }
     }
 
     /// The process was stopped: a check still open did not finish.
     fn stopped(&mut self, why: &str) {
         if let Some(i) = self.last.filter(|_| self.open) {
-            self.open = false;
-            self.verdicts.push(format!("fail {i} {why}: stopped"));
+            self.decide(i, "fail", &format!("{why}: stopped"));
         }
+    }
+}
+
+/// `fused`'s own test (`self_check::out_of_memory`): such a check decides nothing.
+fn out_of_memory(text: &str) -> bool {
+    ["OUT_OF_MEMORY", "ALLOC_FAILED", "out of memory"]
+        .iter()
+        .any(|m| text.contains(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn read(lines: &[&str]) -> Process {
+        let mut p = Process::default();
+        for line in lines {
+            p.read(line);
+        }
+        p
+    }
+
+    #[test]
+    fn a_flood_of_verdicts_keeps_one_a_kernel_and_a_short_reason() {
+        let long = format!("fail 0 {}\u{7}\u{0}end", "x".repeat(5000));
+        let mut lines = vec!["check 0", "pass 0", "pass 0", "fail 0 late"];
+        lines.extend(std::iter::repeat_n(long.as_str(), 1000));
+        lines.extend(["check 1", &long, "fail 1 bad", "check 99", "pass 99"]);
+        lines.extend(["check 18446744073709551615", "pass 18446744073709551615"]);
+        let p = read(&lines);
+        assert_eq!(
+            p.verdicts.into_iter().collect::<Vec<_>>(),
+            [(0, "pass 0".to_string()), (1, "fail 1 bad".to_string())]
+        );
+        // A reason cut short, with no control character: it travels in an environment variable.
+        let mut p = read(&["check 2", &long.replace("fail 0", "fail 2")]);
+        let kept = p.verdicts.remove(&2).unwrap();
+        assert!(
+            kept.len() <= MAX_REASON + 10 && !kept.contains('\u{0}'),
+            "{kept:?}"
+        );
+    }
+
+    #[test]
+    fn a_verdict_counts_only_for_the_check_that_is_open() {
+        // Out of order, before any check, for another kernel: ignored.
+        let p = read(&[
+            "pass 3",
+            "check 4",
+            "pass 3",
+            "fail 5 no",
+            "undecided 4 CUDA_ERROR_OUT_OF_MEMORY",
+        ]);
+        assert_eq!(
+            p.verdicts.into_values().collect::<Vec<_>>(),
+            ["undecided 4 CUDA_ERROR_OUT_OF_MEMORY"]
+        );
+    }
+
+    #[test]
+    fn a_check_open_at_the_end_fails_or_out_of_memory_decides_nothing() {
+        let mut p = read(&["check 0", "pass 0", "check 1"]);
+        p.ended(&ExitStatus::from_raw(6), "check 1");
+        assert_eq!(
+            p.verdicts[&1],
+            "fail 1 its check ended the checking process (killed by signal 6)"
+        );
+        let mut p = read(&["check 2"]);
+        p.ended(&ExitStatus::from_raw(6 << 8), "CUBLAS_STATUS_ALLOC_FAILED");
+        assert_eq!(p.verdicts[&2], "undecided 2 CUBLAS_STATUS_ALLOC_FAILED");
+        let mut p = read(&["check 3"]);
+        p.stopped("the self-checks' time ran out");
+        assert_eq!(
+            p.verdicts[&3],
+            "fail 3 the self-checks' time ran out: stopped"
+        );
+        // Nothing open: nothing decided.
+        let mut p = read(&["check 0", "pass 0"]);
+        p.ended(&ExitStatus::from_raw(6), "x");
+        p.stopped("y");
+        assert_eq!(p.verdicts.len(), 1);
     }
 }

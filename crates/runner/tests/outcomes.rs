@@ -826,6 +826,28 @@ fn the_harness_checks_a_confined_runs_kernels_in_confined_processes_of_its_own()
 }
 
 #[test]
+fn a_train_file_without_the_fused_kernels_is_not_trained_as_a_checking_process() {
+    // It does not link `fused`, so nothing answers before `main`: prepare's `Run` must, rather
+    // than train for the checks' whole time.
+    let body = r#"    let run = prepare::Run::from_env();
+    println!("from_env returned: {}", run.is_ok());"#;
+    let s = Scenario::new(program(body), 2.0);
+    let checks = {
+        let _shared = CPU.read().unwrap_or_else(|e| e.into_inner());
+        runner::self_checks(&s.exp, "cpu", None).unwrap()
+    };
+    assert!(checks.verdicts.is_empty(), "{checks:?}");
+    assert_eq!(checks.processes, ["exited with status 2"]);
+    assert_eq!(checks.env_value(), "in-process");
+    let log = s.log();
+    assert!(
+        log.contains("unavailable this train binary does not link the fused kernels"),
+        "{log}"
+    );
+    assert!(!log.contains("from_env returned"), "{log}");
+}
+
+#[test]
 fn secrets_do_not_reach_the_run_and_floods_stay_capped() {
     // SAFETY: set once before any run of this test reads the environment; other tests only
     // ever remove secrets, so a racing read sees the key or not, both fine.
