@@ -295,7 +295,9 @@ fn two_workers_train_at_once_and_a_kill_nine_with_both_in_flight_resumes_exactly
         stderr(&bad)
     );
     let session = |resume| {
-        let mut cmd = p.session("w", 6, resume);
+        // Builds take turns (one target dir); two runs overlap when one worker's build ends
+        // before the other's run does: a longer budget keeps that so on a loaded machine.
+        let mut cmd = p.session_with_budget("w", 6, resume, "8");
         cmd.args(["--workers", "2", "--keep-rule", "strict"]);
         cmd
     };

@@ -187,6 +187,17 @@ impl Project {
     }
 
     pub fn session(&self, tag: &str, max: usize, resume: bool) -> Command {
+        self.session_with_budget(tag, max, resume, "3")
+    }
+
+    /// `session` with its own training budget, in seconds.
+    pub fn session_with_budget(
+        &self,
+        tag: &str,
+        max: usize,
+        resume: bool,
+        budget: &str,
+    ) -> Command {
         let max = max.to_string();
         let mut args = vec![
             "run",
@@ -197,7 +208,7 @@ impl Project {
             "--max-experiments",
             &max,
             "--budget",
-            "3",
+            budget,
             "--device",
             "cpu",
         ];
