@@ -32,7 +32,9 @@ fn a_sweep_session_on_slurm_runs_two_jobs_at_once_and_resume_adopts_them_after_a
     }
     let p = project();
     let session = |resume| {
-        let mut cmd = p.session("s", 4, resume);
+        // Builds take turns on the submit host; two jobs run at once when one's build ends
+        // before the other's job does: a longer budget keeps that so on a loaded machine.
+        let mut cmd = p.session_with_budget("s", 4, resume, "8");
         cmd.args([
             "--executor",
             "slurm",
