@@ -67,6 +67,11 @@ run_libs="$torch_libs:$bundle/lib-fallback:${CUDA_PREFIX:-$HOME/.cache/cuda13-wh
 for bin in train fused-bench; do
   python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
     "$bundle/$bin.xz" "$bundle/$bin" && chmod +x "$bundle/$bin"
+  # cuDNN's attention is compiled in (the library it opens by this name at run time).
+  if ! grep -q 'libcudnn.so.9' "$bundle/$bin"; then
+    echo "$bin was built without cuDNN's attention: its headers are missing (scripts/cuda-env.sh installs them)" >&2
+    exit 1
+  fi
 done
 set +e
 cuda_run=$(LD_LIBRARY_PATH="$run_libs" AUTORESEARCH_CACHE="$bundle/data" AUTORESEARCH_DEVICE=cuda \

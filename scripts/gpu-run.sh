@@ -93,6 +93,13 @@ if [ "$ours" = yes ] && [ "$device" = cuda ]; then
   done
   curand=$(find_lib libcurand.so.10)
   libs=$libs:${curand:-$here/lib-fallback}
+  # cuDNN 9 for its fused attention, opened at run time: without it our flash kernels run.
+  cudnn=$(find_lib libcudnn.so.9)
+  if [ -n "$cudnn" ]; then
+    case ":$libs:" in *":$cudnn:"*) ;; *) libs=$libs:$cudnn ;; esac
+  else
+    echo "libcudnn.so.9 not found: ours runs attention by its flash kernels (CUDA_LIB_DIR names a folder with it)"
+  fi
   echo "CUDA libraries for ours: $libs"
   if LD_LIBRARY_PATH=$libs ldd "$here/train" "$here/fused-bench" | grep "not found"; then
     fail "the train binary or fused-bench still misses the libraries above"

@@ -28,8 +28,17 @@ pub fn attention(heads: &Tensor, v_plus: Option<&Tensor>, window: usize) -> Resu
     }
     let window = window.min(t);
     #[cfg(feature = "cuda")]
-    if flash::fits(heads, v_plus) && is_fused(Kernel::Attention, heads.device(), heads.dtype()) {
-        return flash::apply(heads, v_plus, window);
+    if flash::fits(heads, v_plus) {
+        let (device, dtype) = (heads.device(), heads.dtype());
+        if is_fused(Kernel::CudnnAttention, device, dtype) {
+            let backend = flash::Backend::Cudnn {
+                deterministic: crate::cudnn::DETERMINISTIC,
+            };
+            return flash::apply(heads, v_plus, window, backend);
+        }
+        if is_fused(Kernel::Attention, device, dtype) {
+            return flash::apply(heads, v_plus, window, flash::Backend::Flash);
+        }
     }
     let (q, k, v) = parts(heads, v_plus)?;
     materialised(&q, &k, &v, window, &causal_softmax)
@@ -209,9 +218,10 @@ impl CustomOp2 for CausalSoftmaxBackward {
     }
 }
 
-/// The FlashAttention-2-style op on CUDA: bf16, head size 64 or 128, T a multiple of 64.
+/// The fused op on CUDA, by the FlashAttention-2-style kernels or by cuDNN's fused SDPA: bf16,
+/// head size 64 or 128, T a multiple of 64.
 #[cfg(feature = "cuda")]
-pub(crate) mod flash {
+pub mod flash {
     use std::sync::Mutex;
 
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
@@ -229,15 +239,29 @@ pub(crate) mod flash {
             && crate::cuda::flash_dims([q, q, q]).is_ok()
     }
 
-    /// The op on `heads` (and `v_plus`): v with `v_plus` added is made here, outside the graph;
-    /// its gradient is v's, so the op hands it to both.
-    pub(crate) fn apply(heads: &Tensor, v_plus: Option<&Tensor>, window: usize) -> Result<Tensor> {
+    /// Who computes attention: our kernels (`kernels/flash_attention.cu`) or cuDNN's
+    /// (`cudnn/sdpa.cpp`), whose backward can be made bitwise deterministic at some cost.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Backend {
+        Flash,
+        Cudnn { deterministic: bool },
+    }
+
+    /// The op on `heads` (and `v_plus`) by `backend`, whatever its self-check said (the bench
+    /// and the checks call this; the train file calls `attention`): v with `v_plus` added is
+    /// made here, outside the graph; its gradient is v's, so the op hands it to both.
+    pub fn apply(
+        heads: &Tensor,
+        v_plus: Option<&Tensor>,
+        window: usize,
+        backend: Backend,
+    ) -> Result<Tensor> {
         let heads = aligned(heads)?;
         match v_plus {
-            None => heads.apply_op1(FlashAttention::new(window, None)),
+            None => heads.apply_op1(FlashAttention::new(window, None, backend)),
             Some(p) => {
                 let v = aligned(&(heads.detach().get(2)? + p.detach())?)?;
-                heads.apply_op2(p, FlashAttention::new(window, Some(v)))
+                heads.apply_op2(p, FlashAttention::new(window, Some(v), backend))
             }
         }
     }
@@ -257,16 +281,18 @@ pub(crate) mod flash {
         window: usize,
         /// v with `v_plus` added, when there is one (the op's second argument).
         v: Option<Tensor>,
-        /// The rows' log2-sum-exp `[B, H, T]`, which the forward pass leaves for the backward
-        /// (candle's `bwd` sees only the output).
+        backend: Backend,
+        /// The rows' log-sum-exp `[B, H, T]` (base 2 from our kernels, e from cuDNN), which the
+        /// forward pass leaves for the backward (candle's `bwd` sees only the output).
         lse: Mutex<Option<CudaSlice<f32>>>,
     }
 
     impl FlashAttention {
-        pub(crate) fn new(window: usize, v: Option<Tensor>) -> Self {
+        pub(crate) fn new(window: usize, v: Option<Tensor>, backend: Backend) -> Self {
             Self {
                 window,
                 v,
+                backend,
                 lse: Mutex::new(None),
             }
         }
@@ -281,16 +307,23 @@ pub(crate) mod flash {
             let part =
                 |i: usize| Layout::contiguous_with_offset((b, h, t, hd), hl.start_offset() + i * n);
             let (ql, kl) = (part(0), part(1));
+            let forward = |vs, vl| {
+                crate::cuda::flash_forward(
+                    self.window,
+                    (hs, &ql),
+                    (hs, &kl),
+                    (vs, vl),
+                    self.backend,
+                )
+            };
             let (o, lse, shape) = match &self.v {
-                None => {
-                    crate::cuda::flash_forward(self.window, (hs, &ql), (hs, &kl), (hs, &part(2)))?
-                }
+                None => forward(hs, &part(2))?,
                 Some(v) => {
                     let (storage, vl) = v.storage_and_layout();
                     let Storage::Cuda(vs) = &*storage else {
                         candle_core::bail!("flash attention: v must be on CUDA")
                     };
-                    crate::cuda::flash_forward(self.window, (hs, &ql), (hs, &kl), (vs, vl))?
+                    forward(vs, vl)?
                 }
             };
             *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
@@ -307,7 +340,8 @@ pub(crate) mod flash {
                 Some(v) => v.clone(),
                 None => heads.get(2)?,
             };
-            crate::cuda::flash_backward(self.window, &lse, [&q, &k, &v, o, &aligned(d_o)?])
+            let tensors = [&q, &k, &v, o, &aligned(d_o)?];
+            crate::cuda::flash_backward(self.window, &lse, tensors, self.backend)
         }
     }
 

@@ -12,6 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
+use crate::attention::flash::Backend;
 use crate::attention::{CausalSoftmax, CausalSoftmaxBackward};
 use crate::isolated::{self, Outcome};
 use crate::{Kernel, launch, self_check};
@@ -43,8 +44,13 @@ pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
         Kernel::Attention => "flash attention",
         Kernel::Mix => "mix",
         Kernel::GateHeads => "gate heads",
+        Kernel::CudnnAttention => "cuDNN attention",
     };
-    verdict(&VERDICTS[kernel as usize], name, || {
+    let instead = match kernel {
+        Kernel::CudnnAttention => "our flash kernels run instead",
+        _ => "the plain path runs instead",
+    };
+    verdict(&VERDICTS[kernel as usize], name, instead, || {
         let device = Device::Cuda(dev.clone());
         let isolated = ISOLATED.get_or_init(|| {
             isolated::in_children(&Kernel::ALL, &device, isolated::CHECK_TIMEOUT, None)
@@ -60,7 +66,12 @@ pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
 /// The check's verdict, made once. A check that ran out of memory (it runs inside the first
 /// trial pass, which may be finding the card's limit) decides nothing: this call takes the
 /// plain path and the next one checks again.
-fn verdict(cell: &Mutex<Option<bool>>, kernel: &str, check: impl FnOnce() -> Result<()>) -> bool {
+fn verdict(
+    cell: &Mutex<Option<bool>>,
+    kernel: &str,
+    instead: &str,
+    check: impl FnOnce() -> Result<()>,
+) -> bool {
     let mut cell = match cell.try_lock() {
         Ok(cell) => cell,
         Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -77,7 +88,7 @@ fn verdict(cell: &Mutex<Option<bool>>, kernel: &str, check: impl FnOnce() -> Res
         Err(e) if self_check::out_of_memory(&e.to_string()) => return false,
         Err(e) => {
             eprintln!(
-                "warning: the fused {kernel} kernel failed its self-check on this GPU ({e}); the plain path runs instead"
+                "warning: the fused {kernel} kernel failed its self-check on this GPU ({e}); {instead}"
             );
             *cell = Some(false);
         }
@@ -786,7 +797,11 @@ pub(crate) fn flash_dims(dims: [&[usize]; 3]) -> Result<(usize, usize, usize, us
 }
 
 /// The view of a contiguous layout of `n` elements whose start suits 16-byte loads.
-fn aligned_view<'a, T>(x: &'a CudaSlice<T>, l: &Layout, n: usize) -> Result<CudaView<'a, T>> {
+pub(crate) fn aligned_view<'a, T>(
+    x: &'a CudaSlice<T>,
+    l: &Layout,
+    n: usize,
+) -> Result<CudaView<'a, T>> {
     let (start, len) = span(l)?;
     if len != n || !start.is_multiple_of(8) {
         candle_core::bail!(
@@ -828,6 +843,7 @@ pub(crate) fn flash_forward(
     (qs, ql): (&CudaStorage, &Layout),
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
+    backend: Backend,
 ) -> Result<(CudaStorage, CudaSlice<f32>, Shape)> {
     fn launch<T: DeviceRepr>(
         dev: &CudaDevice,
@@ -873,7 +889,12 @@ pub(crate) fn flash_forward(
                 aligned_view(k, kl, n)?,
                 aligned_view(v, vl, n)?,
             );
-            let (o, lse) = launch(dev, dims, window, views)?;
+            let (o, lse) = match backend {
+                Backend::Flash => launch(dev, dims, window, views)?,
+                Backend::Cudnn { .. } => {
+                    crate::cudnn::launch_forward(dev, dims, window.min(dims.2), views.into())?
+                }
+            };
             (CudaStorage::wrap_cuda_slice(o, dev.clone()), lse)
         }
         _ => candle_core::bail!("the flash attention kernels take bf16 q, k and v"),
@@ -887,6 +908,7 @@ pub(crate) fn flash_backward(
     window: usize,
     lse: &CudaSlice<f32>,
     tensors: [&Tensor; 5],
+    backend: Backend,
 ) -> Result<Tensor> {
     fn launch<T: DeviceRepr>(
         dev: &CudaDevice,
@@ -978,7 +1000,12 @@ pub(crate) fn flash_backward(
         }
     }
     let views: [_; 5] = views.try_into().expect("five views");
-    let grads = launch(dev, dims, window, lse, views)?;
+    let grads = match backend {
+        Backend::Flash => launch(dev, dims, window, lse, views)?,
+        Backend::Cudnn { deterministic } => {
+            crate::cudnn::launch_backward(dev, dims, window.min(t), lse, views, deterministic)?
+        }
+    };
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(grads, dev.clone()));
     Ok(Tensor::from_storage(
         storage,

@@ -291,8 +291,8 @@ fn check_if_asked() {
 }
 
 /// The child: `check I` before each kernel's check, then `pass I`, `undecided I WHY` (out of
-/// memory) or `fail I WHY`, after which it stops: a kernel that failed may have left the context
-/// unusable, and every later check would fail with it.
+/// memory) or `fail I WHY`, after which it stops (exit 1 if kernels were left): a kernel that
+/// failed may have left the context unusable, and every later check would fail with it.
 fn serve(request: &str) -> i32 {
     let (device, list) = request.split_once(' ').unwrap_or((request, ""));
     let device = match device.strip_prefix("cuda:") {
@@ -353,7 +353,7 @@ fn serve(request: &str) -> i32 {
             }
         }
     });
-    for kernel in kernels {
+    for (n, &kernel) in kernels.iter().enumerate() {
         let i = kernel as usize;
         println!("check {i}");
         *started.lock().unwrap_or_else(|e| e.into_inner()) = Some((i, Instant::now()));
@@ -369,7 +369,9 @@ fn serve(request: &str) -> i32 {
             }
             Err(e) => {
                 println!("fail {i} {}", one_line(&e.to_string()));
-                return 1;
+                // 1: stopped with kernels left unchecked (the harness starts another process
+                // for them); 0 where this was the last, so none is started for nothing.
+                return i32::from(n + 1 < kernels.len());
             }
         }
     }

@@ -9,7 +9,8 @@
 //! Attention's windowed softmax (`attention.rs`) and the soft-capped cross-entropy
 //! (`cross_entropy.rs`) are fused on the CPU and, under the `cuda` feature, on CUDA too
 //! (`kernels/`, each checked against the plain path on the GPU at its first use); on CUDA,
-//! attention as a whole is one FlashAttention-2-style kernel each way.
+//! attention as a whole is cuDNN's fused SDPA (`cudnn/`) where its library is present and
+//! passes its check, else one FlashAttention-2-style kernel of ours each way.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -18,6 +19,8 @@ pub mod attention;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod cudnn;
 pub mod embedding;
 pub mod gate_heads;
 pub mod heads;
@@ -66,10 +69,12 @@ pub enum Kernel {
     Attention,
     Mix,
     GateHeads,
+    /// Attention by cuDNN's fused SDPA, taken before the flash kernels where it passes.
+    CudnnAttention,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::CrossEntropy,
         Kernel::CausalSoftmax,
         Kernel::Embedding,
@@ -80,6 +85,7 @@ impl Kernel {
         Kernel::Attention,
         Kernel::Mix,
         Kernel::GateHeads,
+        Kernel::CudnnAttention,
     ];
 
     fn from_index(i: usize) -> Option<Kernel> {
@@ -89,10 +95,12 @@ impl Kernel {
 
 /// Whether `kernel` takes the fused path for `dtype` on `device`: f32 on the CPU; bf16 and f32
 /// on CUDA once the kernel passed its self-check on this GPU. Attention is fused on CUDA only
-/// (the flash kernels take bf16; elsewhere its softmax is the fused part).
+/// (the flash kernels and cuDNN take bf16; elsewhere its softmax is the fused part).
 pub fn is_fused(kernel: Kernel, device: &Device, dtype: DType) -> bool {
     match (device, dtype) {
-        (d, DType::F32) if d.is_cpu() => kernel != Kernel::Attention,
+        (d, DType::F32) if d.is_cpu() => {
+            !matches!(kernel, Kernel::Attention | Kernel::CudnnAttention)
+        }
         #[cfg(feature = "cuda")]
         (Device::Cuda(dev), DType::F32 | DType::BF16) => cuda::checked(kernel, dev),
         _ => {

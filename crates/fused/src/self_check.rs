@@ -23,12 +23,64 @@ pub(crate) fn run(kernel: Kernel, device: &Device) -> Result<()> {
         Kernel::Attention => attention(device),
         Kernel::Mix => mix(device),
         Kernel::GateHeads => gate_heads(device),
+        Kernel::CudnnAttention => cudnn_attention(device),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 fn attention(_: &Device) -> Result<()> {
     candle_core::bail!("the flash kernels run on CUDA only (a build with `--features cuda`)")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cudnn_attention(_: &Device) -> Result<()> {
+    candle_core::bail!("cuDNN's attention runs on CUDA only (a build with `--features cuda`)")
+}
+
+/// The flash kernels' checks with cuDNN in their place, after its library opened; and its
+/// backward twice on the same inputs, which must agree to the bit.
+#[cfg(feature = "cuda")]
+fn cudnn_attention(device: &Device) -> Result<()> {
+    use crate::attention::flash::{Backend, apply};
+    let Device::Cuda(dev) = device else {
+        candle_core::bail!("cuDNN's attention runs on CUDA only")
+    };
+    crate::cudnn::version(dev)?;
+    let deterministic = crate::cudnn::DETERMINISTIC;
+    attention_by(device, Backend::Cudnn { deterministic })?;
+    if deterministic {
+        let (b, h, t, hd) = (2, 2, 192, 128);
+        let heads = Tensor::from_vec(
+            host_random(3 * b * h * t * hd, 19, 2.0),
+            (3, b, h, t, hd),
+            device,
+        )?
+        .to_dtype(DType::BF16)?;
+        let w = Tensor::from_vec(host_random(b * t * h * hd, 20, 1.0), (b, t, h, hd), device)?;
+        let gradient = || -> Result<Vec<u16>> {
+            let var = Var::from_tensor(&heads)?;
+            let y = apply(var.as_tensor(), None, 37, Backend::Cudnn { deterministic })?;
+            let grads = (y.to_dtype(DType::F32)? * &w)?.sum_all()?.backward()?;
+            let Some(g) = grads.get(var.as_tensor()) else {
+                candle_core::bail!("no gradient reached the heads")
+            };
+            let bits = g.flatten_all()?.to_vec1::<half::bf16>()?;
+            Ok(bits.iter().map(|x| x.to_bits()).collect())
+        };
+        let (first, second) = (gradient()?, gradient()?);
+        let differ = first.iter().zip(&second).filter(|(a, b)| a != b).count();
+        if differ > 0 {
+            candle_core::bail!(
+                "deterministic backward: {differ} gradient elements differ between two runs"
+            )
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn attention(device: &Device) -> Result<()> {
+    attention_by(device, crate::attention::flash::Backend::Flash)
 }
 
 /// f32 and bf16 with their tolerances (as in PERF-NOTES: 1e-4 and 2e-2 relative).
@@ -239,7 +291,7 @@ fn heads(device: &Device) -> Result<()> {
 /// v, two batches and heads; the reference runs in f32 on the same bf16 values (the kernels
 /// take bf16 only).
 #[cfg(feature = "cuda")]
-fn attention(device: &Device) -> Result<()> {
+fn attention_by(device: &Device, backend: crate::attention::flash::Backend) -> Result<()> {
     use candle_core::cuda_backend::WrapErr;
     let Device::Cuda(dev) = device else {
         candle_core::bail!("the flash kernels run on CUDA only")
@@ -258,7 +310,7 @@ fn attention(device: &Device) -> Result<()> {
                 &host_random(3 * b * h * t * hd, 11, 2.0),
                 &[3, b, h, t, hd],
                 device,
-                &|x| crate::attention::flash::apply(x, v_plus, window),
+                &|x| crate::attention::flash::apply(x, v_plus, window, backend),
                 &|x| {
                     let p = v_plus.map(|p| p.to_dtype(DType::F32)).transpose()?;
                     crate::attention::plain::attention(&x.to_dtype(DType::F32)?, p.as_ref(), window)
@@ -283,7 +335,10 @@ fn attention(device: &Device) -> Result<()> {
             &host_random(b * t * h * hd, 14, 1.0),
             &[b, t, h, hd],
             device,
-            &|x| crate::attention::flash::apply(&heads_bf16, Some(&x.transpose(1, 2)?), 37),
+            &|x| {
+                let p = x.transpose(1, 2)?;
+                crate::attention::flash::apply(&heads_bf16, Some(&p), 37, backend)
+            },
             &|x| {
                 let p = x.to_dtype(DType::F32)?.transpose(1, 2)?;
                 crate::attention::plain::attention(&heads, Some(&p), 37)

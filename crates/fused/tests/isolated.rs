@@ -12,15 +12,15 @@ use fused::isolated::{Outcome, in_children};
 const PLENTY: Duration = Duration::from_secs(300);
 
 #[test]
-fn every_kernel_is_checked_in_a_child_and_the_flash_kernels_fail_off_cuda() {
+fn every_kernel_is_checked_in_a_child_and_the_attention_kernels_fail_off_cuda() {
     let outcomes = in_children(&Kernel::ALL, &Device::Cpu, PLENTY, None);
     assert_eq!(outcomes.len(), Kernel::ALL.len(), "{outcomes:?}");
     for (kernel, outcome) in &outcomes {
         match kernel {
             // Its failure stops the child; the kernels after it are checked by the next one.
-            Kernel::Attention => assert!(
+            Kernel::Attention | Kernel::CudnnAttention => assert!(
                 matches!(outcome, Outcome::Failed(why) if why.contains("CUDA only")),
-                "{outcome:?}"
+                "{kernel:?}: {outcome:?}"
             ),
             _ => assert_eq!(outcome, &Outcome::Passed, "{kernel:?}"),
         }
@@ -104,9 +104,13 @@ fn checking_process(request: &str, fault: &str) -> (String, std::process::ExitSt
 #[test]
 fn the_harness_form_checks_every_kernel_from_the_one_it_names() {
     let (stdout, status) = checking_process("cpu from:8", "");
-    assert_eq!(stdout, "check 8\npass 8\ncheck 9\npass 9\n");
+    assert_eq!(
+        stdout,
+        "check 8\npass 8\ncheck 9\npass 9\ncheck 10\nfail 10 cuDNN's attention runs on CUDA only (a build with `--features cuda`)\n"
+    );
+    // Stopped at its last kernel: nothing is left for another process.
     assert!(status.success(), "{status}");
-    let (stdout, status) = checking_process("cpu from:10", "");
+    let (stdout, status) = checking_process("cpu from:11", "");
     assert_eq!(stdout, "");
     assert!(status.success(), "{status}");
 }

@@ -44,7 +44,7 @@ fn the_harness_says_where_the_checks_run_or_what_they_decided() {
     );
 
     // The harness's time ran out at the ninth kernel: it and those after it take the plain
-    // path, unchecked.
+    // path (cuDNN's attention: the flash kernels'), unchecked.
     set(
         "checked\npass 7\nfail 8 the self-checks' time ran out: stopped\nunchecked 9 the self-checks' 90s were spent",
     );
@@ -59,6 +59,10 @@ fn the_harness_says_where_the_checks_run_or_what_they_decided() {
             ),
             (
                 Kernel::GateHeads,
+                Outcome::Failed("the self-checks' 90s were spent".into())
+            ),
+            (
+                Kernel::CudnnAttention,
                 Outcome::Failed("the self-checks' 90s were spent".into())
             ),
         ]

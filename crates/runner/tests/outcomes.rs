@@ -785,13 +785,15 @@ fn the_harness_checks_a_confined_runs_kernels_in_confined_processes_of_its_own()
     };
     eprintln!("checking processes: {:.2}s", checks.seconds);
     let mut decided: Vec<&str> = checks.verdicts.iter().map(|v| v.as_str()).collect();
-    // Attention's flash kernels are CUDA's only: its check fails on the CPU, and stops that
-    // process too.
-    if let Some(attention) = decided.get_mut(7)
-        && attention.starts_with("fail 7 ")
-        && attention.contains("CUDA only")
-    {
-        *attention = "fail 7 (CUDA only)";
+    // Attention's flash kernels and cuDNN's are CUDA's only: their checks fail on the CPU, and
+    // stop their processes too.
+    for (i, short) in [(7, "fail 7 (CUDA only)"), (10, "fail 10 (CUDA only)")] {
+        if let Some(attention) = decided.get_mut(i)
+            && attention.starts_with(&short[..short.find('(').unwrap()])
+            && attention.contains("CUDA only")
+        {
+            *attention = short;
+        }
     }
     assert_eq!(
         decided,
@@ -807,6 +809,7 @@ fn the_harness_checks_a_confined_runs_kernels_in_confined_processes_of_its_own()
             "fail 7 (CUDA only)",
             "pass 8",
             "pass 9",
+            "fail 10 (CUDA only)",
         ],
         "{checks:?}"
     );
@@ -815,6 +818,7 @@ fn the_harness_checks_a_confined_runs_kernels_in_confined_processes_of_its_own()
         [
             "killed by signal 6",
             "exited with status 1",
+            // Its last kernel failed: no kernel left for another process.
             "exited with status 0"
         ]
     );
@@ -822,7 +826,7 @@ fn the_harness_checks_a_confined_runs_kernels_in_confined_processes_of_its_own()
     // Each process confined as a run is; the last one's output is left at the run's log.
     let log = s.log();
     assert!(sandboxed(&log), "{log}");
-    assert!(log.contains("check 9\npass 9"), "{log}");
+    assert!(log.contains("check 9\npass 9\ncheck 10\nfail 10"), "{log}");
 }
 
 #[test]

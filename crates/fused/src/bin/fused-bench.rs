@@ -3,7 +3,8 @@
 //! cross-entropy (vocabulary 8192), attention's causal softmax at its scores (16 × 4 heads,
 //! 2048², window 1024 and full), the embedding (an f32 table of 8192 × 512, as the master
 //! weights), RMSNorm (512 wide), the rotary embedding (4 heads of 128), the heads from the
-//! q·k·v projection, and attention as a whole (flash kernels against materialised scores).
+//! q·k·v projection, and attention as a whole (the fused path against materialised scores, and
+//! our flash kernels against cuDNN's where cuDNN passed its check).
 //! bf16 on CUDA, f32 on the CPU.
 //!
 //!   fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--heads B·H] [--seq T] [--iters K]
@@ -246,12 +247,36 @@ fn main() -> Result<()> {
         // and sums: a floor on the kernels' rate.
         let pairs: usize = (0..seq).map(|i| i.min(window) + 1).sum();
         let flops = 4.0 * (pairs * head_dim * heads * (tokens / seq)) as f64;
-        if is_fused(Kernel::Attention, &device, dtype) {
+        let rates = |name: &str, (forward, both): (f64, f64)| {
             println!(
-                "  fused: {:.1} TFLOP/s forward, {:.1} TFLOP/s forward + backward",
+                "  {name}: {:.1} TFLOP/s forward, {:.1} TFLOP/s forward + backward",
                 flops / forward / 1e9,
                 3.5 * flops / both / 1e9
-            );
+            )
+        };
+        if is_fused(Kernel::Attention, &device, dtype)
+            || is_fused(Kernel::CudnnAttention, &device, dtype)
+        {
+            rates("fused", (forward, both));
+        }
+        // Our kernels against cuDNN's, deterministic and not, where cuDNN passed its check.
+        #[cfg(feature = "cuda")]
+        if is_fused(Kernel::CudnnAttention, &device, dtype) {
+            use fused::attention::flash::{Backend, apply};
+            for deterministic in [true, false] {
+                println!("  cuDNN, deterministic backward: {deterministic}");
+                let cudnn = Backend::Cudnn { deterministic };
+                let times = sides(
+                    &qkv,
+                    [
+                        ("flash", &|x| apply(x, None, window, Backend::Flash)),
+                        ("cuDNN", &|x| apply(x, None, window, cudnn)),
+                    ],
+                    &device,
+                    iters,
+                )?;
+                rates("cuDNN", times);
+            }
         }
     }
     Ok(())
@@ -263,13 +288,19 @@ fn main() -> Result<()> {
 /// first: candle sums a whole tensor into one value with a single block on CUDA, which would
 /// time that sum rather than the ops.
 fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Result<(f64, f64)> {
-    let shape = plain(x)?.shape().clone();
+    sides(x, [("plain", plain), ("fused", fused)], device, iters)
+}
+
+/// `bench` between two named sides: the second's times are returned, the errors are its
+/// against the first.
+fn sides(x: &Tensor, sides: [(&str, Op); 2], device: &Device, iters: usize) -> Result<(f64, f64)> {
+    let shape = sides[0].1(x)?.shape().clone();
     let n = shape.elem_count() as u32;
     let w = (Tensor::arange(0u32, n, device)?.to_dtype(DType::F32)? * 0.618)?
         .sin()?
         .reshape(shape)?;
     let (mut outputs, mut times) = (Vec::new(), (0.0, 0.0));
-    for (name, op) in [("plain", plain), ("fused", fused)] {
+    for (name, op) in sides {
         let step = |backward: bool| -> Result<(Tensor, Option<Tensor>)> {
             let var = Var::from_tensor(x)?;
             let y = op(var.as_tensor())?;
@@ -303,7 +334,9 @@ fn bench(x: &Tensor, plain: Op, fused: Op, device: &Device, iters: usize) -> Res
     };
     let ((y_plain, g_plain), (y_fused, g_fused)) = (&outputs[0], &outputs[1]);
     println!(
-        "  fused vs plain: value relative error {:.1e}, gradient {:.1e}",
+        "  {} vs {}: value relative error {:.1e}, gradient {:.1e}",
+        sides[1].0,
+        sides[0].0,
         rel(y_fused, y_plain)?,
         rel(g_fused.as_ref().unwrap(), g_plain.as_ref().unwrap())?
     );
