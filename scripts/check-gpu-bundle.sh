@@ -84,6 +84,17 @@ if ! grep -q "CUDA_ERROR_NO_DEVICE" <<<"$cuda_run" || ! grep -q "CUDA_ERROR_NO_D
   echo "the CUDA binaries did not start with PyTorch's CUDA libraries and the bundle's fallbacks" >&2
   exit 1
 fi
+# cuDNN's attention opens PyTorch's libcudnn.so.9 (its symbols through the frontend's dynamic
+# loading, no GPU needed for the version), and says what to do where it is missing.
+cudnn_libs=$(dirname "$("$python" -c 'import sys; print(sys.prefix)' | xargs -I{} find {} -name libcudnn.so.9 -print -quit)")
+with_cudnn=$(LD_LIBRARY_PATH="$run_libs:$cudnn_libs" "$bundle/fused-bench" --cudnn-version 2>&1)
+without=$(LD_LIBRARY_PATH="$run_libs" "$bundle/fused-bench" --cudnn-version 2>&1)
+echo "$with_cudnn"; echo "$without"
+if ! grep -qE '^cuDNN 9\.[0-9]+\.[0-9]+$' <<<"$with_cudnn" \
+  || ! grep -q "libcudnn.so.9 not found.*put cuDNN 9's lib folder on LD_LIBRARY_PATH" <<<"$without"; then
+  echo "fused-bench --cudnn-version: expected cuDNN's version with PyTorch's libcudnn.so.9, and the next step without it" >&2
+  exit 1
+fi
 
 # The acceptance, rehearsed on the CPU with the bundle's own binaries, twin and scripts.
 rehearsal=$(dirname "$bundle")/rehearsal

@@ -101,6 +101,7 @@ if [ "$ours" = yes ] && [ "$device" = cuda ]; then
     echo "libcudnn.so.9 not found: ours runs attention by its flash kernels (CUDA_LIB_DIR names a folder with it)"
   fi
   echo "CUDA libraries for ours: $libs"
+  LD_LIBRARY_PATH=$libs "$here/fused-bench" --cudnn-version || true
   if LD_LIBRARY_PATH=$libs ldd "$here/train" "$here/fused-bench" | grep "not found"; then
     fail "the train binary or fused-bench still misses the libraries above"
   fi

@@ -151,6 +151,25 @@ Key key(bool backward, int64_t b, int64_t h, int64_t t, int64_t d, int64_t windo
     return Key{backward, b, h, t, d, window < t ? window : t, backward && deterministic != 0};
 }
 
+// Opens libcudnn.so.9 (once); `version` gets cuDNN's. Needs no GPU.
+int load(size_t *version) {
+    if (fe::cudnn_dlhandle == nullptr) {
+        // The frontend opens the CUDA runtime by name too and takes the first of .12 and .13 it
+        // finds; this process runs on CUDA 13 (unless the user chose otherwise).
+        setenv("CUDNN_FRONTEND_CUDART_LIB_NAME", "libcudart.so.13", 0);
+        dlerror();
+        void *lib = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_LOCAL);
+        if (lib == nullptr) {
+            const char *why = dlerror();
+            return fail(std::string("libcudnn.so.9 not found (") + (why ? why : "dlopen failed") +
+                        "); put cuDNN 9's lib folder on LD_LIBRARY_PATH");
+        }
+        fe::cudnn_dlhandle = lib;
+    }
+    *version = fe::detail::get_backend_version();
+    return 0;
+}
+
 template <typename F> int guarded(F body) {
     try {
         std::lock_guard<std::mutex> guard(lock);
@@ -168,23 +187,17 @@ extern "C" {
 
 const char *ar_cudnn_error(void) { return last_error.c_str(); }
 
+// cuDNN's version, its library opened: what a machine without a GPU can ask.
+int ar_cudnn_load(size_t *version) {
+    return guarded([&] { return load(version); });
+}
+
 // Opens libcudnn.so.9 (once), makes the handle and binds it to `stream`; `version` gets cuDNN's.
 int ar_cudnn_open(void *stream, size_t *version) {
     return guarded([&] {
-        if (fe::cudnn_dlhandle == nullptr) {
-            // The frontend opens the CUDA runtime by name too and takes the first of .12 and .13
-            // it finds; this process runs on CUDA 13 (unless the user chose otherwise).
-            setenv("CUDNN_FRONTEND_CUDART_LIB_NAME", "libcudart.so.13", 0);
-            dlerror();
-            void *lib = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_LOCAL);
-            if (lib == nullptr) {
-                const char *why = dlerror();
-                return fail(std::string("libcudnn.so.9 not found (") + (why ? why : "dlopen failed") +
-                            "); put cuDNN 9's lib folder on LD_LIBRARY_PATH");
-            }
-            fe::cudnn_dlhandle = lib;
+        if (load(version) != 0) {
+            return 1;
         }
-        *version = fe::detail::get_backend_version();
         if (handle == nullptr) {
             cudnnHandle_t made = nullptr;
             cudnnStatus_t status = fe::detail::create_handle(&made);

@@ -17,6 +17,7 @@ mod ffi {
 
     unsafe extern "C" {
         pub fn ar_cudnn_error() -> *const c_char;
+        pub fn ar_cudnn_load(version: *mut usize) -> c_int;
         pub fn ar_cudnn_open(stream: *mut c_void, version: *mut usize) -> c_int;
         pub fn ar_sdpa_workspace(
             backward: c_int,
@@ -81,6 +82,16 @@ mod imp {
         candle_core::bail!("cuDNN attention, {what}: {why}")
     }
 
+    pub(super) fn load() -> Result<usize> {
+        let mut version = 0usize;
+        // SAFETY: one usize out.
+        status(
+            unsafe { ffi::ar_cudnn_load(&mut version) },
+            "opening libcudnn.so.9",
+        )?;
+        Ok(version)
+    }
+
     /// cuDNN's version, the library opened and its handle bound to `dev`'s stream (once).
     pub(super) fn open(dev: &CudaDevice) -> Result<usize> {
         static OPENED: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
@@ -133,6 +144,14 @@ fn unbuilt<T>() -> Result<T> {
     candle_core::bail!(
         "this build has no cuDNN attention (cuDNN's headers were not found when it was compiled: scripts/cuda-env.sh installs them)"
     )
+}
+
+/// cuDNN's version (91900 for 9.19.0), its library opened; needs no GPU.
+pub(crate) fn loaded_version() -> Result<usize> {
+    #[cfg(fused_cudnn)]
+    return imp::load();
+    #[cfg(not(fused_cudnn))]
+    unbuilt()
 }
 
 /// cuDNN's version, opening the library on `dev` at the first call.

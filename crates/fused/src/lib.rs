@@ -48,6 +48,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     plain::softmax_last_dim(x)
 }
 
+/// cuDNN's version (91900 for 9.19.0), its library opened: whether attention on CUDA can take
+/// cuDNN's path (its self-check decides). Needs no GPU.
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub fn cudnn_version() -> Result<usize> {
+    cudnn::loaded_version()
+}
+
 /// RMSNorm without weights over the last axis: `x / sqrt(mean(x²) + eps)`, computed in f32.
 pub fn rms_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     if x.rank() > 0 && x.elem_count() > 0 && is_fused(Kernel::RmsNorm, x.device(), x.dtype()) {

@@ -8,6 +8,7 @@
 //! bf16 on CUDA, f32 on the CPU.
 //!
 //!   fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--heads B·H] [--seq T] [--iters K]
+//!   fused-bench --cudnn-version     (CUDA builds: whether cuDNN's library loads, no GPU needed)
 
 use std::time::Instant;
 
@@ -17,6 +18,18 @@ use fused::{Kernel, is_fused};
 type Op<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
 
 fn main() -> Result<()> {
+    // Whether cuDNN's attention can load here (no GPU needed): its version, or why not.
+    #[cfg(feature = "cuda")]
+    if std::env::args().nth(1).as_deref() == Some("--cudnn-version") {
+        match fused::cudnn_version() {
+            Ok(v) => println!("cuDNN {}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
+            Err(e) => println!(
+                "cuDNN unavailable: {}",
+                e.to_string().lines().next().unwrap_or_default()
+            ),
+        }
+        return Ok(());
+    }
     let mut args = std::env::args().skip(1);
     let mut device = "cuda".to_string();
     let (mut tokens, mut vocab, mut heads, mut seq, mut iters) =
