@@ -30,10 +30,10 @@ pub fn attention(heads: &Tensor, v_plus: Option<&Tensor>, window: usize) -> Resu
     #[cfg(feature = "cuda")]
     if flash::fits(heads, v_plus) {
         let (device, dtype) = (heads.device(), heads.dtype());
-        if is_fused(Kernel::CudnnAttention, device, dtype) {
-            let backend = flash::Backend::Cudnn {
-                deterministic: crate::cudnn::DETERMINISTIC,
-            };
+        if let Some(deterministic) = crate::cudnn::chosen()
+            && is_fused(Kernel::CudnnAttention, device, dtype)
+        {
+            let backend = flash::Backend::Cudnn { deterministic };
             return flash::apply(heads, v_plus, window, backend);
         }
         if is_fused(Kernel::Attention, device, dtype) {

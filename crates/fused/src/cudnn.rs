@@ -7,9 +7,27 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::{CudaDevice, Result};
 
-/// Whether the backward pass is bitwise deterministic (cuDNN then keeps dP in a workspace of
-/// B·H·T² bf16). Replaying an experiment by its hash should give its numbers again.
-pub(crate) const DETERMINISTIC: bool = true;
+/// `AUTORESEARCH_FUSED_ATTENTION`: `cudnn` (the default), `cudnn-nondeterministic` or `flash`
+/// (ours only), so that a GPU window measures each without a rebuild.
+pub(crate) const ATTENTION_ENV: &str = "AUTORESEARCH_FUSED_ATTENTION";
+
+/// Whether cuDNN may compute attention, and whether its backward is bitwise deterministic
+/// (cuDNN then keeps dP in a workspace of B·H·T² bf16): replaying an experiment by its hash
+/// should give its numbers again, so it is unless the variable says otherwise.
+pub(crate) fn chosen() -> Option<bool> {
+    static CHOICE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var(ATTENTION_ENV).as_deref() {
+        Ok("flash") => None,
+        Ok("cudnn-nondeterministic") => Some(false),
+        Ok("cudnn") | Err(_) => Some(true),
+        Ok(other) => {
+            eprintln!(
+                "warning: {ATTENTION_ENV}={other} is not cudnn, cudnn-nondeterministic or flash; cudnn it is"
+            );
+            Some(true)
+        }
+    })
+}
 
 #[cfg(fused_cudnn)]
 mod ffi {
