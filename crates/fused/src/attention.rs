@@ -31,7 +31,9 @@ pub fn attention(heads: &Tensor, v_plus: Option<&Tensor>, window: usize) -> Resu
     if flash::fits(heads, v_plus) {
         let (device, dtype) = (heads.device(), heads.dtype());
         if let Some(deterministic) = crate::cudnn::chosen()
+            && let candle_core::Device::Cuda(dev) = device
             && is_fused(Kernel::CudnnAttention, device, dtype)
+            && crate::cudnn::supports(dev, (b, h, t, hd), window, deterministic)
         {
             let backend = flash::Backend::Cudnn { deterministic };
             return flash::apply(heads, v_plus, window, backend);

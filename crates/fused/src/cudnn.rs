@@ -4,6 +4,9 @@
 //! first call; where it is missing, or the build had no cuDNN headers, the calls fail and the
 //! self-check keeps the flash kernels.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::{CudaDevice, Result};
 
@@ -133,10 +136,22 @@ mod imp {
     pub(super) fn workspace(
         dev: &CudaDevice,
         backward: bool,
-        (b, h, t, d): (usize, usize, usize, usize),
+        dims: (usize, usize, usize, usize),
         window: usize,
         deterministic: bool,
     ) -> Result<CudaSlice<u8>> {
+        let bytes = workspace_size(backward, dims, window, deterministic)?;
+        // SAFETY: scratch memory, written by cuDNN before it reads it.
+        unsafe { dev.alloc::<u8>(bytes.max(1)) }
+    }
+
+    /// The workspace the graph at this shape asks for, its graph built at the first call.
+    pub(super) fn workspace_size(
+        backward: bool,
+        (b, h, t, d): (usize, usize, usize, usize),
+        window: usize,
+        deterministic: bool,
+    ) -> Result<usize> {
         let mut bytes = 0i64;
         // SAFETY: plain values in, one i64 out.
         let code = unsafe {
@@ -152,8 +167,7 @@ mod imp {
             )
         };
         status(code, "building its graph")?;
-        // SAFETY: scratch memory, written by cuDNN before it reads it.
-        unsafe { dev.alloc::<u8>((bytes as usize).max(1)) }
+        Ok(bytes.max(0) as usize)
     }
 }
 
@@ -163,6 +177,49 @@ fn unbuilt<T>() -> Result<T> {
         "this build has no cuDNN attention (cuDNN's headers were not found when it was compiled: scripts/cuda-env.sh installs them)"
     )
 }
+
+/// Whether cuDNN builds both passes' graphs for q, k, v `[B, H, T, hd]` and `window` (decided
+/// once a shape, before the op runs: a graph that fails to build mid-backward could not fall
+/// back). A shape it cannot take goes to the flash kernels after one warning line.
+pub(crate) fn supports(
+    dev: &CudaDevice,
+    dims: (usize, usize, usize, usize),
+    window: usize,
+    deterministic: bool,
+) -> bool {
+    static SHAPES: Mutex<BTreeMap<Shape3, bool>> = Mutex::new(BTreeMap::new());
+    let mut shapes = SHAPES.lock().unwrap_or_else(|e| e.into_inner());
+    let key = (dims, window.min(dims.2), deterministic);
+    if let Some(&ok) = shapes.get(&key) {
+        return ok;
+    }
+    let built = build(dev, key);
+    if let Err(e) = &built {
+        let (b, h, t, hd) = dims;
+        eprintln!(
+            "warning: cuDNN's attention cannot take [{b}, {h}, {t}, {hd}] with window {} ({}); the flash kernels take it",
+            key.1,
+            e.to_string().lines().next().unwrap_or_default()
+        );
+    }
+    shapes.insert(key, built.is_ok());
+    built.is_ok()
+}
+
+#[cfg(fused_cudnn)]
+fn build(dev: &CudaDevice, (dims, window, deterministic): Shape3) -> Result<()> {
+    imp::open(dev)?;
+    imp::workspace_size(false, dims, window, false)?;
+    imp::workspace_size(true, dims, window, deterministic)?;
+    Ok(())
+}
+
+#[cfg(not(fused_cudnn))]
+fn build(_: &CudaDevice, _: Shape3) -> Result<()> {
+    unbuilt()
+}
+
+type Shape3 = ((usize, usize, usize, usize), usize, bool);
 
 /// cuDNN's version (91900 for 9.19.0), its library opened; needs no GPU.
 pub(crate) fn loaded_version() -> Result<usize> {
