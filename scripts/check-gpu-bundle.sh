@@ -90,7 +90,7 @@ cudnn_libs=$(dirname "$("$python" -c 'import sys; print(sys.prefix)' | xargs -I{
 with_cudnn=$(LD_LIBRARY_PATH="$run_libs:$cudnn_libs" "$bundle/fused-bench" --cudnn-version 2>&1)
 without=$(LD_LIBRARY_PATH="$run_libs" "$bundle/fused-bench" --cudnn-version 2>&1)
 echo "$with_cudnn"; echo "$without"
-if ! grep -qE '^cuDNN 9\.[0-9]+\.[0-9]+$' <<<"$with_cudnn" \
+if ! grep -qE '^cuDNN 9\.[0-9]+\.[0-9]+ \(for CUDA 13\.[0-9]+\)$' <<<"$with_cudnn" \
   || ! grep -q "libcudnn.so.9 not found.*put cuDNN 9's lib folder on LD_LIBRARY_PATH" <<<"$without"; then
   echo "fused-bench --cudnn-version: expected cuDNN's version with PyTorch's libcudnn.so.9, and the next step without it" >&2
   exit 1

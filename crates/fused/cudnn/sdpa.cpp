@@ -8,7 +8,7 @@
 // natural-log sum-exp, which only this file's backward reads.
 //
 // Every entry point returns 0, or 1 with a message for `ar_cudnn_error` (C++ exceptions stop
-// here). Graphs are built once per shape and kept.
+// here). Graphs are built once per shape (batch size included) and kept.
 
 #include <dlfcn.h>
 
@@ -54,9 +54,18 @@ struct Key {
     }
 };
 
-std::mutex lock;
+// Never destroyed: the graphs' plans would be released into a cuDNN whose own statics may be
+// gone at exit (the frontend leaks its statics for the same reason).
+std::mutex &lock = *new std::mutex;
 cudnnHandle_t handle = nullptr;
-std::map<Key, std::shared_ptr<fe::graph::Graph>> graphs;
+std::map<Key, std::shared_ptr<fe::graph::Graph>> &graphs =
+    *new std::map<Key, std::shared_ptr<fe::graph::Graph>>;
+
+// The frontend opens the CUDA runtime by name and takes the first of .12 and .13 it finds; this
+// process runs on CUDA 13 (unless the user chose otherwise). Set at load, before any thread.
+__attribute__((constructor)) void choose_cudart() {
+    setenv("CUDNN_FRONTEND_CUDART_LIB_NAME", "libcudart.so.13", 0);
+}
 
 std::vector<int64_t> heads_major(const Key &k) { return {k.h * k.t * k.d, k.t * k.d, k.d, 1}; }
 // [B, T, H, D] seen as [B, H, T, D].
@@ -129,16 +138,21 @@ std::shared_ptr<fe::graph::Graph> build(const Key &k) {
     };
     check(g->validate(), "validate");
     check(g->build_operation_graph(handle), "build_operation_graph");
-    check(g->create_execution_plans({fe::HeurMode_t::A}), "create_execution_plans");
+    check(g->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}), "create_execution_plans");
     check(g->check_support(handle), "check_support");
     check(g->build_plans(handle), "build_plans");
     return g;
 }
 
-// The graph for `k` (built at its first use), under `lock`.
-fe::graph::Graph &graph(const Key &k) {
+// The graph for `k` (built at its first use), the handle bound to `stream` (the caller's, as
+// candle's is per thread), under `lock`.
+fe::graph::Graph &graph(const Key &k, void *stream) {
     if (handle == nullptr) {
         throw std::runtime_error("ar_cudnn_open was not called");
+    }
+    cudnnStatus_t status = fe::detail::set_stream(handle, static_cast<cudaStream_t>(stream));
+    if (status != CUDNN_STATUS_SUCCESS) {
+        throw std::runtime_error(std::string("cudnnSetStream: ") + fe::detail::get_error_string(status));
     }
     auto found = graphs.find(k);
     if (found == graphs.end()) {
@@ -154,9 +168,6 @@ Key key(bool backward, int64_t b, int64_t h, int64_t t, int64_t d, int64_t windo
 // Opens libcudnn.so.9 (once); `version` gets cuDNN's. Needs no GPU.
 int load(size_t *version) {
     if (fe::cudnn_dlhandle == nullptr) {
-        // The frontend opens the CUDA runtime by name too and takes the first of .12 and .13 it
-        // finds; this process runs on CUDA 13 (unless the user chose otherwise).
-        setenv("CUDNN_FRONTEND_CUDART_LIB_NAME", "libcudart.so.13", 0);
         dlerror();
         void *lib = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_LOCAL);
         if (lib == nullptr) {
@@ -168,6 +179,12 @@ int load(size_t *version) {
     }
     *version = fe::detail::get_backend_version();
     return 0;
+}
+
+// The CUDA runtime version the loaded cuDNN was built for (0 where it does not say).
+size_t cudart_version() {
+    auto get = reinterpret_cast<size_t (*)()>(dlsym(fe::cudnn_dlhandle, "cudnnGetCudartVersion"));
+    return get ? get() : 0;
 }
 
 template <typename F> int guarded(F body) {
@@ -187,17 +204,26 @@ extern "C" {
 
 const char *ar_cudnn_error(void) { return last_error.c_str(); }
 
-// cuDNN's version, its library opened: what a machine without a GPU can ask.
-int ar_cudnn_load(size_t *version) {
-    return guarded([&] { return load(version); });
-}
-
-// Opens libcudnn.so.9 (once), makes the handle and binds it to `stream`; `version` gets cuDNN's.
-int ar_cudnn_open(void *stream, size_t *version) {
+// cuDNN's version and the CUDA runtime's it was built for, its library opened: what a machine
+// without a GPU can ask.
+int ar_cudnn_load(size_t *version, size_t *cudart) {
     return guarded([&] {
         if (load(version) != 0) {
             return 1;
         }
+        *cudart = cudart_version();
+        return 0;
+    });
+}
+
+// Opens libcudnn.so.9 (once) and makes the handle; `version` gets cuDNN's, `cudart` the CUDA
+// runtime version it was built for (13000 and up for this process).
+int ar_cudnn_open(size_t *version, size_t *cudart) {
+    return guarded([&] {
+        if (load(version) != 0) {
+            return 1;
+        }
+        *cudart = cudart_version();
         if (handle == nullptr) {
             cudnnHandle_t made = nullptr;
             cudnnStatus_t status = fe::detail::create_handle(&made);
@@ -206,20 +232,16 @@ int ar_cudnn_open(void *stream, size_t *version) {
             }
             handle = made;
         }
-        cudnnStatus_t status = fe::detail::set_stream(handle, static_cast<cudaStream_t>(stream));
-        if (status != CUDNN_STATUS_SUCCESS) {
-            return fail(std::string("cudnnSetStream: ") + fe::detail::get_error_string(status));
-        }
         return 0;
     });
 }
 
 // The workspace, in bytes, the forward (backward = 0) or backward pass at this shape needs;
 // builds its graph.
-int ar_sdpa_workspace(int backward, int64_t b, int64_t h, int64_t t, int64_t d, int64_t window,
-                      int deterministic, int64_t *bytes) {
+int ar_sdpa_workspace(void *stream, int backward, int64_t b, int64_t h, int64_t t, int64_t d,
+                      int64_t window, int deterministic, int64_t *bytes) {
     return guarded([&] {
-        auto &g = graph(key(backward != 0, b, h, t, d, window, deterministic));
+        auto &g = graph(key(backward != 0, b, h, t, d, window, deterministic), stream);
         auto status = g.get_workspace_size(*bytes);
         if (status.is_bad()) {
             return fail("get_workspace_size: " + status.get_message());
@@ -228,9 +250,10 @@ int ar_sdpa_workspace(int backward, int64_t b, int64_t h, int64_t t, int64_t d, 
     });
 }
 
-int ar_sdpa_forward(int64_t b, int64_t h, int64_t t, int64_t d, int64_t window, void *q, void *k, void *v, void *o, void *stats, void *workspace) {
+int ar_sdpa_forward(void *stream, int64_t b, int64_t h, int64_t t, int64_t d, int64_t window,
+                    void *q, void *k, void *v, void *o, void *stats, void *workspace) {
     return guarded([&] {
-        auto &g = graph(key(false, b, h, t, d, window, 0));
+        auto &g = graph(key(false, b, h, t, d, window, 0), stream);
         std::unordered_map<int64_t, void *> pack{{Q, q}, {K, k}, {V, v}, {O, o}, {STATS, stats}};
         auto status = g.execute(handle, pack, workspace);
         if (status.is_bad()) {
@@ -240,13 +263,14 @@ int ar_sdpa_forward(int64_t b, int64_t h, int64_t t, int64_t d, int64_t window, 
     });
 }
 
-int ar_sdpa_backward(int64_t b, int64_t h, int64_t t, int64_t d, int64_t window, int deterministic,
-                     void *q, void *k, void *v, void *o, void *d_o, void *stats,
-                     void *dq, void *dk, void *dv, void *workspace) {
+int ar_sdpa_backward(void *stream, int64_t b, int64_t h, int64_t t, int64_t d, int64_t window,
+                     int deterministic, void *q, void *k, void *v, void *o, void *d_o,
+                     void *stats, void *dq, void *dk, void *dv, void *workspace) {
     return guarded([&] {
-        auto &g = graph(key(true, b, h, t, d, window, deterministic));
-        std::unordered_map<int64_t, void *> pack{{Q, q},   {K, k},   {V, v},   {O, o},  {DO, d_o},
-                                                 {STATS, stats}, {DQ, dq}, {DK, dk}, {DV, dv}};
+        auto &g = graph(key(true, b, h, t, d, window, deterministic), stream);
+        std::unordered_map<int64_t, void *> pack{{Q, q},         {K, k},   {V, v},
+                                                 {O, o},         {DO, d_o}, {STATS, stats},
+                                                 {DQ, dq},       {DK, dk}, {DV, dv}};
         auto status = g.execute(handle, pack, workspace);
         if (status.is_bad()) {
             return fail("backward: " + status.get_message());

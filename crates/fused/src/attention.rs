@@ -36,7 +36,7 @@ pub fn attention(heads: &Tensor, v_plus: Option<&Tensor>, window: usize) -> Resu
             && crate::cudnn::supports(dev, (b, h, t, hd), window, deterministic)
         {
             let backend = flash::Backend::Cudnn { deterministic };
-            return flash::apply(heads, v_plus, window, backend);
+            return flash::apply_or_fall_back(heads, v_plus, window, backend);
         }
         if is_fused(Kernel::Attention, device, dtype) {
             return flash::apply(heads, v_plus, window, flash::Backend::Flash);
@@ -249,21 +249,50 @@ pub mod flash {
         Cudnn { deterministic: bool },
     }
 
-    /// The op on `heads` (and `v_plus`) by `backend`, whatever its self-check said (the bench
-    /// and the checks call this; the train file calls `attention`): v with `v_plus` added is
-    /// made here, outside the graph; its gradient is v's, so the op hands it to both.
+    /// The op on `heads` (and `v_plus`) by `backend`, whatever its self-check said, failing
+    /// where it fails (the bench and the checks call this; the train file calls `attention`).
     pub fn apply(
         heads: &Tensor,
         v_plus: Option<&Tensor>,
         window: usize,
         backend: Backend,
     ) -> Result<Tensor> {
+        run(heads, v_plus, window, backend, false)
+    }
+
+    /// The same, where a cuDNN call that fails other than for memory hands the pass, and every
+    /// later one, to our kernels (one warning line): a night's run goes on.
+    pub(crate) fn apply_or_fall_back(
+        heads: &Tensor,
+        v_plus: Option<&Tensor>,
+        window: usize,
+        backend: Backend,
+    ) -> Result<Tensor> {
+        run(heads, v_plus, window, backend, true)
+    }
+
+    /// v with `v_plus` added is made here, outside the graph; its gradient is v's, so the op
+    /// hands it to both.
+    fn run(
+        heads: &Tensor,
+        v_plus: Option<&Tensor>,
+        window: usize,
+        backend: Backend,
+        fallback: bool,
+    ) -> Result<Tensor> {
         let heads = aligned(heads)?;
+        let op = |v| FlashAttention {
+            window,
+            v,
+            backend,
+            fallback,
+            lse: Mutex::new(None),
+        };
         match v_plus {
-            None => heads.apply_op1(FlashAttention::new(window, None, backend)),
+            None => heads.apply_op1(op(None)),
             Some(p) => {
                 let v = aligned(&(heads.detach().get(2)? + p.detach())?)?;
-                heads.apply_op2(p, FlashAttention::new(window, Some(v), backend))
+                heads.apply_op2(p, op(Some(v)))
             }
         }
     }
@@ -284,21 +313,15 @@ pub mod flash {
         /// v with `v_plus` added, when there is one (the op's second argument).
         v: Option<Tensor>,
         backend: Backend,
-        /// The rows' log-sum-exp `[B, H, T]` (base 2 from our kernels, e from cuDNN), which the
-        /// forward pass leaves for the backward (candle's `bwd` sees only the output).
-        lse: Mutex<Option<CudaSlice<f32>>>,
+        /// Whether a failed cuDNN call hands attention to our kernels (`apply_or_fall_back`).
+        fallback: bool,
+        /// The rows' log-sum-exp `[B, H, T]` (base 2 from our kernels, e from cuDNN) and who
+        /// made it (cuDNN may have failed and handed the pass to our kernels), which the forward
+        /// pass leaves for the backward (candle's `bwd` sees only the output).
+        lse: Mutex<Option<(CudaSlice<f32>, Backend)>>,
     }
 
     impl FlashAttention {
-        pub(crate) fn new(window: usize, v: Option<Tensor>, backend: Backend) -> Self {
-            Self {
-                window,
-                v,
-                backend,
-                lse: Mutex::new(None),
-            }
-        }
-
         /// `[B, T, H, hd]` from the heads' storage (q and k; v too unless replaced).
         fn forward(&self, hs: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
             let (_, b, h, t, hd) = hl.shape().dims5()?;
@@ -316,9 +339,10 @@ pub mod flash {
                     (hs, &kl),
                     (vs, vl),
                     self.backend,
+                    self.fallback,
                 )
             };
-            let (o, lse, shape) = match &self.v {
+            let (o, lse, shape, used) = match &self.v {
                 None => forward(hs, &part(2))?,
                 Some(v) => {
                     let (storage, vl) = v.storage_and_layout();
@@ -328,13 +352,14 @@ pub mod flash {
                     forward(vs, vl)?
                 }
             };
-            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+            *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some((lse, used));
             Ok((o, shape))
         }
 
         /// The heads' gradient `[3, B, H, T, hd]` (dq, dk, dv), one allocation.
         fn backward(&self, heads: &Tensor, o: &Tensor, d_o: &Tensor) -> Result<Tensor> {
-            let Some(lse) = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            let Some((lse, used)) = self.lse.lock().unwrap_or_else(|e| e.into_inner()).take()
+            else {
                 candle_core::bail!("flash attention: a second backward pass through one forward")
             };
             let (q, k) = (heads.get(0)?, heads.get(1)?);
@@ -343,7 +368,7 @@ pub mod flash {
                 None => heads.get(2)?,
             };
             let tensors = [&q, &k, &v, o, &aligned(d_o)?];
-            crate::cuda::flash_backward(self.window, &lse, tensors, self.backend)
+            crate::cuda::flash_backward(self.window, &lse, tensors, used, self.fallback)
         }
     }
 

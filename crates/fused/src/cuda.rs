@@ -47,6 +47,8 @@ pub(crate) fn checked(kernel: Kernel, dev: &CudaDevice) -> bool {
         Kernel::CudnnAttention => "cuDNN attention",
     };
     let instead = match kernel {
+        // Not asked for (`AUTORESEARCH_FUSED_ATTENTION=flash`): no check, no warning.
+        Kernel::CudnnAttention if crate::cudnn::chosen().is_none() => return false,
         Kernel::CudnnAttention => "our flash kernels run instead",
         _ => "the plain path runs instead",
     };
@@ -844,7 +846,8 @@ pub(crate) fn flash_forward(
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
     backend: Backend,
-) -> Result<(CudaStorage, CudaSlice<f32>, Shape)> {
+    fallback: bool,
+) -> Result<(CudaStorage, CudaSlice<f32>, Shape, Backend)> {
     fn launch<T: DeviceRepr>(
         dev: &CudaDevice,
         (b, h, t, hd): (usize, usize, usize, usize),
@@ -882,24 +885,47 @@ pub(crate) fn flash_forward(
     let (b, h, t, hd) = dims;
     let n = b * h * t * hd;
     let dev = &qs.device;
-    let (o, lse) = match (&qs.slice, &ks.slice, &vs.slice) {
+    let (o, lse, used) = match (&qs.slice, &ks.slice, &vs.slice) {
         (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
             let views = (
                 aligned_view(q, ql, n)?,
                 aligned_view(k, kl, n)?,
                 aligned_view(v, vl, n)?,
             );
-            let (o, lse) = match backend {
-                Backend::Flash => launch(dev, dims, window, views)?,
+            let cudnn = match backend {
+                Backend::Flash => None,
                 Backend::Cudnn { .. } => {
-                    crate::cudnn::launch_forward(dev, dims, window.min(dims.2), views.into())?
+                    let again = [&views.0, &views.1, &views.2].map(|v| v.slice(..));
+                    let done = crate::cudnn::launch_forward(dev, dims, window.min(t), again);
+                    cudnn_or_flash(done, fallback)?
                 }
             };
-            (CudaStorage::wrap_cuda_slice(o, dev.clone()), lse)
+            let (o, lse, used) = match cudnn {
+                Some((o, lse)) => (o, lse, backend),
+                None => {
+                    let (o, lse) = launch(dev, dims, window, views)?;
+                    (o, lse, Backend::Flash)
+                }
+            };
+            (CudaStorage::wrap_cuda_slice(o, dev.clone()), lse, used)
         }
         _ => candle_core::bail!("the flash attention kernels take bf16 q, k and v"),
     };
-    Ok((o, lse, Shape::from((b, t, h, hd))))
+    Ok((o, lse, Shape::from((b, t, h, hd)), used))
+}
+
+/// cuDNN's result; or, with `fallback`, where it failed other than for memory (which the
+/// caller's fit handles), none: cuDNN switched off for the process (one warning line) and the
+/// flash kernels to run.
+fn cudnn_or_flash<T>(done: Result<T>, fallback: bool) -> Result<Option<T>> {
+    match done {
+        Ok(x) => Ok(Some(x)),
+        Err(e) if !fallback || self_check::out_of_memory(&e.to_string()) => Err(e),
+        Err(e) => {
+            crate::cudnn::disable(&e);
+            Ok(None)
+        }
+    }
 }
 
 /// The gradients of q, k and v as one `[3, B, H, T, hd]` tensor (outside the graph), from
@@ -909,6 +935,7 @@ pub(crate) fn flash_backward(
     lse: &CudaSlice<f32>,
     tensors: [&Tensor; 5],
     backend: Backend,
+    fallback: bool,
 ) -> Result<Tensor> {
     fn launch<T: DeviceRepr>(
         dev: &CudaDevice,
@@ -1003,7 +1030,31 @@ pub(crate) fn flash_backward(
     let grads = match backend {
         Backend::Flash => launch(dev, dims, window, lse, views)?,
         Backend::Cudnn { deterministic } => {
-            crate::cudnn::launch_backward(dev, dims, window.min(t), lse, views, deterministic)?
+            let again = views.each_ref().map(|v| v.slice(..));
+            let done =
+                crate::cudnn::launch_backward(dev, dims, window.min(t), lse, again, deterministic);
+            match cudnn_or_flash(done, fallback)? {
+                Some(grads) => grads,
+                None => {
+                    // cuDNN's statistics are the rows' natural-log sum-exp; our kernels take
+                    // base 2, of the same scaled scores.
+                    let lse = Tensor::from_storage(
+                        Storage::Cuda(CudaStorage::wrap_cuda_slice(
+                            lse.try_clone().w()?,
+                            dev.clone(),
+                        )),
+                        b * h * t,
+                        candle_core::op::BackpropOp::none(),
+                        false,
+                    );
+                    let lse2 = (lse * std::f64::consts::LOG2_E)?;
+                    let (storage, _) = lse2.storage_and_layout();
+                    let Storage::Cuda(lse2) = &*storage else {
+                        candle_core::bail!("flash attention: the statistics left the GPU")
+                    };
+                    launch(dev, dims, window, lse2.as_cuda_slice::<f32>()?, views)?
+                }
+            }
         }
     };
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(grads, dev.clone()));

@@ -48,11 +48,12 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     plain::softmax_last_dim(x)
 }
 
-/// cuDNN's version (91900 for 9.19.0), its library opened: whether attention on CUDA can take
-/// cuDNN's path (its self-check decides). Needs no GPU.
+/// cuDNN's version (91900 for 9.19.0) and the CUDA runtime's it was built for (13000), its
+/// library opened: whether attention on CUDA can take cuDNN's path (its self-check decides).
+/// Needs no GPU.
 #[cfg(feature = "cuda")]
 #[doc(hidden)]
-pub fn cudnn_version() -> Result<usize> {
+pub fn cudnn_version() -> Result<(usize, usize)> {
     cudnn::loaded_version()
 }
 

@@ -22,7 +22,14 @@ fn main() -> Result<()> {
     #[cfg(feature = "cuda")]
     if std::env::args().nth(1).as_deref() == Some("--cudnn-version") {
         match fused::cudnn_version() {
-            Ok(v) => println!("cuDNN {}.{}.{}", v / 10_000, v / 100 % 100, v % 100),
+            Ok((v, cudart)) => println!(
+                "cuDNN {}.{}.{} (for CUDA {}.{})",
+                v / 10_000,
+                v / 100 % 100,
+                v % 100,
+                cudart / 1000,
+                cudart % 1000 / 10
+            ),
             Err(e) => println!(
                 "cuDNN unavailable: {}",
                 e.to_string().lines().next().unwrap_or_default()
@@ -287,8 +294,15 @@ fn main() -> Result<()> {
                     ],
                     &device,
                     iters,
-                )?;
-                rates("cuDNN", times);
+                );
+                // A failure here is a finding; the rows after it still run.
+                match times {
+                    Ok(times) => rates("cuDNN", times),
+                    Err(e) => println!(
+                        "  cuDNN failed: {}",
+                        e.to_string().lines().next().unwrap_or_default()
+                    ),
+                }
             }
         }
     }
