@@ -897,7 +897,7 @@ pub(crate) fn flash_forward(
                 Backend::Cudnn { .. } => {
                     let again = [&views.0, &views.1, &views.2].map(|v| v.slice(..));
                     let done = crate::cudnn::launch_forward(dev, dims, window.min(t), again);
-                    cudnn_or_flash(done, fallback)?
+                    cudnn_or_flash(done, fallback, dev)?
                 }
             };
             let (o, lse, used) = match cudnn {
@@ -915,12 +915,18 @@ pub(crate) fn flash_forward(
 }
 
 /// cuDNN's result; or, with `fallback`, where it failed other than for memory (which the
-/// caller's fit handles), none: cuDNN switched off for the process (one warning line) and the
-/// flash kernels to run.
-fn cudnn_or_flash<T>(done: Result<T>, fallback: bool) -> Result<Option<T>> {
+/// caller's fit handles) and our flash kernels passed their own check on `dev`, none: cuDNN
+/// switched off for the process (one warning line) and the flash kernels to run.
+fn cudnn_or_flash<T>(done: Result<T>, fallback: bool, dev: &CudaDevice) -> Result<Option<T>> {
     match done {
         Ok(x) => Ok(Some(x)),
-        Err(e) if !fallback || self_check::out_of_memory(&e.to_string()) => Err(e),
+        Err(e)
+            if !fallback
+                || self_check::out_of_memory(&e.to_string())
+                || !checked(Kernel::Attention, dev) =>
+        {
+            Err(e)
+        }
         Err(e) => {
             crate::cudnn::disable(&e);
             Ok(None)
@@ -1033,7 +1039,7 @@ pub(crate) fn flash_backward(
             let again = views.each_ref().map(|v| v.slice(..));
             let done =
                 crate::cudnn::launch_backward(dev, dims, window.min(t), lse, again, deterministic);
-            match cudnn_or_flash(done, fallback)? {
+            match cudnn_or_flash(done, fallback, dev)? {
                 Some(grads) => grads,
                 None => {
                     // cuDNN's statistics are the rows' natural-log sum-exp; our kernels take
