@@ -1,11 +1,11 @@
 //! Times the fused ops against their plain paths, forward and forward + backward, and checks
-//! that they agree, at a pass of 16 rows × 2048 tokens (the h100 preset's widths): the soft-capped
+//! that they agree, at a pass of 16 rows × 2048 tokens (the h100 preset's widths): attention as a
+//! whole first (the fused path against materialised scores, and our flash kernels against
+//! cuDNN's where cuDNN passed its check), then the soft-capped
 //! cross-entropy (vocabulary 8192), attention's causal softmax at its scores (16 × 4 heads,
 //! 2048², window 1024 and full), the embedding (an f32 table of 8192 × 512, as the master
 //! weights), RMSNorm (512 wide), the rotary embedding (4 heads of 128), the heads from the
-//! q·k·v projection, and attention as a whole (the fused path against materialised scores, and
-//! our flash kernels against cuDNN's where cuDNN passed its check).
-//! bf16 on CUDA, f32 on the CPU.
+//! q·k·v projection. bf16 on CUDA, f32 on the CPU.
 //!
 //!   fused-bench [--device cpu|cuda] [--tokens N] [--vocab V] [--heads B·H] [--seq T] [--iters K]
 //!   fused-bench --cudnn-version     (CUDA builds: whether cuDNN's library loads, no GPU needed)
@@ -78,6 +78,7 @@ fn main() -> Result<()> {
             .map(|_| ((uniform() * 2.0 - 1.0) * scale) as f32)
             .collect()
     };
+    attention_rows(&device, dtype, (tokens, seq, iters), &mut random)?;
 
     let logits = Tensor::from_vec(random(tokens * vocab, 20.0), (tokens, vocab), &device)?
         .to_dtype(dtype)?;
@@ -235,19 +236,33 @@ fn main() -> Result<()> {
         iters,
     )?;
 
-    // Attention as a whole, against the materialised path the train file took before (scores,
-    // the fused causal softmax, the product with v).
+    Ok(())
+}
+
+/// Attention as a whole (4 heads of 128 over the pass's rows, windows of half and all of the
+/// rows), against the materialised path the train file took before (scores, the fused causal
+/// softmax, the product with v); then our flash kernels against cuDNN's. First in the bench:
+/// the acceptance's stage may not have time for every row.
+fn attention_rows(
+    device: &Device,
+    dtype: DType,
+    (tokens, seq, iters): (usize, usize, usize),
+    random: &mut dyn FnMut(usize, f64) -> Vec<f32>,
+) -> Result<()> {
+    let (n_head, head_dim) = (4, 128);
+    let device = device.clone();
     let qkv = Tensor::from_vec(
-        random(3 * tokens * heads * head_dim, 2.0),
-        (3, tokens / seq, heads, seq, head_dim),
+        random(3 * tokens * n_head * head_dim, 2.0),
+        (3, tokens / seq, n_head, seq, head_dim),
         &device,
     )?
     .to_dtype(dtype)?;
     for window in [seq / 2, seq] {
         println!(
-            "attention: q, k, v {:?}, window {window}, {dtype:?}; fused path: {}",
+            "attention: q, k, v {:?}, window {window}, {dtype:?}; fused path: {} (cuDNN: {})",
             qkv.get(0)?.dims(),
-            is_fused(Kernel::Attention, &device, dtype)
+            is_fused(Kernel::Attention, &device, dtype),
+            is_fused(Kernel::CudnnAttention, &device, dtype)
         );
         let (forward, both) = bench(
             &qkv,
@@ -266,7 +281,7 @@ fn main() -> Result<()> {
         // our backward recomputes two products more). Timed with the bench's own weighting
         // and sums: a floor on the kernels' rate.
         let pairs: usize = (0..seq).map(|i| i.min(window) + 1).sum();
-        let flops = 4.0 * (pairs * head_dim * heads * (tokens / seq)) as f64;
+        let flops = 4.0 * (pairs * head_dim * n_head * (tokens / seq)) as f64;
         let rates = |name: &str, (forward, both): (f64, f64)| {
             println!(
                 "  {name}: {:.1} TFLOP/s forward, {:.1} TFLOP/s forward + backward",
