@@ -1,7 +1,8 @@
 //! Times the fused ops against their plain paths, forward and forward + backward, and checks
 //! that they agree, at a pass of 16 rows × 2048 tokens (the h100 preset's widths): attention as a
 //! whole first (the fused path against materialised scores, and our flash kernels against
-//! cuDNN's where cuDNN passed its check), then the soft-capped
+//! cuDNN's where cuDNN passed its check), then on CUDA candle's own elementwise kernels (the
+//! vendored launch against upstream's, and both against the CPU), the soft-capped
 //! cross-entropy (vocabulary 8192), attention's causal softmax at its scores (16 × 4 heads,
 //! 2048², window 1024 and full), the embedding (an f32 table of 8192 × 512, as the master
 //! weights), RMSNorm (512 wide), the rotary embedding (4 heads of 128), the heads from the
@@ -79,6 +80,10 @@ fn main() -> Result<()> {
             .collect()
     };
     attention_rows(&device, dtype, (tokens, seq, iters), &mut random)?;
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        elementwise_rows(&device, tokens, iters, &mut random)?;
+    }
 
     let logits = Tensor::from_vec(random(tokens * vocab, 20.0), (tokens, vocab), &device)?
         .to_dtype(dtype)?;
@@ -321,6 +326,95 @@ fn attention_rows(
             }
         }
     }
+    Ok(())
+}
+
+/// candle's own elementwise kernels as the vendored candle-core launches them (a thread a run of
+/// 8 bf16 or 4 f32 where the operands allow) against upstream's launch (a thread an element):
+/// both must give the CPU's results to the bit at lengths and offsets off the runs' boundaries;
+/// then a bf16 add over a 64-row pass's activations (the residual adds and the backward's sums
+/// of gradients are such adds, ~44 a pass), timed each way.
+#[cfg(feature = "cuda")]
+fn elementwise_rows(
+    device: &Device,
+    tokens: usize,
+    iters: usize,
+    random: &mut dyn FnMut(usize, f64) -> Vec<f32>,
+) -> Result<()> {
+    use candle_core::cuda_backend::set_vectorised_launch;
+    type Elementwise = fn(&Tensor, &Tensor) -> Result<Tensor>;
+    let ops: [(&str, Elementwise); 5] = [
+        ("add", |a, b| a + b),
+        ("mul", |a, b| a * b),
+        ("div", |a, b| a / (b.abs()? + 0.5)?),
+        ("cast", |a, _| {
+            let other = match a.dtype() {
+                DType::BF16 => DType::F32,
+                _ => DType::BF16,
+            };
+            a.to_dtype(other)
+        }),
+        ("silu", |a, _| a.silu()),
+    ];
+    let (mut cases, mut differ) = (0, Vec::new());
+    for runs in [true, false] {
+        set_vectorised_launch(runs);
+        for n in [1, 7, 8, 9, 4_103, 65_539] {
+            for offset in [0, 1, 4, 8] {
+                let (a, b) = (random(n + offset, 4.0), random(n + offset, 4.0));
+                for dtype in [DType::BF16, DType::F32] {
+                    let on_cpu = |x: &[f32]| Tensor::new(x, &Device::Cpu)?.to_dtype(dtype);
+                    let (a, b) = (on_cpu(&a)?, on_cpu(&b)?);
+                    let (ga, gb) = (a.to_device(device)?, b.to_device(device)?);
+                    for (name, op) in ops {
+                        // silu's exp and bf16's division are the devices' own: not bitwise.
+                        let exact = !(name == "silu" || name == "div" && dtype == DType::BF16);
+                        let want = op(&a.narrow(0, offset, n)?, &b.narrow(0, offset, n)?)?;
+                        let got = op(&ga.narrow(0, offset, n)?, &gb.narrow(0, offset, n)?)?;
+                        let want = want.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        let got = got.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        let bad = want.iter().zip(&got).filter(|(w, g)| {
+                            if exact {
+                                w.to_bits() != g.to_bits()
+                            } else {
+                                (*w - *g).abs() > 1e-2 * w.abs().max(1e-3)
+                            }
+                        });
+                        if bad.count() > 0 {
+                            differ.push(format!("{name} {dtype:?} n {n} offset {offset}"));
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    let n = 4 * tokens * 512;
+    let a = Tensor::from_vec(random(n, 1.0), n, device)?.to_dtype(DType::BF16)?;
+    let b = Tensor::from_vec(random(n, 1.0), n, device)?.to_dtype(DType::BF16)?;
+    let time = |runs: bool| -> Result<f64> {
+        set_vectorised_launch(runs);
+        let _ = (&a + &b)?;
+        device.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..iters {
+            let _ = (&a + &b)?;
+        }
+        device.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
+    };
+    let (upstream, runs) = (time(false)?, time(true)?);
+    let rate = |ms: f64| 3.0 * 2.0 * n as f64 / ms / 1e9;
+    println!(
+        "candle's bf16 add over {n} elements: a thread a run {runs:.3} ms ({:.2} TB/s), a thread an element (upstream) {upstream:.3} ms ({:.2} TB/s); {} of {cases} cases against the CPU differ{}",
+        rate(runs),
+        rate(upstream),
+        differ.len(),
+        differ
+            .first()
+            .map(|d| format!(", the first: {d}"))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 

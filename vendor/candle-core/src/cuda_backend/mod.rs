@@ -424,6 +424,48 @@ impl Map1Any for FastReduce<'_> {
     }
 }
 
+/// Whether the vectorised kernels get one thread per run of elements (see `elementwise_config`).
+/// On by default; `fused-bench` turns it off to time upstream's launch on the same card.
+static RUNS_A_THREAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Sets whether candle-kernels' vectorised kernels are launched with a thread per run of
+/// elements (this crate's default) or a thread per element (upstream's launch).
+pub fn set_vectorised_launch(on: bool) {
+    RUNS_A_THREAD.store(on, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How many elements a thread of `kernel` takes on its vectorised path: candle-kernels'
+/// vectorised kernels that this file launches (binary_op_macros.cuh, unary.cu, cast.cu) load
+/// 16 bytes at a time where their operands are contiguous and 16-byte aligned.
+fn run_length(kernel: &str) -> usize {
+    match kernel {
+        "badd_bf16" | "bmul_bf16" | "usilu_bf16" | "cast_bf16_f32" => 8,
+        "badd_f32" | "bdiv_f32" | "bmul_f32" | "cast_f32_bf16" => 4,
+        _ => 1,
+    }
+}
+
+fn aligned_16<T, P: DevicePtr<T>>(p: &P, stream: &cudarc::driver::CudaStream) -> bool {
+    p.device_ptr(stream).0 % 16 == 0
+}
+
+/// The launch of an elementwise kernel over `el` elements. Upstream launches a thread an
+/// element, also for the vectorised kernels, whose threads each take a run of 8 (bf16) or 4
+/// (f32): 7 blocks in 8 then start, find no run left and exit. On an H200 such a bf16 add moved
+/// 1.46 TB/s where a device copy moves 4.3 (BENCHMARKS.md). Where the kernel will take its
+/// vectorised path (`vectorised`: contiguous and aligned, as the kernel itself tests), a thread
+/// a run; every loop of these kernels strides over the grid, so any grid computes the same.
+fn elementwise_config(kernel: &str, el: usize, vectorised: bool) -> LaunchConfig {
+    let run = run_length(kernel);
+    let threads =
+        if vectorised && el >= run && RUNS_A_THREAD.load(std::sync::atomic::Ordering::Relaxed) {
+            el.div_ceil(run)
+        } else {
+            el
+        };
+    LaunchConfig::for_num_elems(threads as u32)
+}
+
 impl<U: UnaryOpT> Map1 for U {
     fn f<T: DeviceRepr + WithDType + ValidAsZeroBits>(
         &self,
@@ -434,12 +476,16 @@ impl<U: UnaryOpT> Map1 for U {
         let shape = layout.shape();
         let dims = shape.dims();
         let el_count = shape.elem_count();
-        let cfg = LaunchConfig::for_num_elems(el_count as u32);
         let ds = SlicePtrOrNull::params_from_layout(dev, layout)?;
         let src = &src.slice(layout.start_offset()..);
-        let func = dev.get_or_load_func(&kernel_name::<T>(U::KERNEL), &kernels::UNARY)?;
+        let name = kernel_name::<T>(U::KERNEL);
+        let func = dev.get_or_load_func(&name, &kernels::UNARY)?;
         // SAFETY: Set later by running the kernel.
         let mut out = unsafe { dev.alloc::<T>(el_count)? };
+        let stream = dev.cuda_stream();
+        let vectorised =
+            layout.is_contiguous() && aligned_16(src, &stream) && aligned_16(&out, &stream);
+        let cfg = elementwise_config(&name, el_count, vectorised);
         let mut builder = func.builder();
         barg!(builder, el_count);
         barg!(builder, dims.len());
@@ -1153,17 +1199,24 @@ impl<U: crate::op::BinaryOpT> Map2 for U {
         let shape = lhs_l.shape();
         let dims = shape.dims();
         let elem_count = shape.elem_count();
-        let cfg = LaunchConfig::for_num_elems(elem_count as u32);
-        let dims_and_strides = if lhs_l.is_contiguous() && rhs_l.is_contiguous() {
+        let contiguous = lhs_l.is_contiguous() && rhs_l.is_contiguous();
+        let dims_and_strides = if contiguous {
             SlicePtrOrNull::Null
         } else {
             SlicePtrOrNull::params_from_vec(dev, [dims, lhs_l.stride(), rhs_l.stride()].concat())?
         };
         let lhs = &lhs.slice(lhs_l.start_offset()..);
         let rhs = &rhs.slice(rhs_l.start_offset()..);
-        let func = dev.get_or_load_func(&kernel_name::<T>(U::KERNEL), &kernels::BINARY)?;
+        let name = kernel_name::<T>(U::KERNEL);
+        let func = dev.get_or_load_func(&name, &kernels::BINARY)?;
         // SAFETY: Set later by running the kernel.
         let out = unsafe { dev.alloc::<T>(elem_count)? };
+        let stream = dev.cuda_stream();
+        let vectorised = contiguous
+            && aligned_16(lhs, &stream)
+            && aligned_16(rhs, &stream)
+            && aligned_16(&out, &stream);
+        let cfg = elementwise_config(&name, elem_count, vectorised);
         let mut builder = func.builder();
         barg!(builder, elem_count);
         barg!(builder, dims.len());
@@ -1567,7 +1620,6 @@ impl BackendStorage for CudaStorage {
         let shape = layout.shape();
         let dims = shape.dims();
         let el = shape.elem_count();
-        let cfg = LaunchConfig::for_num_elems(el as u32);
         let dev = self.device();
         let ds = SlicePtrOrNull::params_from_layout(dev, layout)?;
         let start_o = layout.start_offset();
@@ -1600,6 +1652,9 @@ impl BackendStorage for CudaStorage {
 
         let kernel_name = format!("cast_{}_{}", self.dtype().as_str(), dtype.as_str());
         let func = dev.get_or_load_func(&kernel_name, &kernels::CAST)?;
+        // The casts test their input's alignment alone (they store element by element).
+        let vectorised = layout.is_contiguous() && *inp % 16 == 0;
+        let cfg = elementwise_config(&kernel_name, el, vectorised);
         let slice = match dtype {
             DType::U8 => {
                 let out = unsafe { dev.alloc::<u8>(el)? };
