@@ -333,7 +333,7 @@ fn attention_rows(
 /// 8 bf16 or 4 f32 where the operands allow) against upstream's launch (a thread an element):
 /// both must give the CPU's results to the bit at lengths and offsets off the runs' boundaries;
 /// then a bf16 add over a 64-row pass's activations (the residual adds and the backward's sums
-/// of gradients are such adds, ~44 a pass), timed each way.
+/// of gradients are such adds, ~48 a pass), timed each way.
 #[cfg(feature = "cuda")]
 fn elementwise_rows(
     device: &Device,
